@@ -1,0 +1,55 @@
+"""The `edgekit` command. Each subcommand is one module in edgekit/commands/ with `register(subparsers)`; the parser
+it registers sets `func(args) -> int`. Logs and progress go to stderr, results to stdout (JSON with --json)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from edgekit import __version__
+from edgekit.errors import EdgekitError
+
+COMMANDS = ("build", "export", "verify", "bench", "targets")
+
+EPILOG = """\
+examples:
+  edgekit build --target x86-cpu                      SmolLM2-135M (embedded) -> verified ONNX Runtime artifact
+  edgekit build --target jetson-orin ./my-llama -o out --dry-run
+  edgekit export ./my-llama --backend onnxruntime --precision int8 -o art
+  edgekit bench art --json
+  edgekit targets show raspberry-pi-5-8gb
+
+Every command takes --help. Errors print one line with the fix and exit non-zero (2: bad input, 3: gate failed).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgekit", description="Take a transformer from a workstation to an edge "
+                                "device: plan, prune, distill, quantize, export, verify, bench.", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"edgekit {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"edgekit.commands.{name}").register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except EdgekitError as e:
+        print(f"edgekit: error: {e.line()}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("edgekit: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""One module per `edgekit` subcommand (see edgekit/cli.py)."""

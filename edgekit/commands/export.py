@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub) -> None:
+    from edgekit.exporters import REGISTRY
+
+    backends = "\n".join(f"  {s.name:12} {', '.join(s.precisions):24} {s.description}" for s in REGISTRY.values())
+    p = sub.add_parser("export", help="convert a model into a verified artifact for one backend",
+                       description="Convert MODEL for one runtime, then gate it against PyTorch on held-out "
+                       "text (max |delta logit|, top-1 agreement, KL, greedy continuation).",
+                       epilog=f"backends and precisions:\n{backends}\n\nexamples:\n"
+                       "  edgekit export ./my-llama --backend onnxruntime --precision int8 -o art\n"
+                       "  edgekit export --backend onnxruntime -o art     (the embedded SmolLM2-135M)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", help="Hugging Face folder or .gguf (default: embedded SmolLM2-135M)")
+    p.add_argument("--backend", "-b", required=True, choices=sorted(REGISTRY))
+    p.add_argument("--precision", "-p", help="default: the backend's most faithful")
+    p.add_argument("-o", "--out", type=Path, required=True, help="artifact folder to write")
+    p.add_argument("--context", type=int, default=2048, help="context length the artifact must serve")
+    p.add_argument("--accept-gate-failure", action="store_true", help="keep an artifact that fails the gate")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(a) -> int:
+    from edgekit.export import ExportConfig, export_model
+    from edgekit.models import resolve_model
+    from edgekit.ui import log, print_json
+
+    model = resolve_model(a.model)
+    cfg = ExportConfig(backend=a.backend, precision=a.precision, context_length=a.context,
+                       accept_gate_failure=a.accept_gate_failure).resolved()
+    meta = export_model(model.path, a.out, cfg, log=log)
+    if a.json:
+        print_json(meta)
+    else:
+        g = meta["gate"]
+        print(f"{a.out}: {meta['backend']} {meta['precision']}, gate {'passed' if g['passed'] else 'FAILED'} "
+              f"(max |dlogit| {g['max_abs_logit_delta']:.3g}, top-1 {g['top1_agreement']:.3f}, "
+              f"KL {g['mean_kl']:.3g}, greedy {'identical' if g['greedy_match'] else 'differs'})")
+    return 0

@@ -1,0 +1,121 @@
+"""Export = backend conversion + reference + fidelity gate, written atomically as one artifact folder.
+
+An artifact folder holds the backend's files, artifact.json (backend, precision, model shape, file hashes, gate
+result) and reference.npz (PyTorch's outputs on held-out text, so the device can re-check itself without torch).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from edgekit import __version__
+from edgekit.errors import EdgekitError, GateFailed
+from edgekit.fsutil import atomic_dir, atomic_write_json, sha256_file
+from edgekit.runtime.base import ARTIFACT_FILE, REFERENCE_FILE
+
+SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    backend: str = "onnxruntime"
+    precision: str | None = None  # None: the backend's first (most faithful) precision
+    context_length: int = 2048
+    accept_gate_failure: bool = False  # keep an artifact that failed the gate (recorded in artifact.json)
+    threads: int | None = None
+
+    def resolved(self) -> "ExportConfig":
+        from edgekit.exporters import get
+
+        spec = get(self.backend)
+        precision = self.precision or spec.precisions[0]
+        if precision not in spec.precisions:
+            raise EdgekitError(f"backend {self.backend} cannot export precision {precision!r}",
+                               f"use one of {', '.join(spec.precisions)}")
+        if self.context_length < 1:
+            raise EdgekitError(f"context length must be positive, got {self.context_length}", "pass --context N")
+        return replace(self, precision=precision)
+
+
+def model_summary(config: dict) -> dict:
+    """The shape facts every runtime and the planner need, read from a Hugging Face config."""
+    heads = config["num_attention_heads"]
+    return {
+        "arch": config["model_type"],
+        "vocab_size": config["vocab_size"],
+        "hidden_size": config["hidden_size"],
+        "num_layers": config["num_hidden_layers"],
+        "num_heads": heads,
+        "num_kv_heads": config.get("num_key_value_heads") or heads,
+        "head_dim": config.get("head_dim") or config["hidden_size"] // heads,
+        "intermediate_size": config["intermediate_size"],
+        "max_position_embeddings": config.get("max_position_embeddings", 2048),
+        "tie_word_embeddings": config.get("tie_word_embeddings", False),
+    }
+
+
+def library_versions(*names: str) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "edgekit": __version__}
+    for n in names:
+        try:
+            out[n] = version(n)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def export_model(model_dir: Path, out: Path, cfg: ExportConfig, log=print) -> dict:
+    """Convert, gate and write one artifact folder at `out` (all or nothing). Returns artifact.json's content."""
+    from edgekit.exporters import get
+    from edgekit.models import load_torch_model
+    from edgekit.runtime import open_artifact
+    from edgekit.verify import compare, make_reference, save_reference, thresholds_for
+
+    cfg = cfg.resolved()
+    spec = get(cfg.backend)
+    backend = spec.load()
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    t0 = time.perf_counter()
+    with atomic_dir(out) as tmp:
+        log(f"export: converting to {cfg.backend} {cfg.precision}")
+        extra = backend.export(Path(model_dir), tmp, cfg)
+        t_convert = time.perf_counter() - t0
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        meta = {
+            "schema": SCHEMA,
+            "backend": cfg.backend,
+            "precision": cfg.precision,
+            "model": model_summary(config),
+            "max_context": min(cfg.context_length, config.get("max_position_embeddings", cfg.context_length)),
+            "files": files,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "versions": library_versions("torch", "transformers", *getattr(backend, "LIBRARIES", ())),
+            **extra,
+        }
+        atomic_write_json(tmp / ARTIFACT_FILE, meta)
+        log("verify: PyTorch reference on held-out text")
+        model, tok = load_torch_model(model_dir)
+        ref = make_reference(model, tok)
+        del model
+        save_reference(tmp / REFERENCE_FILE, ref)
+        runner = open_artifact(tmp, threads=cfg.threads)
+        gate = compare(ref, runner, thresholds_for(cfg.precision))
+        del runner
+        gate["overridden"] = bool(cfg.accept_gate_failure and not gate["passed"])
+        meta["gate"] = gate
+        meta["timings_s"] = {"convert": round(t_convert, 3), "total": round(time.perf_counter() - t0, 3)}
+        atomic_write_json(tmp / ARTIFACT_FILE, meta)
+        if not gate["passed"] and not cfg.accept_gate_failure:
+            raise GateFailed(f"{cfg.backend} {cfg.precision} artifact failed the fidelity gate: "
+                             f"{'; '.join(gate['failures'])}",
+                             "try a more faithful precision, or pass --accept-gate-failure to keep it (recorded)")
+    return meta
+
+
+__all__ = ["ExportConfig", "export_model", "model_summary", "asdict"]

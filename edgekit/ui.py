@@ -1,0 +1,57 @@
+"""Console output: logs and progress on stderr (rich when installed), results on stdout."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+
+
+def _console():
+    try:
+        from rich.console import Console
+    except ModuleNotFoundError:  # the device side installs without rich
+        return None
+    return Console(stderr=True, highlight=False)
+
+
+def log(msg: str) -> None:
+    c = _console()
+    c.print(msg, markup=False) if c else print(msg, file=sys.stderr)
+
+
+def print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+@contextmanager
+def progress(description: str, total: int, enabled: bool = True):
+    """Yields advance(); a rich bar on a terminal, nothing otherwise."""
+    c = _console()
+    if c is None or not enabled:
+        yield lambda *a, **k: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=c, transient=False) as p:
+        task = p.add_task(description, total=total)
+        yield lambda n=1: p.advance(task, n)
+
+
+def table(title: str, rows: list[tuple], headers: tuple) -> None:
+    """A small table on stdout."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ModuleNotFoundError:
+        print(title)
+        for r in rows:
+            print("  " + "  ".join(str(x) for x in r))
+        return
+    t = Table(title=title, title_justify="left")
+    for h in headers:
+        t.add_column(h)
+    for r in rows:
+        t.add_row(*[str(x) for x in r])
+    Console().print(t)

@@ -1,0 +1,44 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ARCHS = ("llama", "qwen2", "mistral")
+
+
+def cli_env(**extra) -> dict:
+    """Subprocesses run the edgekit of this checkout, whatever is installed."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra}
+    return env
+
+
+@pytest.fixture(scope="session")
+def cli():
+    def run(*args, check=None, timeout=900, **env):
+        p = subprocess.run([sys.executable, "-m", "edgekit", *map(str, args)], capture_output=True, text=True,
+                           timeout=timeout, env=cli_env(**env))
+        if check is not None:
+            assert p.returncode == check, f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
+        return p
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """{arch: folder} of tiny random GQA models with a trained BPE tokenizer, built once per session."""
+    from edgekit.testing import make_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {a: make_tiny_model(a, root / a, seed=i) for i, a in enumerate(ARCHS)}
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct HF folder (converted once into the edgekit cache)."""
+    from edgekit.models import resolve_model
+
+    return resolve_model(None).path
