@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from edgekit import __version__
 from edgekit.errors import EdgekitError
 
-COMMANDS = ("build", "export", "verify", "bench", "targets")
+COMMANDS = ("plan", "build", "export", "verify", "bench", "targets")
 
 EPILOG = """\
 examples:
@@ -49,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     except EdgekitError as e:
         print(f"edgekit: error: {e.line()}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # `edgekit ... --json | head` closed the pipe: not an error
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except KeyboardInterrupt:
         print("edgekit: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
