@@ -77,3 +77,24 @@ def test_every_registered_exporter_imports():
     for spec in REGISTRY.values():
         assert importlib.util.find_spec(spec.module), spec.module
         assert importlib.util.find_spec(spec.runtime), spec.runtime
+
+
+def test_every_package_is_declared():
+    """A new folder with __init__.py under edgekit/ must be listed in pyproject, or the wheel silently lacks it."""
+    import tomllib
+
+    declared = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "edgekit").rglob("__init__.py")}
+    assert found <= declared, f"add to pyproject packages: {sorted(found - declared)}"
+
+
+def test_installed_tree_matches_checkout(installed):
+    """Every module of the checkout is in the non-editable install (mapped folders included)."""
+    mapping = {"edgekit": "edgekit", "exporters": "edgekit/exporters", "targets": "edgekit/targets",
+               "device_tests": "edgekit/device_tests", "docker": "edgekit/docker"}
+    for src, dst in mapping.items():
+        for f in (ROOT / src).glob("**/*.py"):
+            rel = f.relative_to(ROOT / src)
+            if src == "edgekit" and rel.parts[0] in mapping.values():
+                continue
+            assert (installed / dst / rel).is_file(), f"{src}/{rel} missing from the installed package"
