@@ -198,6 +198,10 @@ def run_build(ctx: BuildContext, progress=None) -> dict:
     manifest["artifact"] = str(ctx.artifact) if ctx.artifact else None
     manifest["status"] = "built"
     atomic_write_json(ctx.build_dir / MANIFEST, manifest)
+    from edgekit.report import write_report
+
+    manifest["report"] = {k: str(v) for k, v in write_report(ctx.build_dir, manifest).items()}
+    atomic_write_json(ctx.build_dir / MANIFEST, manifest)
     return manifest
 
 

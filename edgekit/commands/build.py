@@ -117,3 +117,4 @@ def print_summary(manifest: dict, out: Path) -> None:
 
         table("host benchmark", bench_rows(b), ("metric", "value"))
     print(f"artifact: {manifest.get('artifact')}")
+    print(f"report:   {manifest['report']['html']} (and report.md, report.json)")
