@@ -58,7 +58,7 @@ def make_fp16_safe(model) -> dict:
             return None
         counts["tensors"] += 1
         counts["values"] += int(big.sum())
-        new = numpy_helper.from_array(np.clip(a, -FP16_MAX, FP16_MAX).astype(np.float32), t.name)
+        new = numpy_helper.from_array(np.where(big, np.sign(a) * FP16_MAX, a).astype(np.float32), t.name)
         return new
 
     def walk(graph):
