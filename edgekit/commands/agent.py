@@ -39,6 +39,12 @@ def run_serve(a) -> int:
     token = read_token(a.token_file, create=a.init_token)
     cfg = AgentConfig(data_dir=a.data_dir.resolve(), max_upload_bytes=int(a.max_upload_mb * 2**20),
                       job_timeout_s=a.job_timeout, tests_timeout_s=a.job_timeout)
+    import signal
+
+    def stop(signum, frame):  # SIGTERM (systemd, docker stop) shuts down like Ctrl-C; jobs persist on disk
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         serve(a.host, a.port, cfg, token)
     except OSError as e:
