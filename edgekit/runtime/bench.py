@@ -148,6 +148,8 @@ def run_benchmark(artifact: Path, cfg: BenchConfig = BenchConfig()) -> dict:
         "prefill_tokens_per_s": round(prompt_n / float(np.median(ttfts)), 2),
         "decode_tokens_per_s": round(1e3 / float(np.median(decode_ms)), 2),
         "decode_latency_ms": percentiles(decode_ms),
+        # A bounded, evenly spaced sample of raw latencies for the report's distribution plot.
+        "decode_latency_samples_ms": [round(x, 4) for x in decode_ms[::max(1, len(decode_ms) // 1000)]],
         "prompt_tokens": prompt_n,
         "self_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 2),
     }
