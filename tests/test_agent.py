@@ -273,7 +273,7 @@ def _exporter(name: str) -> bool:
         return False
 
 
-@pytest.mark.parametrize("backend", ["gguf", "executorch"])
+@pytest.mark.parametrize("backend", ["gguf", pytest.param("executorch", marks=pytest.mark.slow)])  # .pte export ~2.5 min
 def test_other_backends_run_through_the_agent(backend, agent, tiny_models, tmp_path):
     if not _exporter(backend):
         pytest.skip(f"edgekit.exporters.{backend} is not in this checkout (being written on another branch)")

@@ -249,3 +249,10 @@ def test_engine_is_built_once_and_a_foreign_engine_is_refused(trt_artifact, monk
     (art / "model.engine.json").write_text(json.dumps({"tensorrt_version": "8.5.2", "gpu_sm": "8.7"}))
     with pytest.raises(EdgekitError, match="the engine model.engine is for TensorRT 8.5.2"):
         rt.ensure_engine(art, device=orin)
+
+
+def test_host_verify_checks_the_source_graph(trt_artifact, cli):
+    """`edgekit verify` on the workstation can't run an engine: it gates the shipped ONNX and says so."""
+    p = cli("verify", trt_artifact, "--json", check=0)
+    res = json.loads(p.stdout)
+    assert res["passed"] and res["top1_agreement"] == 1.0 and "source ONNX" in res["runtime"]

@@ -25,6 +25,7 @@ import numpy as np
 
 from edgekit.errors import EdgekitError
 
+DEVICE_ONLY = True  # the host build skips its benchmark; `edgekit bench --device` measures the engine
 PLAN_FILE = "trt.json"
 ENGINE_STAMP = "model.engine.json"
 TRTEXEC_PATHS = ("/usr/src/tensorrt/bin/trtexec",)  # JetPack installs it here, off PATH
@@ -201,6 +202,22 @@ def load(path: Path, meta: dict, threads: int | None = None):
     raise EdgekitError("TensorRT artifacts have no per-token Python runner: the engine runs through trtexec on the "
                        "device", "benchmark with `edgekit bench ARTIFACT --device URL`; check fidelity with the "
                        "bundle's device_tests")
+
+
+def host_check(artifact: Path, threads: int | None = None) -> dict:
+    """Off the device: the gate on the engine's source graph (the shipped fp32 ONNX) through ONNX Runtime. The engine
+    itself is checked on the device (`check_reference`, run by device_tests)."""
+    from edgekit.runtime import read_artifact, verify_files
+    from edgekit.runtime.base import REFERENCE_FILE
+    from edgekit.runtime.onnxruntime import load as ort_load
+    from edgekit.verify import compare, load_reference, thresholds_for
+
+    artifact = Path(artifact)
+    meta = read_artifact(artifact)
+    verify_files(artifact, meta)
+    res = compare(load_reference(artifact / REFERENCE_FILE), ort_load(artifact, meta, threads=threads),
+                  thresholds_for(meta["precision"]))
+    return res | {"runtime": "onnxruntime on the engine's source ONNX; the engine is checked on the device"}
 
 
 def _write_inputs(folder: Path, shapes: dict, values: dict, int64: bool) -> str:
