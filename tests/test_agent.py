@@ -246,7 +246,9 @@ def test_restart_keeps_jobs_and_reports_and_requeues_the_interrupted(ort_artifac
         assert a.wait(done["id"])["status"] == "done"
         report = a.request("GET", f"/jobs/{done['id']}/report")[1]
         _, interrupted = a.request("POST", "/jobs", body=bundle_bytes(ort_artifact, tmp_path))
-        _, queued = a.request("POST", "/jobs", body=bundle_bytes(ort_artifact, tmp_path))
+        # This one can't meet its minimum duration (max_seconds < min_seconds): measured, but flagged invalid.
+        short = {"bench": {**FAST_BENCH, "min_seconds": 5.0, "max_seconds": 0.2}}
+        _, queued = a.request("POST", "/jobs", body=bundle_bytes(ort_artifact, tmp_path, short))
         deadline = time.monotonic() + 60
         while a.request("GET", f"/jobs/{interrupted['id']}")[1]["status"] != "running":
             assert time.monotonic() < deadline
@@ -261,6 +263,8 @@ def test_restart_keeps_jobs_and_reports_and_requeues_the_interrupted(ort_artifac
         assert b.request("GET", f"/jobs/{done['id']}/report")[1] == report
         assert jobs[interrupted["id"]]["note"].startswith("requeued")
         assert b.wait(queued["id"], timeout=180)["status"] == "done"
+        bench = b.request("GET", f"/jobs/{queued['id']}/report")[1]["bench"]
+        assert bench["valid"] is False and "max_seconds=0.2" in bench["invalid_reason"] and bench["duration_s"] < 5
         assert b.wait(interrupted["id"], timeout=180)["status"] == "done"
     finally:
         b.stop()
