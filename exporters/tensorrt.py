@@ -9,6 +9,7 @@ the engine-level check (engine logits vs the PyTorch reference) happens on the d
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -138,9 +139,9 @@ def build_command(plan: dict, onnx: str = "model.onnx", engine: str = ENGINE_FIL
 def bench_command(plan: dict, shapes: dict, warmup_ms: int, duration_s: float, iterations: int, times_file: str,
                   engine: str = ENGINE_FILE) -> list[str]:
     """trtexec argv that times the built engine at fixed shapes: warmup, then at least `iterations` queries and
-    `duration_s` seconds, every query's timing written to `times_file` (--exportTimes JSON)."""
+    `duration_s` seconds (rounded up: whole seconds), every query's timing written to `times_file`."""
     return [f"--loadEngine={engine}", f"--shapes={shape_spec(shapes)}", f"--warmUp={int(warmup_ms)}",
-            f"--duration={max(0, int(round(duration_s)))}", f"--iterations={int(iterations)}",
+            f"--duration={max(0, math.ceil(duration_s))}", f"--iterations={int(iterations)}",
             f"--exportTimes={times_file}"]
 
 

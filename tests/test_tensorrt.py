@@ -256,3 +256,42 @@ def test_host_verify_checks_the_source_graph(trt_artifact, cli):
     p = cli("verify", trt_artifact, "--json", check=0)
     res = json.loads(p.stdout)
     assert res["passed"] and res["top1_agreement"] == 1.0 and "source ONNX" in res["runtime"]
+
+
+def test_device_half_runs_through_the_agent_with_a_stand_in_trtexec(trt_artifact, tmp_path):
+    """The whole device path of a TensorRT job: engine build, engine-level reference check (--loadInputs /
+    --exportOutput), prefill and decode timing (--exportTimes), report; trtexec is tests/fake_trtexec.py, which
+    speaks trtexec's formats and computes with ONNX Runtime (TensorRT can't run here)."""
+    import sys
+
+    from agent_helpers import Agent, bundle_bytes
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "trtexec"
+    fake.write_text(f"#!{sys.executable}\n" + (Path(__file__).parent / "fake_trtexec.py").read_text())
+    fake.chmod(0o755)
+    old_path = os.environ["PATH"]
+    os.environ["PATH"] = f"{bin_dir}{os.pathsep}{old_path}"
+    try:
+        agent = Agent(tmp_path / "data", tmp_path / "token")
+    finally:
+        os.environ["PATH"] = old_path
+    try:
+        status, job = agent.request("POST", "/jobs", body=bundle_bytes(trt_artifact, tmp_path))
+        assert status == 201
+        job = agent.wait(job["id"], timeout=180)
+        report = agent.request("GET", f"/jobs/{job['id']}/report")[1]
+        assert job["status"] == "done", (job, report.get("device_tests"))
+        tests = {c["name"]: c["outcome"] for c in report["device_tests"]["tests"]}
+        assert tests["test_loads_and_runs"] == tests["test_outputs_match_reference"] == "passed"
+        b = report["bench"]
+        assert b["backend"] == "tensorrt" and b["valid"] and b["prompt_tokens"] == 16
+        assert b["decode_tokens_per_s"] > 0 and b["prefill_tokens_per_s"] > 0 and b["load_s"] >= 0
+        assert b["decode_latency_ms"]["n"] >= b["runs"] >= 3 and b["duration_s"] >= 1.0  # --duration rounds up
+        assert b["trtexec"]["decode"]["latency_ms"]["p99"] >= b["trtexec"]["decode"]["latency_ms"]["median"]
+        assert b["trtexec"]["prefill"]["throughput_qps"] > 0 and b["peak_rss_mb"] > 0
+        stamp = json.loads(next((agent.data_dir / "jobs").glob("*/bundle/artifact/model.engine.json")).read_text())
+        assert stamp["tensorrt_version"] == "10.3.0"  # read from trtexec's banner
+    finally:
+        agent.stop()

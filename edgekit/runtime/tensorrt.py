@@ -68,8 +68,9 @@ def parse_trtexec_output(text: str) -> dict:
             for label, key in _SUMMARY_LINES.items():
                 if body.startswith(label + ":"):
                     out[key] = _stats(body)
-        if m := re.search(r"&&&& (PASSED|FAILED) TensorRT\.trtexec \[TensorRT v(\d+)\]", line):
-            out["status"] = m.group(1)
+        if m := re.search(r"&&&& (RUNNING|PASSED|FAILED) TensorRT\.trtexec \[TensorRT v(\d+)\]", line):
+            if m.group(1) != "RUNNING":
+                out["status"] = m.group(1)
             out["tensorrt_version"] = _trt_number(int(m.group(2)))
     return out
 
@@ -121,11 +122,21 @@ def find_trtexec() -> str:
     return exe
 
 
+def trtexec_version() -> str | None:
+    """TensorRT's version from trtexec's banner, for installs without the Python bindings or the dpkg records."""
+    try:
+        p = subprocess.run([find_trtexec(), "--help"], capture_output=True, text=True, timeout=60)
+    except (EdgekitError, OSError, subprocess.TimeoutExpired):
+        return None
+    return parse_trtexec_output(p.stdout + p.stderr).get("tensorrt_version")
+
+
 def device_facts() -> dict:
     """This machine's TensorRT version and GPU SM (Jetson device tree, else nvidia-smi)."""
     from edgekit.agent.device import jetson_info, tensorrt_version
 
-    facts = {"tensorrt_version": tensorrt_version(), "gpu_sm": (jetson_info() or {}).get("gpu_sm")}
+    facts = {"tensorrt_version": tensorrt_version() or trtexec_version(),
+             "gpu_sm": (jetson_info() or {}).get("gpu_sm")}
     if not facts["gpu_sm"] and shutil.which("nvidia-smi"):
         p = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
                            text=True, timeout=30)
