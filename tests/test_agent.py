@@ -292,3 +292,25 @@ def test_other_backends_run_through_the_agent(backend, agent, tiny_models, tmp_p
     assert job["status"] == "done", job
     check_report(report)
     assert report["artifact"]["backend"] == backend
+
+
+def test_cli_errors_are_one_line_with_a_fix(agent, ort_artifact, cli, tmp_path):
+    p = cli("bench", ort_artifact, "--device", agent.url, check=2)
+    assert "--device needs --token-file" in p.stderr
+    p = cli("bench", ort_artifact, "--device", "ftp://x", "--token-file", agent.token_file, check=2)
+    assert "is not http://HOST:PORT" in p.stderr
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    p = cli("bench", ort_artifact, "--device", f"http://127.0.0.1:{free}", "--token-file", agent.token_file, check=2)
+    assert "cannot reach the agent" in p.stderr and "edgekit agent serve" in p.stderr
+    (tmp_path / "wrong").write_text("x" * 32)
+    p = cli("bench", ort_artifact, "--device", agent.url, "--token-file", tmp_path / "wrong", check=2)
+    assert "missing or wrong token (HTTP 401)" in p.stderr
+    p = cli("agent", "serve", "--port", agent.port, "--token-file", agent.token_file, "--data-dir", tmp_path / "d",
+            check=2)
+    assert "cannot listen on 127.0.0.1" in p.stderr
+    p = cli("agent", "serve", "--port", 0, "--token-file", tmp_path / "none", "--data-dir", tmp_path / "d", check=2)
+    assert "cannot read the token file" in p.stderr and "--init-token" in p.stderr
+    for line in (p.stderr,):
+        assert line.strip().count("\n") == 0 and line.startswith("edgekit: error: ")

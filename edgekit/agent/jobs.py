@@ -110,8 +110,8 @@ class JobStore:
                 job.update(status="queued", phase=None, note="requeued: the agent restarted while it ran")
                 self._save(job)
             if job["status"] == "queued":
-                pending.append(job["id"])
-        for jid in sorted(pending):  # ids sort by submission time
+                pending.append((job.get("submitted_ns", 0), job["id"]))
+        for _, jid in sorted(pending):  # submission order
             self._queue.put(jid)
         self._worker = threading.Thread(target=self._work, name="edgekit-agent-worker", daemon=True)
         self._worker.start()
@@ -172,7 +172,8 @@ class JobStore:
             budget = job_opts.get("budget_mb")
             if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0):
                 raise EdgekitError(f"bundle budget_mb={budget!r} is not a positive number", "rebuild the bundle")
-            job = {"id": jid, "status": "queued", "phase": None, "created": _now(), "started": None,
+            job = {"id": jid, "status": "queued", "phase": None, "created": _now(), "submitted_ns": time.time_ns(),
+                   "started": None,
                    "finished": None, "error": None, "bundle_sha256": sha256, "bundle_bytes": size,
                    "backend": manifest.get("backend"), "precision": manifest.get("precision"),
                    "target": job_opts.get("target"), "budget_mb": budget}

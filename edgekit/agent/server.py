@@ -44,8 +44,8 @@ def read_token(path: Path, create: bool = False) -> str:
         token = path.read_text().strip()
     except OSError as e:
         raise EdgekitError(f"cannot read the token file {path} ({e.strerror})",
-                           "create it with a long random secret, e.g. `python -c 'import secrets; "
-                           "print(secrets.token_urlsafe(32))' > F`, and copy it to the host")
+                           "on the device, `edgekit agent serve ... --init-token` creates one; copy that file to "
+                           "the host")
     if len(token) < 16 or any(c.isspace() for c in token):
         raise EdgekitError(f"the token in {path} is shorter than 16 characters or contains spaces",
                            "use a long random secret (e.g. secrets.token_urlsafe(32))")
@@ -60,8 +60,8 @@ class AgentServer(ThreadingHTTPServer):
         self.cfg = cfg
         self.token = token.encode()
         self.log = log
+        super().__init__(addr, Handler)  # bind first: a busy port must not start a worker on the data dir
         self.jobs = JobStore(cfg, log=log)
-        super().__init__(addr, Handler)
 
     @property
     def url(self) -> str:
