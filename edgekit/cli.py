@@ -11,7 +11,7 @@ import sys
 from edgekit import __version__
 from edgekit.errors import EdgekitError
 
-COMMANDS = ("plan", "build", "export", "verify", "bench", "targets", "docker")
+COMMANDS = ("plan", "build", "export", "verify", "bench", "targets", "docker", "agent")
 
 EPILOG = """\
 examples:

@@ -11,6 +11,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from edgekit import __version__
 from edgekit.errors import EdgekitError, GateFailed
@@ -27,6 +28,7 @@ class ExportConfig:
     context_length: int = 2048
     accept_gate_failure: bool = False  # keep an artifact that failed the gate (recorded in artifact.json)
     threads: int | None = None
+    target: Any = None  # edgekit.target.Target, for backends tied to the device (tensorrt)
 
     def resolved(self) -> "ExportConfig":
         from edgekit.exporters import get
@@ -104,8 +106,15 @@ def export_model(model_dir: Path, out: Path, cfg: ExportConfig, log=print) -> di
         ref = make_reference(model, tok)
         del model
         save_reference(tmp / REFERENCE_FILE, ref)
-        runner = open_artifact(tmp, threads=cfg.threads)
+        gate_runtime = getattr(backend, "GATE_RUNTIME", None)  # backends that can't run here gate their source graph
+        if gate_runtime:
+            import importlib
+
+            runner = importlib.import_module(gate_runtime).load(tmp, meta, threads=cfg.threads)
+        else:
+            runner = open_artifact(tmp, threads=cfg.threads)
         gate = compare(ref, runner, thresholds_for(cfg.precision))
+        gate["runtime"] = gate_runtime or spec.runtime
         del runner
         gate["overridden"] = bool(cfg.accept_gate_failure and not gate["passed"])
         meta["gate"] = gate

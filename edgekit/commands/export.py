@@ -20,6 +20,7 @@ def register(sub) -> None:
     p.add_argument("--precision", "-p", help="default: the backend's most faithful")
     p.add_argument("-o", "--out", type=Path, required=True, help="artifact folder to write")
     p.add_argument("--context", type=int, default=2048, help="context length the artifact must serve")
+    p.add_argument("--target", help="target profile (needed by tensorrt: the engine is tied to its GPU and TensorRT)")
     p.add_argument("--accept-gate-failure", action="store_true", help="keep an artifact that fails the gate")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
@@ -28,11 +29,13 @@ def register(sub) -> None:
 def run(a) -> int:
     from edgekit.export import ExportConfig, export_model
     from edgekit.models import resolve_model
+    from edgekit.target import get_target
     from edgekit.ui import log, print_json
 
     model = resolve_model(a.model)
     cfg = ExportConfig(backend=a.backend, precision=a.precision, context_length=a.context,
-                       accept_gate_failure=a.accept_gate_failure).resolved()
+                       accept_gate_failure=a.accept_gate_failure,
+                       target=get_target(a.target) if a.target else None).resolved()
     meta = export_model(model.path, a.out, cfg, log=log)
     if a.json:
         print_json(meta)

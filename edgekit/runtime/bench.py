@@ -184,14 +184,18 @@ def measure_subprocess(argv: list[str], timeout: float, env: dict | None = None)
     return result
 
 
-def bench_artifact(artifact: Path, cfg: BenchConfig = BenchConfig(), timeout: float = 600) -> dict:
-    """The full host/device benchmark: a fresh process runs the loop, this one watches its memory."""
-    argv = [sys.executable, "-m", "edgekit.runtime.bench", str(artifact), "--json",
+def bench_argv(artifact: Path, cfg: BenchConfig, module: str = "edgekit.runtime.bench") -> list[str]:
+    """The command line that benchmarks `artifact` in a fresh process (`module` takes the same options)."""
+    return [sys.executable, "-m", module, str(artifact), "--json",
             "--prompt-tokens", str(cfg.prompt_tokens), "--new-tokens", str(cfg.new_tokens),
             "--warmup", str(cfg.warmup), "--min-runs", str(cfg.min_runs), "--min-seconds", str(cfg.min_seconds),
             "--max-seconds", str(cfg.max_seconds), "--prefill-chunk", str(cfg.prefill_chunk)] + (
                 ["--threads", str(cfg.threads)] if cfg.threads else [])
-    r = measure_subprocess(argv, timeout=timeout)
+
+
+def bench_artifact(artifact: Path, cfg: BenchConfig = BenchConfig(), timeout: float = 600) -> dict:
+    """The full host/device benchmark: a fresh process runs the loop, this one watches its memory."""
+    r = measure_subprocess(bench_argv(artifact, cfg), timeout=timeout)
     if not r["ok"]:
         from edgekit.errors import EdgekitError
         raise EdgekitError(f"benchmark of {artifact} failed: {r['error']}", "check that the artifact loads "

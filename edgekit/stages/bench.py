@@ -20,7 +20,12 @@ class BenchStage:
     def run(self, ctx: BuildContext, out: Path) -> StageResult:
         if not ctx.options.bench:
             return StageResult("passed-through", {"reason": "--no-bench"})
+        from edgekit.exporters import get
         from edgekit.runtime.bench import BenchConfig, bench_artifact
+
+        if getattr(get(ctx.backend).load_runtime(), "DEVICE_ONLY", False):  # TensorRT: no engine on this machine
+            return StageResult("passed-through", {"reason": f"{ctx.backend} engines are built and benchmarked on "
+                                                  "the device: edgekit bench ARTIFACT --device URL --token-file F"})
 
         report = bench_artifact(ctx.artifact, BenchConfig(min_seconds=ctx.options.bench_seconds,
                                                           threads=ctx.options.threads))
