@@ -148,7 +148,7 @@ def delegation_summary(edge) -> dict:
 
     info = get_delegation_info(edge.exported_program().graph_module)
     outside = {op: b.non_delegated for op, b in sorted(info.delegation_by_operator.items())
-               if b.non_delegated and op != "getitem"}  # getitem just unpacks a delegate's outputs
+               if b.non_delegated and op not in ("getitem", "sym_size")}  # bookkeeping, no compute
     return {"delegated_subgraphs": info.num_delegated_subgraphs, "delegated_ops": info.num_delegated_nodes,
             "ops_outside_xnnpack": sum(outside.values()), "outside_xnnpack_by_op": outside}
 

@@ -76,20 +76,37 @@ def test_runner_prefill_chunks_and_reset_agree(fp32_artifact):
 
 
 def test_pruned_8da4w_gate_and_size(tmp_path):
-    """A uniform-pruned shape (FFN 96, 2 heads / 1 KV head), every linear int4 inside XNNPACK."""
+    """A uniform-pruned shape (FFN 96, 2 heads / 1 KV head), every linear int4 inside XNNPACK; the runtime reproduces
+    torchao's own eager 8da4w model, so what the gate measures is the quantization, not the lowering."""
     import torch
-
-    model = make_tiny_model("llama", tmp_path / "m", **PRUNED)
-    meta = export(model, tmp_path / "a", precision="8da4w")
-    check_artifact(meta, tmp_path / "a")
-    assert meta["quantized_linears"] == 2 * 7 + 1 and meta["group_size"] == 32
-    assert meta["model"]["intermediate_size"] == 96 and meta["model"]["num_kv_heads"] == 1
-    g = meta["gate"]
-    assert g["top1_agreement"] < 1.0 or g["max_abs_logit_delta"] > 1e-3  # really quantized, not fp32 passed off
     from safetensors.torch import load_file
 
-    fp32_bytes = sum(t.numel() * 4 for t in load_file(model / "model.safetensors").values() if t.dtype == torch.float32)
+    from edgekit.exporters.executorch import quantize_8da4w
+    from edgekit.models import load_torch_model
+    from edgekit.runtime import open_artifact
+    from edgekit.runtime.base import sequence_logits
+    from edgekit.verify import load_reference
+
+    model_dir = make_tiny_model("llama", tmp_path / "m", **PRUNED)
+    out = tmp_path / "a"
+    meta = export(model_dir, out, precision="8da4w")
+    check_artifact(meta, out)
+    assert meta["quantized_linears"] == 2 * 7 + 1 and meta["group_size"] == 32  # q k v o gate up down, lm_head
+    assert meta["model"]["intermediate_size"] == 96 and meta["model"]["num_kv_heads"] == 1
+    fp32_bytes = sum(t.numel() * 4 for t in load_file(model_dir / "model.safetensors").values())
     assert meta["size_bytes"] < 0.7 * fp32_bytes
+
+    ids = load_reference(out / "reference.npz")["input_ids"]
+    got = sequence_logits(open_artifact(out), ids, chunk=16)
+    model, _ = load_torch_model(model_dir)
+    with torch.no_grad():
+        fp32 = model(torch.from_numpy(ids)[None], use_cache=False).logits[0].numpy()
+        quantize_8da4w(model)
+        eager = model(torch.from_numpy(ids)[None], use_cache=False).logits[0].numpy()
+    shift = np.abs(eager - fp32).max()  # what int4 weights do to the logits
+    assert shift > 0.05  # really quantized, not fp32 passed off
+    assert np.abs(got - eager).max() < 0.25 * shift
+    assert (got.argmax(-1) == eager.argmax(-1)).mean() >= 0.9
 
 
 @pytest.mark.slow
@@ -196,3 +213,19 @@ def test_cli_unknown_precision_and_corrupt_pte(cli, tiny_models, tmp_path):
     (art / "artifact.json").write_text(json.dumps(meta))
     with pytest.raises(EdgekitError, match="ExecuTorch cannot load"):
         open_artifact(art, check=False)
+
+
+@pytest.mark.slow
+def test_build_for_android_picks_executorch_8da4w_and_its_gate_can_fail(cli, tmp_path):
+    """`edgekit build --target android-arm64` exports with this backend at the target's 8da4w. On a 1-layer random
+    model int4 weights flip the argmax of near-tied logits (torchao's eager model agrees with fp32 on ~53 % of
+    positions): the gate must refuse it, and keep it only when told, with the failure recorded."""
+    model = make_tiny_model("llama", tmp_path / "m", num_hidden_layers=1)
+    p = cli("build", model, "--target", "android-arm64", "-o", tmp_path / "b", "--no-bench", check=3)
+    assert "export: executorch 8da4w" in p.stderr and "failed the fidelity gate: top-1 agreement" in p.stderr
+    cli("build", model, "--target", "android-arm64", "-o", tmp_path / "b", "--no-bench", "--accept-gate-failure",
+        check=0)
+    meta = json.loads(next((tmp_path / "b").rglob("artifact.json")).read_text())
+    assert (meta["backend"], meta["precision"]) == ("executorch", "8da4w")
+    assert meta["max_context"] == 512  # the target's 1024, capped by the model's 512 positions
+    assert not meta["gate"]["passed"] and meta["gate"]["overridden"] and meta["quantized_linears"] == 8
