@@ -1,0 +1,66 @@
+"""ExecuTorch runner for the .pte that exporters/executorch.py writes (static KV cache inside the method).
+
+The method is `forward(input_ids (1, T) int64, input_pos (T,) int64) -> logits (1, T, vocab)`; its K/V buffers live
+in the loaded method and persist between calls, so this runner only tracks the next position. Nothing here imports
+torch at module import, but ExecuTorch's Python runtime (`executorch.runtime`) imports torch itself and takes torch
+tensors as inputs: on a device, `pip install executorch==1.4.1` (it brings a CPU torch). A C++ app would use
+ExecuTorch's Module API on the same .pte with no Python at all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgekit.errors import EdgekitError
+
+
+class ExecuTorchRunner:
+    def __init__(self, pte: Path, meta: dict, threads: int | None = None):
+        try:
+            import torch
+            from executorch.runtime import Runtime
+        except ModuleNotFoundError as e:
+            raise EdgekitError(f"the ExecuTorch runtime is not installed ({e.name} missing)",
+                               "pip install executorch==1.4.1 (or 'edgekit[executorch]')") from e
+        self._torch = torch
+        if threads:
+            from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+            _unsafe_reset_threadpool(int(threads))  # XNNPACK's pool is process-wide
+        if not Path(pte).is_file():
+            raise EdgekitError(f"{pte} is missing", "re-export the artifact")
+        try:
+            program = Runtime.get().load_program(Path(pte))
+            self.method = program.load_method("forward")
+        except Exception as e:  # the pybindings raise RuntimeError/ValueError with an error code for bad files
+            raise EdgekitError(f"ExecuTorch cannot load {pte}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                               "re-export the artifact with the same executorch version as this runtime") from e
+        self._program = program  # keeps the program (and its data) alive as long as the method
+        self.vocab_size = int(meta["model"]["vocab_size"])
+        self.max_context = int(meta["max_context"])
+        self.reset()
+
+    def reset(self) -> None:
+        # The mask only lets a query see slots up to its own position, so stale K/V past `length` never count.
+        self.length = 0
+
+    def forward(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(1, -1))
+        t = ids.shape[1]
+        if t == 0:
+            return np.zeros((0, self.vocab_size), dtype=np.float32)
+        if self.length + t > self.max_context:
+            raise EdgekitError(f"sequence of {self.length + t} tokens exceeds the artifact's context "
+                               f"({self.max_context})", "use a shorter prompt or export with a longer --context")
+        torch = self._torch
+        pos = torch.arange(self.length, self.length + t, dtype=torch.long)
+        out = self.method.execute([torch.from_numpy(ids), pos])[0]
+        self.length += t
+        # Copy: the output may live in the method's planned memory, which the next call overwrites.
+        return np.array(out[0].numpy(), dtype=np.float32, copy=True)
+
+
+def load(path: Path, meta: dict, threads: int | None = None) -> ExecuTorchRunner:
+    return ExecuTorchRunner(Path(path) / meta["entry"], meta, threads=threads)

@@ -1,0 +1,192 @@
+"""ExecuTorch: a .pte lowered to XNNPACK with prefill and decode over a static KV cache; optional 8da4w weights.
+
+The Hugging Face model runs unchanged inside a thin wrapper that owns the cache: one K and one V buffer per layer,
+`max_context` long, mutated in place (ExecuTorch keeps mutable buffers inside the loaded method between calls).
+`forward(input_ids (1, T), input_pos (T,)) -> logits (1, T, vocab)` has a dynamic T, so one method serves a prefill
+of any length and single-token decode. The causal mask is built from `input_pos` over the whole cache, so positions
+not yet written never take part in attention (they need no zeroing on reset).
+
+8da4w = int8 dynamic activations, int4 weights in groups of GROUP_SIZE input channels (torchao). torchao and
+ExecuTorch's own recipe quietly leave a linear in fp32 when its input width is not a multiple of the group size;
+here that is an error that names the linears and the fix, and every linear is checked to be quantized afterwards.
+
+This module imports torch at the top: the registry imports it only when the executorch backend is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from edgekit.errors import EdgekitError
+
+LIBRARIES = ("executorch", "torchao")
+ENTRY = "model.pte"
+GROUP_SIZE = 32  # 8da4w weight group (input channels per scale); XNNPACK's kernels take multiples of 32
+MAX_CONTEXT = 2048  # a static cache costs memory and per-step attention over its whole length: cap it
+EXAMPLE_TOKENS = 2  # export traces with T=2 so that neither 0 nor 1 gets specialized into the graph
+
+
+@dataclass(frozen=True)
+class LayerCache:
+    kv_heads: int
+    head_dim: int
+
+
+class _BufferCache:
+    """Duck-types transformers' Cache for the attention layers: writes the new K/V at `cache_position` into the
+    wrapper's buffers and hands back the whole buffer (the mask hides what is not written yet)."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
+        self.keys, self.values = keys, values
+        self.is_compileable = True
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        pos = cache_kwargs["cache_position"]
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        k.index_copy_(2, pos, key_states)
+        v.index_copy_(2, pos, value_states)
+        return k, v
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:  # only used when cache_position is missing
+        raise NotImplementedError("pass cache_position")
+
+
+class StaticCacheLM(torch.nn.Module):
+    """forward(input_ids (1, T) int64, input_pos (T,) int64) -> logits (1, T, vocab), appending to the cache."""
+
+    def __init__(self, model, max_context: int):
+        super().__init__()
+        self.model = model
+        self.max_context = max_context
+        self.layers = layer_caches(model)
+        for i, lc in enumerate(self.layers):  # per layer, so pruned models with per-layer widths fit too
+            shape = (1, lc.kv_heads, max_context, lc.head_dim)
+            self.register_buffer(f"k_{i}", torch.zeros(shape), persistent=False)
+            self.register_buffer(f"v_{i}", torch.zeros(shape), persistent=False)
+        self.register_buffer("slots", torch.arange(max_context), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        n = len(self.layers)
+        cache = _BufferCache([getattr(self, f"k_{i}") for i in range(n)], [getattr(self, f"v_{i}") for i in range(n)])
+        # A query at position p sees cache slots 0..p: the already written past and itself.
+        mask = (self.slots[None, :] <= input_pos[:, None])[None, None]
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=input_pos[None],
+                         cache_position=input_pos, past_key_values=cache, use_cache=True)
+        return out.logits
+
+
+def layer_caches(model) -> list[LayerCache]:
+    out = []
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        head_dim = int(attn.head_dim)
+        out.append(LayerCache(kv_heads=attn.k_proj.out_features // head_dim, head_dim=head_dim))
+    return out
+
+
+def cache_length(requested: int, config) -> int:
+    """The .pte's context: what the user asked, within the model's positions and MAX_CONTEXT."""
+    n = min(requested, getattr(config, "max_position_embeddings", requested) or requested, MAX_CONTEXT)
+    window = getattr(config, "sliding_window", None)
+    if window and window < n:
+        raise EdgekitError(f"this model uses sliding-window attention ({window} tokens) narrower than the requested "
+                           f"context ({n}); the ExecuTorch exporter's static cache serves full attention only",
+                           f"pass --context {window} or less")
+    return n
+
+
+# --- 8da4w -----------------------------------------------------------------------------------------------------
+
+
+def _width_fix(name: str, model, group_size: int) -> str:
+    """What would make this linear's input width a multiple of the group size."""
+    if name.endswith("mlp.down_proj"):
+        return f"prune the FFN width to a multiple of {group_size} (edgekit build aligns pruned widths to the target)"
+    if name.endswith("self_attn.o_proj"):
+        return f"prune attention heads so that heads * head_dim stays a multiple of {group_size}"
+    return (f"hidden_size {model.config.hidden_size} is not a multiple of {group_size} and width pruning keeps it, "
+            "so only another precision fits")
+
+
+def check_group_widths(model, group_size: int = GROUP_SIZE) -> None:
+    """Refuse 8da4w when any linear's input width is not divisible by the group size (it would stay fp32 silently)."""
+    bad = [(name, m.in_features) for name, m in model.named_modules()
+           if isinstance(m, torch.nn.Linear) and m.in_features % group_size]
+    if not bad:
+        return
+    shown = ", ".join(f"{n} (in {w})" for n, w in bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
+    fixes = sorted({_width_fix(n, model, group_size) for n, _ in bad})
+    raise EdgekitError(f"8da4w needs every linear's input width divisible by the group size {group_size}; "
+                       f"{len(bad)} linear(s) are not: {shown}", "; ".join(fixes + ["or use --precision fp32"]))
+
+
+def quantize_8da4w(model, group_size: int = GROUP_SIZE) -> int:
+    """int8 dynamic activations + int4 grouped weights on every linear (torchao); returns how many were quantized."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    check_group_widths(model, group_size)
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
+                                                           weight_granularity=PerGroup(group_size)))
+    plain = [n for n in linears if type(model.get_submodule(n).weight.data) is torch.Tensor]
+    if plain:  # torchao's own filters may skip more than the width rule above: never ship that silently
+        raise EdgekitError(f"torchao left {len(plain)} linear(s) unquantized: {', '.join(plain[:6])}",
+                           "use --precision fp32, or report the model's shapes as an edgekit bug")
+    return len(linears)
+
+
+# --- export ----------------------------------------------------------------------------------------------------
+
+
+def delegation_summary(edge) -> dict:
+    """How much of the lowered graph runs inside XNNPACK, and which operators stay outside (portable kernels)."""
+    from executorch.devtools.backend_debug import get_delegation_info
+
+    info = get_delegation_info(edge.exported_program().graph_module)
+    outside = {op: b.non_delegated for op, b in sorted(info.delegation_by_operator.items())
+               if b.non_delegated and op not in ("getitem", "sym_size")}  # bookkeeping, no compute
+    return {"delegated_subgraphs": info.num_delegated_subgraphs, "delegated_ops": info.num_delegated_nodes,
+            "ops_outside_xnnpack": sum(outside.values()), "outside_xnnpack_by_op": outside}
+
+
+def lower(wrapper: StaticCacheLM):
+    """torch.export with a dynamic sequence length, then XNNPACK lowering; returns (program, delegation summary)."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    seq = torch.export.Dim("seq", min=1, max=wrapper.max_context)
+    example = (torch.zeros((1, EXAMPLE_TOKENS), dtype=torch.long), torch.arange(EXAMPLE_TOKENS))
+    with torch.no_grad():
+        ep = torch.export.export(wrapper, example, dynamic_shapes=({1: seq}, {0: seq}), strict=False)
+        edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+        summary = delegation_summary(edge)  # before to_executorch, which adds memory-planning nodes to the graph
+        return edge.to_executorch(), summary
+
+
+def export(model_dir: Path, out: Path, cfg) -> dict:
+    import shutil
+    import warnings
+
+    from edgekit.fsutil import atomic_write_bytes
+    from edgekit.models import load_torch_model
+
+    model, _ = load_torch_model(model_dir)
+    n_ctx = cache_length(cfg.context_length, model.config)
+    info: dict = {}
+    with torch.no_grad():
+        if cfg.precision == "8da4w":
+            info["quantized_linears"] = quantize_8da4w(model)
+            info["group_size"] = GROUP_SIZE
+        with warnings.catch_warnings():  # "mutation on a buffer ... meaningless initial state": the mask covers it
+            warnings.simplefilter("ignore")
+            prog, summary = lower(StaticCacheLM(model, n_ctx))
+    atomic_write_bytes(out / ENTRY, prog.buffer)
+    tok = Path(model_dir) / "tokenizer.json"
+    if tok.exists():
+        shutil.copy(tok, out / "tokenizer.json")
+    return {"entry": ENTRY, "max_context": n_ctx, "size_bytes": (out / ENTRY).stat().st_size,
+            **summary, **info}
