@@ -137,11 +137,17 @@ def search_uniform(scores, base: Geometry, keep_params: int, align: int, hidden_
                 return k, g
         return None
 
-    best = None
-    for d in hid:
+    best, worse = None, 0
+    for d in hid:  # narrower hidden widths only get worse once they start to: stop after two misses in a row
         kg = first_feasible_attn(d)
-        if kg and (best is None or trial(d, *kg) < trial(*best)):
-            best = (d, *kg)
+        if not kg:
+            continue
+        if best is None or trial(d, *kg) < trial(*best):
+            best, worse = (d, *kg), 0
+        else:
+            worse += 1
+            if worse == 2:
+                break
     if best is None:
         raise EdgekitError("no uniform set of widths meets this budget at this alignment",
                            "ask for a smaller ratio, a smaller --align, or use --non-uniform")
