@@ -94,7 +94,7 @@ def main() -> None:
         i_tp = allocate.solve_intermediate(base, base.hidden_size, w0.num_attention_heads, w0.num_key_value_heads,
                                            keep, 8)
         wtp = f"D{base.hidden_size} H{w0.num_attention_heads} KV{w0.num_key_value_heads} I{i_tp}"
-        for c in scores:
+        for c in [x for x in scores if x == "activation"]:  # the criterion alone, at Torch-Pruning's widths
             p, n = edgekit_ppl(c, base.hidden_size, w0.num_key_value_heads,
                                w0.num_attention_heads // w0.num_key_value_heads, i_tp)
             rows.append({"method": f"edgekit {c}", "ratio": ratio, "removed": 1 - n / total, "ppl": p, "widths": wtp})

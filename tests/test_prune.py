@@ -211,3 +211,17 @@ def test_unsupported_arch_in_prune_api(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "phi3"}))
     with pytest.raises(EdgekitError, match="pruning does not support architecture 'phi3'"):
         prune_model(tmp_path, tmp_path / "o", PruneConfig(Budget(ratio=0.3)))
+
+
+def test_build_prune_stage_feeds_export(cli, tiny_models, tmp_path):
+    """`edgekit build --prune-ratio` prunes with the target's width alignment and exports the pruned model."""
+    out = tmp_path / "b"
+    p = cli("build", "--target", "x86-cpu", tiny_models["llama"], "--prune-ratio", "0.3", "--no-bench", "-o", out,
+            "--json", check=0)
+    man = json.loads(p.stdout)
+    pr = man["stages"]["prune"]
+    assert pr["status"] == "done" and abs(pr["result"]["removed_fraction"] - 0.3) < 0.05
+    art = json.loads((out / "04-export" / "artifact" / "artifact.json").read_text())
+    pruned = json.loads((out / "01-prune" / "model" / "config.json").read_text())
+    assert art["model"]["intermediate_size"] == pruned["intermediate_size"] < 128
+    assert art["model"]["hidden_size"] == pruned["hidden_size"] and art["gate"]["passed"]
