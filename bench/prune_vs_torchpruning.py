@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--eval-seqs", type=int, default=16, help="held-out windows of seq-len tokens")
     ap.add_argument("--criteria", default="activation,taylor,magnitude")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense row (when ratios run in parallel)")
     ap.add_argument("--json", help="write the results here too")
     a = ap.parse_args()
 
@@ -56,9 +57,10 @@ def main() -> None:
         return perplexity(m, tok, held, seq_len=a.seq_len, max_seqs=a.eval_seqs)
 
     rows = []
-    t = time.perf_counter()
-    rows.append({"method": "dense", "ratio": 0.0, "removed": 0.0, "ppl": ppl(model), "widths": "-"})
-    print(f"dense ppl {rows[0]['ppl']:.2f} ({time.perf_counter() - t:.0f}s)", flush=True)
+    if not a.no_dense:
+        t = time.perf_counter()
+        rows.append({"method": "dense", "ratio": 0.0, "removed": 0.0, "ppl": ppl(model), "widths": "-"})
+        print(f"dense ppl {rows[0]['ppl']:.2f} ({time.perf_counter() - t:.0f}s)", flush=True)
 
     scores, cost = {}, {}
     for c in a.criteria.split(","):

@@ -225,3 +225,18 @@ def test_build_prune_stage_feeds_export(cli, tiny_models, tmp_path):
     pruned = json.loads((out / "01-prune" / "model" / "config.json").read_text())
     assert art["model"]["intermediate_size"] == pruned["intermediate_size"] < 128
     assert art["model"]["hidden_size"] == pruned["hidden_size"] and art["gate"]["passed"]
+
+
+def test_calibration_from_user_jsonl_and_txt(tiny_models, tmp_path):
+    from edgekit.errors import EdgekitError
+    from edgekit.models import load_torch_model
+    from edgekit.prune.calib import calibration_sequences
+
+    _, tok = load_torch_model(tiny_models["llama"])
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": f"The function number {i} returns a list "
+                                                             "of values from the module." * 3}) for i in range(40)))
+    seqs = calibration_sequences(tok, tmp_path / "a.jsonl", 32, 6)
+    assert len(seqs) == 6 and all(s.shape == (32,) for s in seqs)
+    (tmp_path / "short.txt").write_text("too short")
+    with pytest.raises(EdgekitError, match="shorter than one sequence"):
+        calibration_sequences(tok, tmp_path / "short.txt", 256, 4)
