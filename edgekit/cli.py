@@ -11,12 +11,13 @@ import sys
 from edgekit import __version__
 from edgekit.errors import EdgekitError
 
-COMMANDS = ("plan", "build", "export", "verify", "bench", "targets", "docker", "agent")
+COMMANDS = ("plan", "build", "prune", "export", "verify", "bench", "targets", "docker", "agent")
 
 EPILOG = """\
 examples:
   edgekit build --target x86-cpu                      SmolLM2-135M (embedded) -> verified ONNX Runtime artifact
   edgekit build --target jetson-orin ./my-llama -o out --dry-run
+  edgekit prune ./my-llama --ratio 0.25 -o my-llama-pruned
   edgekit export ./my-llama --backend onnxruntime --precision int8 -o art
   edgekit bench art --json
   edgekit targets show raspberry-pi-5-8gb

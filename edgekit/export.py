@@ -46,6 +46,7 @@ class ExportConfig:
 def model_summary(config: dict) -> dict:
     """The shape facts every runtime and the planner need, read from a Hugging Face config."""
     heads = config["num_attention_heads"]
+    widths = {"layer_widths": config["edgekit_layer_widths"]} if config.get("edgekit_layer_widths") else {}
     return {
         "arch": config["model_type"],
         "vocab_size": config["vocab_size"],
@@ -57,6 +58,7 @@ def model_summary(config: dict) -> dict:
         "intermediate_size": config["intermediate_size"],
         "max_position_embeddings": config.get("max_position_embeddings", 2048),
         "tie_word_embeddings": config.get("tie_word_embeddings", False),
+        **widths,  # non-uniform pruned model: per-layer intermediate_size / num_attention_heads / num_key_value_heads
     }
 
 

@@ -117,6 +117,10 @@ def load_torch_model(path: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if "edgekit_layer_widths" in json.loads((Path(path) / "config.json").read_text()):
+        from edgekit.prune.apply import load_pruned  # per-layer widths: a non-uniform pruned folder
+
+        return load_pruned(Path(path))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.eval()
     tok = AutoTokenizer.from_pretrained(path) if (Path(path) / "tokenizer.json").exists() else None

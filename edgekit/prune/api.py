@@ -1,0 +1,119 @@
+"""prune_model: the one verb of structured widthwise pruning."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from edgekit.errors import EdgekitError
+from edgekit.prune.arch import WIDTHS_KEY, Geometry, get_adapter
+from edgekit.prune.config import PruneConfig
+
+REPORT_FILE = "edgekit-prune.json"
+
+
+def score_model(model, ad, cfg: PruneConfig, seqs) -> tuple:
+    """(Scores, {"seconds", "peak_rss_mb"}) of the configured criterion over the calibration sequences."""
+    from edgekit.prune.calib import batches
+    from edgekit.prune.criteria import CRITERIA
+    from edgekit.runtime.bench import RssSampler
+
+    fn, _ = CRITERIA[cfg.criterion]
+    t0 = time.perf_counter()
+    with RssSampler(interval=0.05) as rss:
+        scores = fn(model, ad, batches(seqs, cfg.batch_size))
+    return scores, {"seconds": round(time.perf_counter() - t0, 2), "peak_rss_mb": rss.summary()["peak_rss_mb"]}
+
+
+def plan_pruning(model, tok, cfg: PruneConfig, log=print, scores=None) -> tuple:
+    """(Plan, info) for a loaded dense model: score, allocate, and (uniform) search the split on calibration loss."""
+    from edgekit.prune import allocate
+    from edgekit.prune.apply import build_model, norm_scales, pruned_config, pruned_state
+    from edgekit.prune.calib import calibration_sequences, mean_loss
+
+    cfg.check()
+    mcfg = model.config.to_dict()
+    ad = get_adapter(mcfg.get("model_type", ""))
+    base = Geometry.from_config(mcfg)
+    total = base.params()
+    keep = total - cfg.budget.removed(total)
+    allocate.check_ratio_feasible(base, keep, cfg.align)
+    seqs = calibration_sequences(tok, cfg.calibration, cfg.seq_len, cfg.num_samples + cfg.search_samples)
+    search = seqs[-cfg.search_samples:] if len(seqs) > cfg.search_samples else seqs
+    calib = seqs[:-cfg.search_samples] if len(seqs) > cfg.search_samples else seqs
+    info = {"params_before": total, "params_target": keep, "calibration_sequences": len(calib),
+            "search_sequences": len(search), "seq_len": cfg.seq_len}
+    if scores is None:
+        log(f"prune: scoring structures ({cfg.criterion}, {len(calib)} x {cfg.seq_len} tokens)")
+        scores, info["importance"] = score_model(model, ad, cfg, calib)
+    D = base.hidden_size
+    hid_opts = allocate.hidden_options(D, cfg.align, cfg.hidden_keep)
+    sets = {d: allocate._top(scores.hidden, d) for d in hid_opts if d < D}
+    scales = norm_scales(model, ad, search, sets) if cfg.norm_correction and sets else {}
+
+    def finish(plan):
+        if len(plan.hidden) < D:
+            plan.norm_scales = scales.get(len(plan.hidden))
+        return plan
+
+    def evaluate(plan) -> float:
+        p = finish(plan)
+        m = build_model(pruned_config(model, p), pruned_state(model, ad, p))
+        return mean_loss(m, search)
+
+    info["dense_search_loss"] = mean_loss(model, search)
+    plan, tried = allocate.search_uniform(scores, base, keep, cfg.align, cfg.hidden_keep, evaluate, log=log)
+    info["candidates"] = tried
+    if cfg.non_uniform:
+        plan = allocate.nonuniform_plan(scores, base, len(plan.hidden), keep, cfg.align, cfg.attn_weight,
+                                        tuple(cfg.protected_layers))
+    return finish(plan), info
+
+
+def prune_model(model_dir: Path, out: Path, cfg: PruneConfig, log=print) -> dict:
+    """Prune the HF folder model_dir into out (atomically); returns the report (also written to out)."""
+    from edgekit.fsutil import atomic_dir, atomic_write_json
+    from edgekit.models import load_torch_model
+    from edgekit.prune.apply import build_model, pruned_config, pruned_state, save_pruned
+    from edgekit.prune.report import layer_report
+
+    model_dir = Path(model_dir)
+    mcfg = json.loads((model_dir / "config.json").read_text())
+    ad = get_adapter(mcfg.get("model_type", ""))
+    if mcfg.get(WIDTHS_KEY):
+        raise EdgekitError(f"{model_dir} is already pruned with per-layer widths",
+                           "prune the original model (or a uniformly pruned one) instead")
+    cfg.check()
+    base = Geometry.from_config(mcfg)
+    cfg.budget.removed(base.params())  # reject a bad budget before loading anything
+    t0 = time.perf_counter()
+    model, tok = load_torch_model(model_dir)
+    if tok is None:
+        raise EdgekitError(f"{model_dir} has no tokenizer.json; calibration needs the model's tokenizer",
+                           "save the tokenizer next to the model (tokenizer.save_pretrained)")
+    plan, info = plan_pruning(model, tok, cfg, log=log)
+    new_cfg = pruned_config(model, plan)
+    pruned = build_model(new_cfg, pruned_state(model, ad, plan))
+    after = plan.geometry(base)
+    from edgekit.prune.calib import calibration_sequences, mean_loss
+
+    report = {
+        "source": str(model_dir),
+        "arch": ad.model_type,
+        "config": cfg.to_dict(),
+        "uniform": plan.uniform,
+        "params_before": base.params(),
+        "params_after": after.params(),
+        "removed_fraction": round(1 - after.params() / base.params(), 5),
+        "hidden_size": {"before": base.hidden_size, "after": after.hidden_size},
+        "layers": layer_report(base, after),
+        **{k: v for k, v in info.items() if k not in ("params_before",)},
+    }
+    search = calibration_sequences(tok, cfg.calibration, cfg.seq_len, cfg.num_samples + cfg.search_samples)
+    report["pruned_search_loss"] = mean_loss(pruned, search[-cfg.search_samples:])
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    with atomic_dir(Path(out)) as tmp:
+        save_pruned(pruned, tmp, model_dir)
+        atomic_write_json(tmp / REPORT_FILE, report)
+    return report

@@ -1,0 +1,242 @@
+"""Structured pruning on tiny random GQA Llama / Qwen2 / Mistral (4 heads, 2 KV groups): shapes, round trips,
+GQA correctness, planted-neuron survival, alignment, budget, and bad inputs."""
+
+import json
+import shutil
+
+import pytest
+
+ARCHS = ("llama", "qwen2", "mistral")
+
+
+def _load_dense(path):
+    from edgekit.models import load_torch_model
+
+    return load_torch_model(path)
+
+
+def _ids(tok, n=48):
+    import torch
+
+    from edgekit.data import heldout_text
+
+    return torch.tensor([tok(heldout_text()[:2000])["input_ids"][:n]])
+
+
+@pytest.fixture(scope="module")
+def pruned_uniform(tiny_models, tmp_path_factory):
+    from edgekit.prune import Budget, PruneConfig, prune_model
+
+    root = tmp_path_factory.mktemp("pruned")
+    out = {}
+    for arch in ARCHS:
+        cfg = PruneConfig(Budget(ratio=0.3), criterion="activation", num_samples=8, hidden_keep=0.75)
+        out[arch] = (root / arch, prune_model(tiny_models[arch], root / arch, cfg, log=lambda s: None))
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_uniform_roundtrips_through_from_pretrained(arch, pruned_uniform, tiny_models):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgekit.prune.arch import Geometry
+
+    folder, report = pruned_uniform[arch]
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["model_type"] == arch and "edgekit_layer_widths" not in cfg
+    assert report["uniform"] and cfg["hidden_size"] == 48  # hidden_keep 0.75 of 64
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)  # no custom code
+    n = sum(p.numel() for p in model.parameters())  # tied weights counted once
+    assert n == report["params_after"] == Geometry.from_config(cfg).params()
+    L0 = report["layers"][0]
+    a = model.model.layers[0].self_attn
+    assert a.q_proj.weight.shape == (L0["heads"][1] * 16, 48)
+    assert a.k_proj.weight.shape == (L0["kv_heads"][1] * 16, 48)
+    assert model.model.layers[1].mlp.down_proj.weight.shape == (48, L0["intermediate"][1])
+    if arch == "qwen2":
+        assert a.q_proj.bias.shape == (L0["heads"][1] * 16,)
+    _, tok = _load_dense(tiny_models[arch])
+    ids = _ids(tok)
+    logits = model(ids).logits
+    assert logits.shape == (1, ids.shape[1], cfg["vocab_size"]) and torch.isfinite(logits).all()
+    # the budget is met to within one alignment unit of MLP neurons (8 neurons x 3 matrices x hidden x layers)
+    unit = 8 * 3 * 48 * len(report["layers"])
+    assert abs(report["params_before"] - report["params_after"] - 0.3 * report["params_before"]) <= unit
+
+
+@pytest.mark.parametrize("arch", ("llama", "qwen2"))
+def test_non_uniform_folder_loads_and_runs(arch, tiny_models, tmp_path):
+    import torch
+
+    from edgekit.export import model_summary
+    from edgekit.models import load_torch_model
+    from edgekit.prune import Budget, PruneConfig, prune_model
+
+    # 4 layers, one protected: the global ranking gives layers different widths
+    src = tmp_path / "src"
+    from edgekit.testing import make_tiny_model
+
+    make_tiny_model(arch, src, seed=3, num_hidden_layers=4)
+    cfg = PruneConfig(Budget(ratio=0.35), criterion="taylor", non_uniform=True, num_samples=8, hidden_keep=1.0,
+                      protected_layers=(0,))
+    report = prune_model(src, tmp_path / "out", cfg, log=lambda s: None)
+    conf = json.loads((tmp_path / "out" / "config.json").read_text())
+    widths = conf.get("edgekit_layer_widths")
+    assert widths and len(widths) == 4 and not report["uniform"]
+    assert widths[0] == {"intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}  # protected
+    assert conf["intermediate_size"] == max(w["intermediate_size"] for w in widths)
+    assert conf["num_attention_heads"] == max(w["num_attention_heads"] for w in widths)
+    assert model_summary(conf)["layer_widths"] == widths
+    model, tok = load_torch_model(tmp_path / "out")
+    for layer, w in zip(model.model.layers, widths):
+        assert layer.mlp.gate_proj.out_features == w["intermediate_size"] >= 8
+        assert layer.self_attn.q_proj.out_features == 16 * w["num_attention_heads"]
+        assert layer.self_attn.k_proj.out_features == 16 * w["num_key_value_heads"] >= 16
+    ids = _ids(tok)
+    assert torch.isfinite(model(ids).logits).all()
+    assert abs(report["removed_fraction"] - 0.35) < 0.05
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_removing_a_kv_group_removes_exactly_its_query_heads(arch, tiny_models, tmp_path):
+    """Silence KV group 1 (o_proj columns of its query heads 2, 3 set to zero): activation importance must pick that
+    group, the pruned model keeps query heads 0, 1 with KV head 0, and its logits equal the dense model's."""
+    import torch
+
+    from edgekit.prune import allocate
+    from edgekit.prune.apply import build_model, pruned_config, pruned_state
+    from edgekit.prune.arch import Geometry, get_adapter
+    from edgekit.prune.calib import calibration_sequences
+    from edgekit.prune.criteria import activation
+
+    model, tok = _load_dense(tiny_models[arch])
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[:, 32:64] = 0
+    ad = get_adapter(arch)
+    seqs = calibration_sequences(tok, None, 64, 4)
+    scores = activation(model, ad, iter([torch.stack(seqs)]))
+    base = Geometry.from_config(model.config.to_dict())
+    plan = allocate.uniform_plan(scores, base, D=64, k=1, g=2, inter=128)
+    for lp in plan.layers:
+        assert lp.kv == [0] and lp.heads == [0, 1]
+    pruned = build_model(pruned_config(model, plan), pruned_state(model, ad, plan))
+    a0, p0 = model.model.layers[0].self_attn, pruned.model.layers[0].self_attn
+    assert torch.equal(p0.q_proj.weight, a0.q_proj.weight[:32]) and torch.equal(p0.k_proj.weight, a0.k_proj.weight[:16])
+    assert p0.num_key_value_groups == 2 and pruned.config.num_key_value_heads == 1
+    ids = _ids(tok)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("criterion", ("activation", "taylor"))
+def test_planted_dominant_neuron_survives(criterion, tiny_models, tmp_path):
+    import torch
+
+    from edgekit.models import load_torch_model
+    from edgekit.prune import Budget, PruneConfig, prune_model
+
+    src = tmp_path / "planted"
+    shutil.copytree(tiny_models["llama"], src)
+    model, _ = load_torch_model(src)
+    j = 77
+    with torch.no_grad():  # a neuron whose activation and output dominate layer 0's MLP
+        mlp = model.model.layers[0].mlp
+        mlp.gate_proj.weight[j] *= 12
+        mlp.up_proj.weight[j] *= 12
+        mlp.down_proj.weight[:, j] *= 12
+    model.save_pretrained(src)
+    planted = mlp.down_proj.weight[:, j].clone()
+    cfg = PruneConfig(Budget(ratio=0.4), criterion=criterion, num_samples=8, hidden_keep=1.0)
+    prune_model(src, tmp_path / "out", cfg, log=lambda s: None)
+    pruned, _ = load_torch_model(tmp_path / "out")
+    down = pruned.model.layers[0].mlp.down_proj.weight
+    assert down.shape[1] < 128  # the MLP was pruned...
+    assert any(torch.equal(down[:, c], planted) for c in range(down.shape[1]))  # ...and the planted neuron kept
+
+
+def test_alignment_is_honoured(tiny_models, tmp_path):
+    from edgekit.prune import Budget, PruneConfig, prune_model
+
+    for nu in (False, True):
+        rep = prune_model(tiny_models["mistral"], tmp_path / f"a{nu}",
+                          PruneConfig(Budget(ratio=0.3), align=32, num_samples=8, non_uniform=nu),
+                          log=lambda s: None)
+        assert rep["hidden_size"]["after"] % 32 == 0
+        for r in rep["layers"]:
+            i, h = r["intermediate"][1], r["heads"][1]
+            assert i % 32 == 0 or i == 128
+            assert (h * 16) % 32 == 0 or h == 4
+        assert abs(rep["removed_fraction"] - 0.3) < 0.05
+
+
+def test_budget_by_params_and_bytes(tiny_models):
+    from edgekit.errors import EdgekitError
+    from edgekit.prune import Budget
+
+    assert Budget(params=80_000).removed(100_000) == 20_000
+    assert Budget(bytes=200_000, bytes_per_param=4).removed(100_000) == 50_000
+    for b in (Budget(ratio=0.0), Budget(ratio=1.0), Budget(params=200_000), Budget(), Budget(ratio=0.2, params=5)):
+        with pytest.raises(EdgekitError):
+            b.removed(100_000)
+
+
+def test_cli_prune_and_bad_inputs(cli, tiny_models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    m = tiny_models["qwen2"]
+    p = cli("prune", m, "--ratio", "0.25", "--criterion", "magnitude", "--samples", "8", "-o", tmp_path / "o",
+            "--json", check=0)
+    rep = json.loads(p.stdout)
+    assert 0.2 < rep["removed_fraction"] < 0.3
+    AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    for ratio in ("1.5", "0", "-0.2"):
+        p = cli("prune", m, "--ratio", ratio, "-o", tmp_path / "bad", check=2)
+        assert "ratio must be between 0 and 1" in p.stderr and not (tmp_path / "bad").exists()
+    p = cli("prune", m, "--ratio", "0.995", "-o", tmp_path / "bad", check=2)
+    assert "left with nothing" in p.stderr
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (gpt2 / "model.safetensors").write_bytes(b"")
+    p = cli("prune", gpt2, "--ratio", "0.3", "-o", tmp_path / "bad", check=2)
+    assert "unsupported architecture 'gpt2'" in p.stderr
+
+
+def test_unsupported_arch_in_prune_api(tmp_path):
+    from edgekit.errors import EdgekitError
+    from edgekit.prune import Budget, PruneConfig, prune_model
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "phi3"}))
+    with pytest.raises(EdgekitError, match="pruning does not support architecture 'phi3'"):
+        prune_model(tmp_path, tmp_path / "o", PruneConfig(Budget(ratio=0.3)))
+
+
+def test_build_prune_stage_feeds_export(cli, tiny_models, tmp_path):
+    """`edgekit build --prune-ratio` prunes with the target's width alignment and exports the pruned model."""
+    out = tmp_path / "b"
+    p = cli("build", "--target", "x86-cpu", tiny_models["llama"], "--prune-ratio", "0.3", "--no-bench", "-o", out,
+            "--json", check=0)
+    man = json.loads(p.stdout)
+    pr = man["stages"]["prune"]
+    assert pr["status"] == "done" and abs(pr["result"]["removed_fraction"] - 0.3) < 0.05
+    art = json.loads((out / "04-export" / "artifact" / "artifact.json").read_text())
+    pruned = json.loads((out / "01-prune" / "model" / "config.json").read_text())
+    assert art["model"]["intermediate_size"] == pruned["intermediate_size"] < 128
+    assert art["model"]["hidden_size"] == pruned["hidden_size"] and art["gate"]["passed"]
+
+
+def test_calibration_from_user_jsonl_and_txt(tiny_models, tmp_path):
+    from edgekit.errors import EdgekitError
+    from edgekit.models import load_torch_model
+    from edgekit.prune.calib import calibration_sequences
+
+    _, tok = load_torch_model(tiny_models["llama"])
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": f"The function number {i} returns a list "
+                                                             "of values from the module." * 3}) for i in range(40)))
+    seqs = calibration_sequences(tok, tmp_path / "a.jsonl", 32, 6)
+    assert len(seqs) == 6 and all(s.shape == (32,) for s in seqs)
+    (tmp_path / "short.txt").write_text("too short")
+    with pytest.raises(EdgekitError, match="shorter than one sequence"):
+        calibration_sequences(tok, tmp_path / "short.txt", 256, 4)
