@@ -10,7 +10,7 @@ import sys
 from edgekit import __version__
 from edgekit.errors import EdgekitError
 
-COMMANDS = ("build", "export", "verify", "bench", "targets")
+COMMANDS = ("build", "distill", "export", "verify", "bench", "targets")
 
 EPILOG = """\
 examples:
