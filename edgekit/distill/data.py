@@ -73,6 +73,8 @@ def load_blocks(tokenizer, block_size: int, data: Path | None = None, heldout: P
         held_ids = tokenize(tokenizer, iter_texts(Path(heldout)))
     else:
         held_ids = None
+    if not train_ids:
+        raise EdgekitError(f"{source} holds no text", "give a .txt/.jsonl file or folder with text in it")
     train = pack(train_ids, block_size)
     if held_ids is None:
         n = len(train)
@@ -90,8 +92,8 @@ def load_blocks(tokenizer, block_size: int, data: Path | None = None, heldout: P
             raise EdgekitError(f"the held-out text gives {len(held_ids)} tokens, less than one block of {block_size}",
                                "give more held-out text or a smaller --block-size")
     if len(train) == 0:
-        raise EdgekitError(f"{source} gives {len(train_ids)} tokens, less than one block of {block_size}"
-                           if train_ids else f"{source} holds no text", "give more text or a smaller --block-size")
+        raise EdgekitError(f"{source} gives {len(train_ids)} tokens, less than one block of {block_size}",
+                           "give more text or a smaller --block-size")
     return Blocks(train=train, heldout=held, source=source)
 
 
