@@ -11,7 +11,8 @@ import sys
 from edgekit import __version__
 from edgekit.errors import EdgekitError
 
-COMMANDS = ("plan", "build", "prune", "export", "verify", "bench", "targets", "docker", "agent")
+COMMANDS = ("plan", "build", "prune", "distill", "export", "verify", "bench", "targets", "docker",
+            "agent")
 
 EPILOG = """\
 examples:

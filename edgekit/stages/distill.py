@@ -6,6 +6,9 @@ from edgekit.pipeline import BuildContext, StageResult
 
 
 class DistillStage:
+    """Recovers the pruned model's quality by distilling from the original (the teacher = the build's input model).
+    Checkpoints live beside the stage folder (BUILD/distill.ckpt), so a killed build resumes mid-training."""
+
     name = "distill"
 
     def describe(self, ctx: BuildContext) -> str:
@@ -13,12 +16,25 @@ class DistillStage:
             return "nothing to recover (no distillation steps asked)"
         return f"distill from the original model for {ctx.options.distill_steps} steps"
 
+    def _config(self, ctx: BuildContext):
+        from edgekit.distill.config import DistillConfig
+
+        return DistillConfig(steps=ctx.options.distill_steps)
+
     def config(self, ctx: BuildContext) -> dict:
-        return {"steps": ctx.options.distill_steps}
+        if ctx.options.distill_steps <= 0:
+            return {"steps": 0}
+        return self._config(ctx).to_dict()
 
     def run(self, ctx: BuildContext, out: Path) -> StageResult:
         if ctx.options.distill_steps <= 0:
             return StageResult("passed-through", {"reason": "no distillation steps asked"})
-        from edgekit.errors import EdgekitError
+        if ctx.current_model is None or Path(ctx.current_model).resolve() == Path(ctx.model.path).resolve():
+            return StageResult("passed-through", {"reason": "nothing was pruned: the student would be the teacher"})
+        from edgekit.distill import distill
 
-        raise EdgekitError("distillation is not built yet in this version", "build with --distill-steps 0")
+        report = distill(ctx.model.path, ctx.current_model, out / "model", self._config(ctx),
+                         checkpoint_dir=ctx.build_dir / "distill.ckpt", log=ctx.log, progress=False)
+        summary = {k: report[k] for k in ("steps", "tokens", "heldout_perplexity", "train_seconds", "tokens_per_s",
+                                          "data", "resumed_from_step")}
+        return StageResult("done", summary, model_dir="model")
