@@ -311,3 +311,16 @@ def test_device_half_runs_through_the_agent_with_a_stand_in_trtexec(trt_artifact
         assert other.request("GET", "/health", token=None)[0] == 200
     finally:
         other.stop()
+
+
+def test_jetson_build_completes_on_the_workstation(tiny_models, cli, tmp_path):
+    """`edgekit build --target jetson-orin`: export plans the engine, verify gates its source ONNX, bench defers to
+    the device."""
+    out = tmp_path / "jb"
+    cli("build", tiny_models["llama"], "--target", "jetson-orin", "-o", out, "--context", 128, check=0)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["stages"]["export"]["status"] == "done" and m["stages"]["verify"]["result"]["passed"]
+    assert "source ONNX" in m["stages"]["verify"]["result"]["runtime"]
+    assert m["stages"]["bench"]["status"] == "passed-through"
+    assert "--device" in m["stages"]["bench"]["result"]["reason"]
+    assert json.loads((out / "04-export/artifact/trt.json").read_text())["gpu_sm"] == "8.7"
