@@ -19,7 +19,8 @@ FAST_BENCH = {"prompt_tokens": 16, "new_tokens": 8, "warmup": 1, "min_runs": 3, 
 
 
 class Agent:
-    def __init__(self, data_dir: Path, token_file: Path, max_upload_mb: float | None = None, port: int = 0):
+    def __init__(self, data_dir: Path, token_file: Path, max_upload_mb: float | None = None, port: int = 0,
+                 job_timeout: float | None = None):
         self.data_dir, self.token_file = Path(data_dir), Path(token_file)
         if not self.token_file.exists():
             self.token_file.write_text(secrets.token_urlsafe(24) + "\n")
@@ -29,6 +30,8 @@ class Agent:
                 "--token-file", str(self.token_file), "--data-dir", str(self.data_dir)]
         if max_upload_mb:
             argv += ["--max-upload-mb", str(max_upload_mb)]
+        if job_timeout:
+            argv += ["--job-timeout", str(job_timeout)]
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log = open(self.data_dir.parent / f"{self.data_dir.name}-agent.log", "ab")
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=self.log, env=cli_env())

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-BANNER = "[TensorRT v100300] # trtexec " + " ".join(sys.argv[1:])
+import os
+
+# The TensorRT version it claims, as trtexec's banner number (100300 = 10.3.0); a test may pretend another release.
+BANNER = f"[TensorRT v{os.environ.get('FAKE_TRTEXEC_VERSION', '100300')}] # trtexec " + " ".join(sys.argv[1:])
 
 
 def main() -> int:

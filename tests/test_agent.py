@@ -239,6 +239,21 @@ def test_crashing_artifact_fails_its_job_and_agent_keeps_serving(agent, ort_arti
     assert status == 201 and agent.wait(job["id"])["status"] == "done"
 
 
+def test_a_hanging_job_is_killed_at_the_timeout(ort_artifact, tmp_path):
+    a = Agent(tmp_path / "data", tmp_path / "token", job_timeout=1.5)
+    try:
+        t = time.monotonic()
+        long = {"bench": {**FAST_BENCH, "min_seconds": 30.0, "max_seconds": 60.0}}
+        status, job = a.request("POST", "/jobs", body=bundle_bytes(ort_artifact, tmp_path, long))
+        job = a.wait(job["id"], timeout=60)
+        assert time.monotonic() - t < 30
+        assert "device_tests: timed out after 1.5s" in job["error"] and "bench: timed out after 1.5s" in job["error"]
+        assert job["status"] == "failed" and "timed out after 1.5s" in job["error"], job
+        assert a.request("GET", f"/jobs/{job['id']}/report")[1]["bench"] is None
+    finally:
+        a.stop()
+
+
 def test_restart_keeps_jobs_and_reports_and_requeues_the_interrupted(ort_artifact, tmp_path):
     a = Agent(tmp_path / "data", tmp_path / "token")
     try:

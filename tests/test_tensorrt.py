@@ -295,3 +295,32 @@ def test_device_half_runs_through_the_agent_with_a_stand_in_trtexec(trt_artifact
         assert stamp["tensorrt_version"] == "10.3.0"  # read from trtexec's banner
     finally:
         agent.stop()
+    # A device on another TensorRT release (JetPack 6.0's 8.6.2): the job fails with the reason, nothing is built.
+    os.environ.update(PATH=f"{bin_dir}{os.pathsep}{old_path}", FAKE_TRTEXEC_VERSION="8602")
+    try:
+        other = Agent(tmp_path / "data-jp60", tmp_path / "token")
+    finally:
+        os.environ["PATH"] = old_path
+        del os.environ["FAKE_TRTEXEC_VERSION"]
+    try:
+        status, job = other.request("POST", "/jobs", body=bundle_bytes(trt_artifact, tmp_path))
+        job = other.wait(job["id"], timeout=180)
+        assert job["status"] == "failed"
+        assert "is for TensorRT 10.3, this device has TensorRT 8.6.2" in job["error"], job["error"]
+        assert not list((other.data_dir / "jobs").glob("*/bundle/artifact/model.engine"))
+        assert other.request("GET", "/health", token=None)[0] == 200
+    finally:
+        other.stop()
+
+
+def test_jetson_build_completes_on_the_workstation(tiny_models, cli, tmp_path):
+    """`edgekit build --target jetson-orin`: export plans the engine, verify gates its source ONNX, bench defers to
+    the device."""
+    out = tmp_path / "jb"
+    cli("build", tiny_models["llama"], "--target", "jetson-orin", "-o", out, "--context", 128, check=0)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["stages"]["export"]["status"] == "done" and m["stages"]["verify"]["result"]["passed"]
+    assert "source ONNX" in m["stages"]["verify"]["result"]["runtime"]
+    assert m["stages"]["bench"]["status"] == "passed-through"
+    assert "--device" in m["stages"]["bench"]["result"]["reason"]
+    assert json.loads((out / "04-export/artifact/trt.json").read_text())["gpu_sm"] == "8.7"

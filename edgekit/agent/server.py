@@ -69,7 +69,8 @@ class AgentServer(ThreadingHTTPServer):
         return f"http://{host}:{port}"
 
     def server_close(self):
-        self.jobs.close()
+        if getattr(self, "jobs", None):  # absent when binding failed
+            self.jobs.close()
         super().server_close()
 
 

@@ -349,10 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the report as one JSON line (always on)")
     for name, typ, default in (("prompt-tokens", int, 64), ("new-tokens", int, 32), ("warmup", int, 1),
                                ("min-runs", int, 3), ("min-seconds", float, 2.0), ("max-seconds", float, 60.0),
-                               ("threads", int, None)):
+                               ("threads", int, None), ("prefill-chunk", int, 512)):  # one-shot prefill here
         p.add_argument(f"--{name}", type=typ, default=default)
     a = p.parse_args(argv)
-    cfg = BenchConfig(a.prompt_tokens, a.new_tokens, a.warmup, a.min_runs, a.min_seconds, a.max_seconds, a.threads)
+    cfg = BenchConfig(a.prompt_tokens, a.new_tokens, a.warmup, a.min_runs, a.min_seconds, a.max_seconds, a.threads,
+                      a.prefill_chunk)
     try:
         print(json.dumps(benchmark(a.artifact, cfg)))
     except EdgekitError as e:
