@@ -39,6 +39,9 @@ class BuildOptions:
     bench: bool = True
     bench_seconds: float = 2.0
     threads: int | None = None
+    device: str | None = None  # an `edgekit agent serve` URL: the bench stage also runs on that device
+    token_file: str | None = None
+    device_timeout: float = 3600.0
 
 
 @dataclass

@@ -74,7 +74,7 @@ def collect(build_dir: Path, manifest: dict) -> dict:
                 entry[k] = res[k]
         if len(entry) > 1:
             fidelity.append(entry)
-    devices = [_json(p) for p in sorted(build_dir.glob("**/device_report.json"))]
+    devices = [_json(p) for p in sorted(build_dir.glob("**/device-report-*.json"))]
     env = environment()
     return {
         "schema": REPORT_SCHEMA,
@@ -210,7 +210,19 @@ def _rows(data: dict) -> list[tuple[str, list[tuple]]]:
             ("peak RSS", f"{b.get('peak_rss_mb', 0):.0f} MB"), ("swap growth", f"{b.get('swap_growth_mb', 0):.0f} MB"),
             ("valid", b.get("valid"))]))
     for d in data["device_reports"]:
-        sections.append(("Device report", [(k, v) for k, v in d.items() if not isinstance(v, (dict, list))]))
+        dev, b, tests = d.get("device") or {}, d.get("bench") or {}, d.get("device_tests") or {}
+        rows = [("device", f"{dev.get('hostname', '?')} ({dev.get('machine', '?')})"), ("job", d.get("job")),
+                ("device_tests", "passed" if tests.get("passed_all") else "FAILED")]
+        if b:
+            lat = b.get("decode_latency_ms") or {}
+            rows += [("decode", f"{b.get('decode_tokens_per_s', 0):.1f} tokens/s"),
+                     ("time to first token p50", f"{(b.get('ttft_ms') or {}).get('p50', 0):.2f} ms"),
+                     ("decode latency p50 / p90 / p99",
+                      f"{lat.get('p50', 0):.2f} / {lat.get('p90', 0):.2f} / {lat.get('p99', 0):.2f} ms"),
+                     ("peak RSS", f"{b.get('peak_rss_mb', 0):.0f} MB"),
+                     ("swap growth", f"{b.get('swap_growth_mb', 0):.0f} MB")]
+        rows += [("within budget", d.get("within_budget")), ("errors", "; ".join(d.get("errors") or []) or "none")]
+        sections.append((f"Device report: {dev.get('hostname', '?')}", rows))
     return sections
 
 

@@ -12,6 +12,7 @@ examples:
   edgekit build --target x86-cpu --precision int8 ./my-model -o build/int8
   edgekit build --target jetson-orin --dry-run           what would happen, nothing written
   edgekit build --target my-board.toml model.gguf --json
+  edgekit build --target jetson-orin --device http://jetson.local:8765 --token-file token
 """
 
 
@@ -34,6 +35,8 @@ def register(sub) -> None:
     p.add_argument("--no-bench", action="store_true", help="skip the host benchmark")
     p.add_argument("--bench-seconds", type=float, default=2.0, help="least benchmark duration (default 2)")
     p.add_argument("--threads", type=int, help="runtime threads (default: the runtime's choice)")
+    p.add_argument("--device", metavar="URL", help="also benchmark on a device running `edgekit agent serve`")
+    p.add_argument("--token-file", help="file holding the device agent's token (with --device)")
     p.add_argument("--dry-run", action="store_true", help="print what each stage would do; write nothing")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout")
     p.set_defaults(func=run)
@@ -50,7 +53,8 @@ def run(a) -> int:
                         prune_ratio=a.prune_ratio, distill_steps=a.distill_steps,
                         min_decode_tps=a.min_decode_tps, batch=a.batch,
                         accept_gate_failure=a.accept_gate_failure, bench=not a.no_bench,
-                        bench_seconds=a.bench_seconds, threads=a.threads)
+                        bench_seconds=a.bench_seconds, threads=a.threads, device=a.device,
+                        token_file=a.token_file)
     _check_options(opts, target)
     model = resolve_model(a.model)
     out = a.out or Path("edgekit-build") / target.name
