@@ -10,7 +10,7 @@ RUN apt-get update \
 COPY wheels/ /wheels/
 ENV CMAKE_ARGS="-DGGML_NATIVE=OFF" CMAKE_BUILD_PARALLEL_LEVEL=4
 RUN python -m pip wheel --no-cache-dir --wheel-dir /wheels "llama-cpp-python==0.3.36" "onnxruntime==1.32.0" \
-        "psutil>=5.9" "numpy>=1.26"
+        "psutil>=5.9" "numpy>=1.26" "pytest>=6.2"
 
 FROM ${BASE_IMAGE}
 ARG EDGEKIT_VERSION=0.1.0

@@ -6,7 +6,7 @@ FROM ${BASE_IMAGE}
 ARG EDGEKIT_VERSION=0.1.0
 
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3-pip python3-numpy python3-psutil \
+    && apt-get install -y --no-install-recommends python3-pip python3-numpy python3-psutil python3-pytest \
     && rm -rf /var/lib/apt/lists/*
 COPY wheels/ /wheels/
 RUN python3 -m pip install --no-cache-dir --no-index --find-links /wheels "edgekit[agent]==${EDGEKIT_VERSION}" \
