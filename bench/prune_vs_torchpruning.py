@@ -27,8 +27,11 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=32, help="calibration sequences")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--eval-seqs", type=int, default=16, help="held-out windows of seq-len tokens")
+    ap.add_argument("--search-samples", type=int, default=4, help="sequences scoring each candidate split")
     ap.add_argument("--criteria", default="activation,taylor,magnitude")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense row (when ratios run in parallel)")
+    ap.add_argument("--only", choices=("all", "edgekit", "torch-pruning"), default="all",
+                    help="run one side (the two sides can run in parallel processes)")
     ap.add_argument("--json", help="write the results here too")
     a = ap.parse_args()
 
@@ -49,7 +52,7 @@ def main() -> None:
     base = Geometry.from_config(model.config.to_dict())
     total = base.params()
     held = heldout_text()
-    cfg0 = PruneConfig(Budget(ratio=0.5), num_samples=a.samples, seq_len=a.seq_len)
+    cfg0 = PruneConfig(Budget(ratio=0.5), num_samples=a.samples, seq_len=a.seq_len, search_samples=a.search_samples)
     seqs = calibration_sequences(tok, None, a.seq_len, a.samples + cfg0.search_samples)
     calib, search = seqs[:a.samples], seqs[a.samples:]
 
@@ -63,7 +66,7 @@ def main() -> None:
         print(f"dense ppl {rows[0]['ppl']:.2f} ({time.perf_counter() - t:.0f}s)", flush=True)
 
     scores, cost = {}, {}
-    for c in a.criteria.split(","):
+    for c in a.criteria.split(",") if a.only != "torch-pruning" else ():
         scores[c], cost[c] = score_model(model, ad, PruneConfig(Budget(ratio=0.5), criterion=c,
                                                                 batch_size=cfg0.batch_size), calib)
         print(f"edgekit {c} importance: {cost[c]}", flush=True)
@@ -78,9 +81,24 @@ def main() -> None:
     w0 = base.layers[0]
     for ratio in map(float, a.ratios.split(",")):
         keep = total - Budget(ratio=ratio).removed(total)
+        # Torch-Pruning's structures on this model: MLP channels (see module doc); same budget
+        i_tp = allocate.solve_intermediate(base, base.hidden_size, w0.num_attention_heads, w0.num_key_value_heads,
+                                           keep, 8)
+        wtp = f"D{base.hidden_size} H{w0.num_attention_heads} KV{w0.num_key_value_heads} I{i_tp}"
+        if a.only != "edgekit":
+            for imp in ("magnitude", "taylor"):
+                m, c = torchpruning(path, imp, i_tp, calib, cfg0.batch_size)
+                n = sum(p.numel() for p in m.parameters())
+                rows.append({"method": f"torch-pruning {imp}", "ratio": ratio, "removed": 1 - n / total,
+                             "ppl": ppl(m), "widths": wtp, **c})
+                print(rows[-1], flush=True)
+                del m
+        if a.only == "torch-pruning":
+            continue
         t = time.perf_counter()
         plan, info = plan_pruning(model, tok, PruneConfig(Budget(ratio=ratio), num_samples=a.samples,
-                                                          seq_len=a.seq_len), log=lambda s: None,
+                                                          seq_len=a.seq_len, search_samples=a.search_samples),
+                                  log=lambda s: print(s, flush=True),
                                   scores=scores["activation"])
         lw = plan.layers[0].widths()
         d, k, g, inter = len(plan.hidden), lw.num_key_value_heads, lw.num_attention_heads // lw.num_key_value_heads, \
@@ -92,22 +110,11 @@ def main() -> None:
             p, n = edgekit_ppl(c, d, k, g, inter)
             rows.append({"method": f"edgekit {c}", "ratio": ratio, "removed": 1 - n / total, "ppl": p, "widths": wtxt})
             print(rows[-1], flush=True)
-        # Torch-Pruning's structures on this model: MLP channels (see module doc); same budget
-        i_tp = allocate.solve_intermediate(base, base.hidden_size, w0.num_attention_heads, w0.num_key_value_heads,
-                                           keep, 8)
-        wtp = f"D{base.hidden_size} H{w0.num_attention_heads} KV{w0.num_key_value_heads} I{i_tp}"
         for c in [x for x in scores if x == "activation"]:  # the criterion alone, at Torch-Pruning's widths
             p, n = edgekit_ppl(c, base.hidden_size, w0.num_key_value_heads,
                                w0.num_attention_heads // w0.num_key_value_heads, i_tp)
             rows.append({"method": f"edgekit {c}", "ratio": ratio, "removed": 1 - n / total, "ppl": p, "widths": wtp})
             print(rows[-1], flush=True)
-        for imp in ("magnitude", "taylor"):
-            m, c = torchpruning(path, imp, i_tp, calib, cfg0.batch_size)
-            n = sum(p.numel() for p in m.parameters())
-            rows.append({"method": f"torch-pruning {imp}", "ratio": ratio, "removed": 1 - n / total, "ppl": ppl(m),
-                         "widths": wtp, **c})
-            print(rows[-1], flush=True)
-            del m
 
     print("\n| method | target removed | removed | widths (per layer) | held-out ppl |")
     print("|---|---|---|---|---|")
@@ -119,13 +126,13 @@ def main() -> None:
     for r in rows:
         if r["method"].startswith("torch-pruning"):
             print(f"  {r['method']} @ {r['ratio']:.0%}: {r['seconds']} s, peak RSS {r['peak_rss_mb']:.0f} MB")
-    for ratio in map(float, a.ratios.split(",")):
+    for ratio in map(float, a.ratios.split(",") if a.only == "all" else ()):
         ek = min(r["ppl"] for r in rows if r["ratio"] == ratio and r["method"].startswith("edgekit"))
         tp = min(r["ppl"] for r in rows if r["ratio"] == ratio and r["method"].startswith("torch-pruning"))
         print(f"ratio {ratio:.0%}: best edgekit {ek:.2f} vs best Torch-Pruning {tp:.2f} -> "
               f"{'goal met' if ek <= tp / 2 else 'goal NOT met'} (edgekit <= half of Torch-Pruning)")
     print(f"\nreproduce: PYTHONPATH=$PWD python bench/prune_vs_torchpruning.py --ratios {a.ratios} "
-          f"--samples {a.samples} --eval-seqs {a.eval_seqs}")
+          f"--samples {a.samples} --eval-seqs {a.eval_seqs} --search-samples {a.search_samples} --only {a.only}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"rows": rows, "importance": cost}, f, indent=2, default=str)
