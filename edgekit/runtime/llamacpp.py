@@ -1,0 +1,46 @@
+"""llama.cpp runner (through llama-cpp-python) for GGUF artifacts: numpy and llama_cpp only, no torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgekit.errors import EdgekitError
+
+GGML_TYPE_F32 = 0  # llama.cpp's ggml_type for an f32 KV cache (type_k / type_v)
+
+
+class LlamaCppRunner:
+    def __init__(self, model_path: Path, meta: dict, threads: int | None = None):
+        try:
+            from llama_cpp import Llama
+        except ModuleNotFoundError as e:
+            raise EdgekitError("llama-cpp-python is not installed",
+                               "pip install llama-cpp-python (or 'edgekit[agent-gguf]')") from e
+        m = meta["model"]
+        self.max_context = int(meta.get("max_context", m.get("max_position_embeddings", 2048)))
+        kw = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if meta.get("kv_cache") == "f32" else {}
+        try:
+            # logits_all: llama.cpp returns logits for every token of a batch (the gate compares them all)
+            self.llm = Llama(model_path=str(model_path), n_ctx=self.max_context, logits_all=True, verbose=False,
+                             n_threads=threads, n_threads_batch=threads, **kw)
+        except (ValueError, RuntimeError) as e:  # llama-cpp-python raises ValueError for files llama.cpp rejects
+            raise EdgekitError(f"llama.cpp cannot load {model_path}: {e}", "re-export the artifact") from e
+        self.vocab_size = int(self.llm.n_vocab())
+
+    def reset(self) -> None:
+        self.llm.reset()  # the next eval drops every cached position past n_tokens (0)
+
+    def forward(self, ids: np.ndarray) -> np.ndarray:
+        ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+        start = self.llm.n_tokens
+        if start + len(ids) > self.max_context:
+            raise EdgekitError(f"sequence of {start + len(ids)} tokens exceeds the artifact's context "
+                               f"({self.max_context})", "use a shorter prompt or export with a longer context")
+        self.llm.eval(ids)
+        return np.array(self.llm.scores[start:start + len(ids)], dtype=np.float32)
+
+
+def load(path: Path, meta: dict, threads: int | None = None) -> LlamaCppRunner:
+    return LlamaCppRunner(Path(path) / meta["entry"], meta, threads=threads)

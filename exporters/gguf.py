@@ -1,0 +1,421 @@
+"""GGUF for llama.cpp, written with gguf-py, quantized by llama.cpp's own quantizer.
+
+Architecture choice: `llama` (Llama and Mistral, uniform widths), `deci` (Llama/Mistral with per-layer widths: it is
+the one llama.cpp architecture that builds each layer with its own n_ff / n_head / n_head_kv; `llama` reads
+per-layer arrays but builds every layer with layer 0's widths), `qwen2` (biases on q/k/v, NEOX rotary so no permute).
+f32/f16 files are written directly; q8_0 and q4_k_m are made from an f32 GGUF by `llama_model_quantize`, the C
+quantizer behind llama.cpp's llama-quantize, so K-quants and their per-tensor type mix are exactly upstream's.
+The tokenizer is embedded from tokenizer.json and checked: llama.cpp must tokenize the held-out text to the same ids
+as the Hugging Face tokenizer, or the export fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgekit.errors import EdgekitError, GateFailed
+
+LIBRARIES = ("gguf", "llama-cpp-python", "safetensors", "tokenizers")
+ENTRY = "model.gguf"
+FTYPES = {"q8_0": 7, "q4_k_m": 15}  # llama.cpp's LLAMA_FTYPE_MOSTLY_Q8_0 / _Q4_K_M
+BLOCK = 32  # Q8_0 and every K-quant fallback type (Q5_0, Q5_1, Q8_0) pack a row in blocks of 32
+K_BLOCK = 256  # K-quant super-block: rows of other widths silently fall back to a 32-block type
+PARITY_CHARS = 60_000  # held-out text tokenized by both tokenizers at export
+
+
+@dataclass(frozen=True)
+class LayerWidths:
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+
+
+@dataclass(frozen=True)
+class GgufPlan:
+    """Everything the writer needs, decided (and validated) from config.json before any tensor is read."""
+
+    arch: str  # gguf architecture: llama | deci | qwen2
+    hidden: int
+    head_dim: int
+    vocab_size: int
+    context_length: int
+    rms_eps: float
+    rope_theta: float
+    rope_scaling: tuple[str, float] | None
+    tied: bool
+    permute_qk: bool  # HF Llama keeps each head's rotary halves apart; llama.cpp's llama/deci rope pairs neighbours
+    layers: tuple[LayerWidths, ...]
+
+    @property
+    def uniform(self) -> bool:
+        return len(set(self.layers)) == 1
+
+
+def layer_widths(config: dict) -> tuple[LayerWidths, ...]:
+    """Per-layer widths: `edgekit_layer_widths` for non-uniformly pruned folders, else the config's one width."""
+    n = config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    kv = config.get("num_key_value_heads") or heads
+    per = config.get("edgekit_layer_widths")
+    if per is None:
+        return tuple(LayerWidths(config["intermediate_size"], heads, kv) for _ in range(n))
+    if not isinstance(per, list) or len(per) != n:
+        raise EdgekitError(f"config.json edgekit_layer_widths has {len(per) if isinstance(per, list) else 'no'} "
+                           f"entries for {n} layers", "write one {intermediate_size, num_attention_heads, "
+                           "num_key_value_heads} entry per layer")
+    out = []
+    for i, w in enumerate(per):
+        try:
+            lw = LayerWidths(int(w["intermediate_size"]), int(w["num_attention_heads"]),
+                             int(w["num_key_value_heads"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise EdgekitError(f"config.json edgekit_layer_widths[{i}] is malformed ({e!r})",
+                               "give intermediate_size, num_attention_heads, num_key_value_heads as integers") from e
+        if min(asdict(lw).values()) < 1 or lw.num_heads % lw.num_kv_heads:
+            raise EdgekitError(f"layer {i} widths {asdict(lw)} cannot run in llama.cpp (each needs at least one "
+                               "neuron, one KV head, and query heads a multiple of KV heads)",
+                               "keep at least one KV group per layer when pruning")
+        out.append(lw)
+    return tuple(out)
+
+
+def plan(config: dict, cfg) -> GgufPlan:
+    model_type = config.get("model_type")
+    layers = layer_widths(config)
+    uniform = len(set(layers)) == 1
+    if model_type == "qwen2":
+        if not uniform:
+            raise EdgekitError("llama.cpp's qwen2 architecture cannot hold per-layer widths (non-uniformly pruned "
+                               "Qwen2)", "prune Qwen2 uniformly (the same widths in every layer) for GGUF, or use "
+                               "another backend")
+        arch, permute = "qwen2", False
+    elif model_type in ("llama", "mistral"):
+        arch, permute = ("llama" if uniform else "deci"), True
+        window = config.get("sliding_window")
+        if model_type == "mistral" and window and window < cfg.context_length:
+            raise EdgekitError(f"this Mistral uses a {window}-token sliding window, which llama.cpp's llama "
+                               f"architecture does not apply; context {cfg.context_length} would exceed it",
+                               f"export with --context {window} or less")
+    else:
+        raise EdgekitError(f"GGUF export supports llama, mistral and qwen2 models, not {model_type!r}",
+                           "use another backend for this architecture")
+    rs = config.get("rope_scaling")
+    if rs:
+        kind = rs.get("rope_type") or rs.get("type")
+        if kind not in ("linear", "default"):
+            raise EdgekitError(f"rope_scaling {kind!r} is not supported by edgekit's GGUF exporter",
+                               "use a model without rope scaling (or with linear scaling)")
+        rs = ("linear", float(rs["factor"])) if kind == "linear" else None
+    hidden = config["hidden_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    if permute and head_dim % 2:
+        raise EdgekitError(f"head_dim {head_dim} is odd; rotary embeddings need an even head size",
+                           "check the model's config.json")
+    return GgufPlan(arch=arch, hidden=hidden, head_dim=head_dim, vocab_size=config["vocab_size"],
+                    context_length=config.get("max_position_embeddings", cfg.context_length),
+                    rms_eps=float(config.get("rms_norm_eps", 1e-6)), rope_theta=float(config.get("rope_theta", 1e4)),
+                    rope_scaling=rs, tied=bool(config.get("tie_word_embeddings", False)), permute_qk=permute,
+                    layers=layers)
+
+
+def check_quantizable(p: GgufPlan, precision: str) -> None:
+    """Quantized types pack each row in blocks of 32: refuse what llama.cpp would reject mid-way or store unquantized."""
+    if precision not in FTYPES:
+        return
+    for i, lw in enumerate(p.layers):
+        widths = {"hidden_size": p.hidden, f"layer {i} intermediate_size": lw.intermediate_size,
+                  f"layer {i} attention width (heads x head_dim)": lw.num_heads * p.head_dim}
+        for what, w in widths.items():
+            if w % BLOCK:
+                raise EdgekitError(f"{precision} needs every weight row width divisible by {BLOCK}, but {what} is "
+                                   f"{w}", f"prune with --align {BLOCK} (or {K_BLOCK} for K-quants), or export f16")
+
+
+# -- tensors ----------------------------------------------------------------------------------------------------
+
+def rotary_to_interleaved(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Reorder q/k rows per head from HF's [first halves | second halves] to llama.cpp's adjacent rotary pairs."""
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _read_tensors(model_dir: Path):
+    """(name, float32 array) for every tensor of the folder's safetensors files, one at a time."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise EdgekitError(f"{model_dir} has no *.safetensors weights", "save the model with safe_serialization=True")
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:  # pt: bf16 has no numpy dtype
+            for name in st.keys():
+                yield name, st.get_tensor(name).float().numpy()
+
+
+def _expected_shape(p: GgufPlan, kind: str, lw: LayerWidths) -> tuple[int, ...] | None:
+    h, d = p.hidden, p.head_dim
+    return {"q_proj.weight": (lw.num_heads * d, h), "k_proj.weight": (lw.num_kv_heads * d, h),
+            "v_proj.weight": (lw.num_kv_heads * d, h), "o_proj.weight": (h, lw.num_heads * d),
+            "q_proj.bias": (lw.num_heads * d,), "k_proj.bias": (lw.num_kv_heads * d,),
+            "v_proj.bias": (lw.num_kv_heads * d,), "gate_proj.weight": (lw.intermediate_size, h),
+            "up_proj.weight": (lw.intermediate_size, h), "down_proj.weight": (h, lw.intermediate_size)}.get(kind)
+
+
+def gguf_tensors(model_dir: Path, p: GgufPlan):
+    """(gguf name, array) in llama.cpp's layout, shapes checked against the plan."""
+    import gguf
+
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, p.arch.upper()), len(p.layers))
+    for name, w in _read_tensors(model_dir):
+        if name.endswith("rotary_emb.inv_freq") or (p.tied and name == "lm_head.weight"):
+            continue
+        target = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if target is None:
+            raise EdgekitError(f"tensor {name!r} has no GGUF counterpart for arch {p.arch}",
+                               "export a standard Hugging Face Llama/Mistral/Qwen2 checkpoint")
+        if name.startswith("model.layers."):
+            layer = int(name.split(".")[2])
+            lw = p.layers[layer]
+            kind = ".".join(name.split(".")[-2:])
+            want = _expected_shape(p, kind, lw)
+            if want is not None and tuple(w.shape) != want:
+                raise EdgekitError(f"tensor {name} has shape {tuple(w.shape)} but the config's widths for layer "
+                                   f"{layer} ({asdict(lw)}) need {want}",
+                                   "make config.json (edgekit_layer_widths for per-layer widths) match the weights")
+            if p.permute_qk and kind.startswith("q_proj."):
+                w = rotary_to_interleaved(w, lw.num_heads)
+            elif p.permute_qk and kind.startswith("k_proj."):
+                w = rotary_to_interleaved(w, lw.num_kv_heads)
+        yield target, np.ascontiguousarray(w)
+
+
+# -- tokenizer --------------------------------------------------------------------------------------------------
+
+# The pre-tokenizer regexes of known tokenizer families (data from their tokenizer.json files), keyed to the name
+# llama.cpp implements the same splitting under.
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                r"|\s+(?!\S)|\s+")
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+KNOWN_PRE = {
+    ("bytelevel+gpt2",): "gpt-2",
+    ("digits", "bytelevel+gpt2"): "smollm",  # SmolLM/StarCoder: single digits, then the GPT-2 regex
+    ("split:" + _QWEN2_SPLIT, "bytelevel"): "qwen2",
+    ("split:" + _LLAMA3_SPLIT, "bytelevel"): "llama-bpe",
+}
+
+
+def pre_tokenizer_signature(pt: dict | None) -> tuple[str, ...]:
+    steps = [] if pt is None else pt.get("pretokenizers", []) if pt.get("type") == "Sequence" else [pt]
+    sig = []
+    for s in steps:
+        t = s.get("type")
+        if t == "ByteLevel" and not s.get("add_prefix_space", False):
+            sig.append("bytelevel+gpt2" if s.get("use_regex", True) else "bytelevel")
+        elif t == "Digits" and s.get("individual_digits"):
+            sig.append("digits")
+        elif t == "Split" and s.get("behavior") == "Isolated" and not s.get("invert"):
+            sig.append("split:" + (s["pattern"].get("Regex") or s["pattern"].get("String", "")))
+        else:
+            sig.append(json.dumps(s, sort_keys=True))
+    return tuple(sig)
+
+
+def tokenizer_fields(model_dir: Path, vocab_size: int) -> dict:
+    """Tokens, token types and the pre-tokenizer name of a GPT-2-style byte-level BPE tokenizer.json."""
+    import gguf
+
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise EdgekitError(f"{model_dir} has no tokenizer.json; a GGUF must embed its tokenizer",
+                           "save the tokenizer next to the model (tokenizer.save_pretrained)")
+    tj = json.loads(path.read_text())
+    model = tj.get("model", {})
+    if model.get("type") != "BPE":
+        raise EdgekitError(f"{path} is a {model.get('type')} tokenizer; edgekit embeds GPT-2-style byte-level BPE "
+                           "tokenizers", "use a byte-level BPE tokenizer")
+    # A byte_fallback flag (transformers' GGUF loader sets one) cannot act on real text: byte-level BPE maps every
+    # byte of valid UTF-8 to a symbol of the vocab. The parity check at export confirms it on the held-out text.
+    norm = tj.get("normalizer")
+    if norm and not (norm.get("type") == "Sequence" and not norm.get("normalizers")):
+        raise EdgekitError(f"{path} normalizes text ({norm.get('type')}), which llama.cpp's BPE does not",
+                           "use a tokenizer without a normalizer")
+    sig = pre_tokenizer_signature(tj.get("pre_tokenizer"))
+    if sig not in KNOWN_PRE:
+        raise EdgekitError(f"{path}'s pre-tokenizer {list(sig)} is not one llama.cpp is known to reproduce",
+                           "use a tokenizer of the GPT-2, SmolLM, Qwen2 or Llama-3 families")
+    tokens: list[str | None] = [None] * vocab_size
+    types = [gguf.TokenType.NORMAL] * vocab_size
+    for tok, i in model["vocab"].items():
+        if i >= vocab_size:
+            raise EdgekitError(f"token {tok!r} has id {i} >= vocab_size {vocab_size}", "fix config.json vocab_size")
+        tokens[i] = tok
+    for a in tj.get("added_tokens", []):
+        if a["id"] >= vocab_size:
+            raise EdgekitError(f"added token {a['content']!r} has id {a['id']} >= vocab_size {vocab_size}",
+                               "fix config.json vocab_size")
+        tokens[a["id"]] = a["content"]
+        types[a["id"]] = gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED
+    for i, t in enumerate(tokens):  # embedding rows the tokenizer never produces
+        if t is None:
+            tokens[i], types[i] = f"[PAD{i}]", gguf.TokenType.UNUSED
+    return {"tokens": tokens, "types": types, "pre": KNOWN_PRE[sig]}
+
+
+def tokenizer_parity(gguf_path: Path, model_dir: Path, text: str) -> dict:
+    """Token ids of `text` from llama.cpp (vocab only) and from the Hugging Face tokenizer.json."""
+    from llama_cpp import Llama
+    from tokenizers import Tokenizer
+
+    ref = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+    with captured_stderr():
+        llm = Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
+    got = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+    del llm
+    n = min(len(ref), len(got))
+    diff = next((i for i in range(n) if ref[i] != got[i]), None if len(ref) == len(got) else n)
+    return {"chars": len(text), "hf_tokens": len(ref), "llamacpp_tokens": len(got), "identical": diff is None,
+            "first_difference": diff}
+
+
+@contextlib.contextmanager
+def captured_stderr():
+    """Capture what C code prints on fd 2 (llama.cpp's quantizer warns per tensor; edgekit reports from the file)."""
+    buf = tempfile.TemporaryFile(mode="w+b")
+    saved = os.dup(2)
+    sys.stderr.flush()
+    os.dup2(buf.fileno(), 2)
+    out: list[str] = []
+    try:
+        yield out
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        buf.seek(0)
+        out.append(buf.read().decode("utf-8", "replace"))
+        buf.close()
+
+
+# -- writing ----------------------------------------------------------------------------------------------------
+
+def write_gguf(model_dir: Path, path: Path, p: GgufPlan, dtype: str, tensors: bool = True) -> str:
+    """An f32 or f16 GGUF (norms and biases always f32); returns the pre-tokenizer name. tensors=False writes
+    metadata and vocab only (enough for llama.cpp's vocab_only loading)."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), p.arch)
+    w.add_name(Path(model_dir).name)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+    w.add_context_length(p.context_length)
+    w.add_embedding_length(p.hidden)
+    w.add_block_count(len(p.layers))
+    per_layer = not p.uniform
+    w.add_feed_forward_length([lw.intermediate_size for lw in p.layers] if per_layer else p.layers[0].intermediate_size)
+    w.add_head_count([lw.num_heads for lw in p.layers] if per_layer else p.layers[0].num_heads)
+    w.add_head_count_kv([lw.num_kv_heads for lw in p.layers] if per_layer else p.layers[0].num_kv_heads)
+    w.add_key_length(p.head_dim)  # explicit: llama.cpp would otherwise derive it from layer 0's head count
+    w.add_value_length(p.head_dim)
+    w.add_rope_dimension_count(p.head_dim)
+    w.add_rope_freq_base(p.rope_theta)
+    if p.rope_scaling:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(p.rope_scaling[1])
+    w.add_layer_norm_rms_eps(p.rms_eps)
+    w.add_vocab_size(p.vocab_size)
+    tok = tokenizer_fields(model_dir, p.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(tok["pre"])
+    w.add_token_list(tok["tokens"])
+    w.add_token_types(tok["types"])
+    gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=p.vocab_size).add_to_gguf(w, quiet=True)
+    if tensors:
+        for name, arr in gguf_tensors(model_dir, p):
+            if dtype == "f16" and arr.ndim == 2:
+                arr = arr.astype(np.float16)
+            w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return tok["pre"]
+
+
+def quantize(src: Path, dst: Path, precision: str, threads: int | None = None) -> None:
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = FTYPES[precision]
+    params.nthread = threads or 0
+    with captured_stderr() as log:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        last = [ln for ln in log[0].splitlines() if ln.strip()][-1:] or ["no message"]
+        raise EdgekitError(f"llama.cpp's quantizer failed making {precision} from {src.name}: {last[0].strip()}",
+                           "export f16 or f32, or check the row widths (see docs/gguf.md)")
+
+
+def tensor_types(path: Path) -> list[dict]:
+    """Name, row width and stored type of every tensor in a GGUF (what llama.cpp actually wrote)."""
+    from gguf import GGUFReader
+
+    return [{"tensor": t.name, "row_width": int(t.shape[0]), "rows": int(np.prod(t.shape[1:])),
+             "type": t.tensor_type.name} for t in GGUFReader(str(path)).tensors]
+
+
+def quant_report(types: list[dict], precision: str) -> dict:
+    """Counts of stored types, and each matrix that fell back from a K-quant (its row width is no multiple of 256)."""
+    mats = [t for t in types if t["rows"] > 1]
+    counts: dict[str, int] = {}
+    for t in types:
+        counts[t["type"]] = counts.get(t["type"], 0) + 1
+    rep = {"tensor_types": counts}
+    if precision == "q4_k_m":
+        fb = [dict(t, reason=f"row width {t['row_width']} is not a multiple of {K_BLOCK}")
+              for t in mats if not t["type"].endswith("_K")]
+        rep["k_quant_fallbacks"] = fb
+        rep["k_quant_tensors"] = len(mats) - len(fb)
+    return rep
+
+
+def export(model_dir: Path, out: Path, cfg) -> dict:
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    p = plan(config, cfg)
+    check_quantizable(p, cfg.precision)
+    final = out / ENTRY
+    if cfg.precision in ("f32", "f16"):
+        pre = write_gguf(model_dir, final, p, cfg.precision)
+    else:
+        with tempfile.TemporaryDirectory(dir=out) as tmp:
+            src = Path(tmp) / "f32.gguf"
+            pre = write_gguf(model_dir, src, p, "f32")
+            quantize(src, final, cfg.precision, cfg.threads)
+    from edgekit.data import heldout_text
+
+    parity = tokenizer_parity(final, model_dir, heldout_text()[:PARITY_CHARS])
+    if not parity["identical"] and not cfg.accept_gate_failure:
+        raise GateFailed(f"llama.cpp tokenizes the held-out text differently from the Hugging Face tokenizer "
+                         f"(first difference at token {parity['first_difference']})",
+                         "report the tokenizer; pass --accept-gate-failure to keep the file anyway")
+    rep = quant_report(tensor_types(final), cfg.precision)
+    return {
+        "entry": ENTRY,
+        "gguf_arch": p.arch,
+        "layer_widths": [asdict(lw) for lw in p.layers] if not p.uniform else None,
+        # f32/f16 files are gated (and run) with an f32 KV cache: llama.cpp's default f16 cache alone moves logits
+        # by ~1.5e-3, more than an f32 file's own error.
+        "kv_cache": "f32" if cfg.precision in ("f32", "f16") else "f16",
+        "tokenizer": {"pre": pre, **parity},
+        **rep,
+    }
