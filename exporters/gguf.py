@@ -33,9 +33,9 @@ PARITY_CHARS = 60_000  # held-out text tokenized by both tokenizers at export
 
 @dataclass(frozen=True)
 class LayerWidths:
-    intermediate_size: int
-    num_heads: int
-    num_kv_heads: int
+    intermediate_size: int  # field names are the `edgekit_layer_widths` contract's
+    num_attention_heads: int
+    num_key_value_heads: int
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def layer_widths(config: dict) -> tuple[LayerWidths, ...]:
         except (KeyError, TypeError, ValueError) as e:
             raise EdgekitError(f"config.json edgekit_layer_widths[{i}] is malformed ({e!r})",
                                "give intermediate_size, num_attention_heads, num_key_value_heads as integers") from e
-        if min(asdict(lw).values()) < 1 or lw.num_heads % lw.num_kv_heads:
+        if min(asdict(lw).values()) < 1 or lw.num_attention_heads % lw.num_key_value_heads:
             raise EdgekitError(f"layer {i} widths {asdict(lw)} cannot run in llama.cpp (each needs at least one "
                                "neuron, one KV head, and query heads a multiple of KV heads)",
                                "keep at least one KV group per layer when pruning")
@@ -91,12 +91,14 @@ def plan(config: dict, cfg) -> GgufPlan:
     model_type = config.get("model_type")
     layers = layer_widths(config)
     uniform = len(set(layers)) == 1
-    if model_type == "qwen2":
-        if not uniform:
-            raise EdgekitError("llama.cpp's qwen2 architecture cannot hold per-layer widths (non-uniformly pruned "
-                               "Qwen2)", "prune Qwen2 uniformly (the same widths in every layer) for GGUF, or use "
-                               "another backend")
+    hidden = config["hidden_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    if model_type == "qwen2" and uniform and layers[0].num_attention_heads * head_dim == hidden:
         arch, permute = "qwen2", False
+    elif model_type == "qwen2":
+        # llama.cpp's qwen2 sizes q/o as hidden x hidden, and has no per-layer widths: write pruned Qwen2 as
+        # llama/deci instead, which take q/k/v biases; permuting q/k turns its rotate-half rope into theirs.
+        arch, permute = ("llama" if uniform else "deci"), True
     elif model_type in ("llama", "mistral"):
         arch, permute = ("llama" if uniform else "deci"), True
         window = config.get("sliding_window")
@@ -114,8 +116,6 @@ def plan(config: dict, cfg) -> GgufPlan:
             raise EdgekitError(f"rope_scaling {kind!r} is not supported by edgekit's GGUF exporter",
                                "use a model without rope scaling (or with linear scaling)")
         rs = ("linear", float(rs["factor"])) if kind == "linear" else None
-    hidden = config["hidden_size"]
-    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
     if permute and head_dim % 2:
         raise EdgekitError(f"head_dim {head_dim} is odd; rotary embeddings need an even head size",
                            "check the model's config.json")
@@ -132,7 +132,7 @@ def check_quantizable(p: GgufPlan, precision: str) -> None:
         return
     for i, lw in enumerate(p.layers):
         widths = {"hidden_size": p.hidden, f"layer {i} intermediate_size": lw.intermediate_size,
-                  f"layer {i} attention width (heads x head_dim)": lw.num_heads * p.head_dim}
+                  f"layer {i} attention width (heads x head_dim)": lw.num_attention_heads * p.head_dim}
         for what, w in widths.items():
             if w % BLOCK:
                 raise EdgekitError(f"{precision} needs every weight row width divisible by {BLOCK}, but {what} is "
@@ -162,10 +162,10 @@ def _read_tensors(model_dir: Path):
 
 def _expected_shape(p: GgufPlan, kind: str, lw: LayerWidths) -> tuple[int, ...] | None:
     h, d = p.hidden, p.head_dim
-    return {"q_proj.weight": (lw.num_heads * d, h), "k_proj.weight": (lw.num_kv_heads * d, h),
-            "v_proj.weight": (lw.num_kv_heads * d, h), "o_proj.weight": (h, lw.num_heads * d),
-            "q_proj.bias": (lw.num_heads * d,), "k_proj.bias": (lw.num_kv_heads * d,),
-            "v_proj.bias": (lw.num_kv_heads * d,), "gate_proj.weight": (lw.intermediate_size, h),
+    return {"q_proj.weight": (lw.num_attention_heads * d, h), "k_proj.weight": (lw.num_key_value_heads * d, h),
+            "v_proj.weight": (lw.num_key_value_heads * d, h), "o_proj.weight": (h, lw.num_attention_heads * d),
+            "q_proj.bias": (lw.num_attention_heads * d,), "k_proj.bias": (lw.num_key_value_heads * d,),
+            "v_proj.bias": (lw.num_key_value_heads * d,), "gate_proj.weight": (lw.intermediate_size, h),
             "up_proj.weight": (lw.intermediate_size, h), "down_proj.weight": (h, lw.intermediate_size)}.get(kind)
 
 
@@ -191,9 +191,9 @@ def gguf_tensors(model_dir: Path, p: GgufPlan):
                                    f"{layer} ({asdict(lw)}) need {want}",
                                    "make config.json (edgekit_layer_widths for per-layer widths) match the weights")
             if p.permute_qk and kind.startswith("q_proj."):
-                w = rotary_to_interleaved(w, lw.num_heads)
+                w = rotary_to_interleaved(w, lw.num_attention_heads)
             elif p.permute_qk and kind.startswith("k_proj."):
-                w = rotary_to_interleaved(w, lw.num_kv_heads)
+                w = rotary_to_interleaved(w, lw.num_key_value_heads)
         yield target, np.ascontiguousarray(w)
 
 
@@ -320,8 +320,8 @@ def write_gguf(model_dir: Path, path: Path, p: GgufPlan, dtype: str, tensors: bo
     w.add_block_count(len(p.layers))
     per_layer = not p.uniform
     w.add_feed_forward_length([lw.intermediate_size for lw in p.layers] if per_layer else p.layers[0].intermediate_size)
-    w.add_head_count([lw.num_heads for lw in p.layers] if per_layer else p.layers[0].num_heads)
-    w.add_head_count_kv([lw.num_kv_heads for lw in p.layers] if per_layer else p.layers[0].num_kv_heads)
+    w.add_head_count([lw.num_attention_heads for lw in p.layers] if per_layer else p.layers[0].num_attention_heads)
+    w.add_head_count_kv([lw.num_key_value_heads for lw in p.layers] if per_layer else p.layers[0].num_key_value_heads)
     w.add_key_length(p.head_dim)  # explicit: llama.cpp would otherwise derive it from layer 0's head count
     w.add_value_length(p.head_dim)
     w.add_rope_dimension_count(p.head_dim)

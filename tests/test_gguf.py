@@ -101,7 +101,8 @@ def test_uniformly_pruned_gate_passes(tmp_path, arch, precision):
                             num_key_value_heads=1, head_dim=16)
     meta = _export(model, tmp_path / precision, precision)
     assert meta["gate"]["passed"], meta["gate"]["failures"]
-    assert meta["gguf_arch"] == ("qwen2" if arch == "qwen2" else "llama") and meta["layer_widths"] is None
+    # llama.cpp's qwen2 needs heads x head_dim == hidden: head-pruned Qwen2 goes as llama (biases, permuted q/k)
+    assert meta["gguf_arch"] == "llama" and meta["layer_widths"] is None
 
 
 # -- non-uniform widths (the pruning contract: max widths in config + edgekit_layer_widths, per-layer shapes) -----
@@ -166,7 +167,7 @@ def load_nonuniform(path: Path):
     return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
-@pytest.mark.parametrize("arch,precision", [("llama", "f32"), ("mistral", "q8_0")])
+@pytest.mark.parametrize("arch,precision", [("llama", "f32"), ("mistral", "q8_0"), ("qwen2", "f32")])
 def test_nonuniform_widths_export_as_deci(tiny_models, tmp_path, monkeypatch, arch, precision):
     model = make_nonuniform(tiny_models[arch], tmp_path / "m", WIDTHS)
     monkeypatch.setattr("edgekit.models.load_torch_model", load_nonuniform)
@@ -175,12 +176,6 @@ def test_nonuniform_widths_export_as_deci(tiny_models, tmp_path, monkeypatch, ar
     assert meta["gate"]["passed"], meta["gate"]["failures"]
     if precision == "f32":
         assert meta["gate"]["max_abs_logit_delta"] < 1e-4
-
-
-def test_nonuniform_qwen2_is_refused(tiny_models, tmp_path):
-    model = make_nonuniform(tiny_models["qwen2"], tmp_path / "m", WIDTHS)
-    with pytest.raises(EdgekitError, match="qwen2 architecture cannot hold per-layer widths"):
-        _export(model, tmp_path / "a", "f32")
 
 
 def test_gate_catches_a_missing_rotary_permutation(tiny_models, tmp_path, monkeypatch):
@@ -311,3 +306,16 @@ def test_build_for_raspberry_pi_5_makes_a_gated_gguf(aligned_models, tmp_path, c
     assert manifest["stages"]["verify"]["result"]["passed"]  # re-gated torch-free from the shipped reference
     art = json.loads((Path(manifest["artifact"]) / "artifact.json").read_text())
     assert art["entry"] == "model.gguf" and art["gguf_arch"] == "llama" and art["tensor_types"]["Q8_0"] == 16
+
+
+def test_plan_refuses_what_llama_cpp_would_run_differently(tiny_models):
+    import edgekit.exporters.gguf as g
+
+    cfg = json.loads((tiny_models["mistral"] / "config.json").read_text())
+    with pytest.raises(EdgekitError, match="sliding window.*--context 256"):
+        g.plan({**cfg, "sliding_window": 256}, ExportConfig(backend="gguf", precision="f16", context_length=1024))
+    assert g.plan({**cfg, "sliding_window": 256}, ExportConfig(context_length=256)).arch == "llama"
+    with pytest.raises(EdgekitError, match="rope_scaling 'yarn'"):
+        g.plan({**cfg, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, ExportConfig())
+    with pytest.raises(EdgekitError, match="edgekit_layer_widths has 1 entries for 2 layers"):
+        g.plan({**cfg, "edgekit_layer_widths": WIDTHS[:1]}, ExportConfig())
