@@ -298,7 +298,7 @@ def test_build_for_raspberry_pi_5_makes_a_gated_gguf(aligned_models, tmp_path, c
     out = tmp_path / "build"
     dry = cli("build", aligned_models["llama"], "--target", "raspberry-pi-5", "--dry-run", "--json", check=0)
     assert "gguf q4_k_m" in json.loads(dry.stdout)["stages"][4]["action"]
-    # q8_0: the random tiny model's top-1 is too fragile for Q4's gate (see above); the backend still comes from the target
+    # q8_0: a random tiny model's top-1 is too fragile for Q4's gate (see above); the backend comes from the target
     cli("build", aligned_models["llama"], "--target", "raspberry-pi-5", "--precision", "q8_0", "-o", out,
         "--no-bench", "--json", check=0)
     manifest = json.loads((out / "manifest.json").read_text())
