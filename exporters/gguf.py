@@ -127,7 +127,7 @@ def plan(config: dict, cfg) -> GgufPlan:
 
 
 def check_quantizable(p: GgufPlan, precision: str) -> None:
-    """Quantized types pack each row in blocks of 32: refuse what llama.cpp would reject mid-way or store unquantized."""
+    """Quantized types pack each row in blocks of 32: refuse widths llama.cpp's quantizer would reject mid-way."""
     if precision not in FTYPES:
         return
     for i, lw in enumerate(p.layers):
@@ -136,7 +136,8 @@ def check_quantizable(p: GgufPlan, precision: str) -> None:
         for what, w in widths.items():
             if w % BLOCK:
                 raise EdgekitError(f"{precision} needs every weight row width divisible by {BLOCK}, but {what} is "
-                                   f"{w}", f"prune with --align {BLOCK} (or {K_BLOCK} for K-quants), or export f16")
+                                   f"{w}", f"prune to widths that are multiples of {BLOCK} ({K_BLOCK} for K-quants), "
+                                   "or export f16")
 
 
 # -- tensors ----------------------------------------------------------------------------------------------------
@@ -409,6 +410,13 @@ def export(model_dir: Path, out: Path, cfg) -> dict:
                          f"(first difference at token {parity['first_difference']})",
                          "report the tokenizer; pass --accept-gate-failure to keep the file anyway")
     rep = quant_report(tensor_types(final), cfg.precision)
+    if rep.get("k_quant_fallbacks"):
+        from edgekit.ui import log
+
+        fb = rep["k_quant_fallbacks"]
+        widths = sorted({f["row_width"] for f in fb})
+        log(f"gguf: {len(fb)} of {len(fb) + rep['k_quant_tensors']} weight matrices fell back from K-quants (row "
+            f"widths {widths} are not multiples of {K_BLOCK}); each is listed in artifact.json k_quant_fallbacks")
     return {
         "entry": ENTRY,
         "gguf_arch": p.arch,

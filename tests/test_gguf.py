@@ -298,7 +298,7 @@ def test_build_for_raspberry_pi_5_makes_a_gated_gguf(aligned_models, tmp_path, c
     out = tmp_path / "build"
     dry = cli("build", aligned_models["llama"], "--target", "raspberry-pi-5", "--dry-run", "--json", check=0)
     assert "gguf q4_k_m" in json.loads(dry.stdout)["stages"][4]["action"]
-    # q8_0: the random tiny model's top-1 is too fragile for Q4's gate (see above); the backend still comes from the target
+    # q8_0: a random tiny model's top-1 is too fragile for Q4's gate (see above); the backend comes from the target
     cli("build", aligned_models["llama"], "--target", "raspberry-pi-5", "--precision", "q8_0", "-o", out,
         "--no-bench", "--json", check=0)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -319,3 +319,21 @@ def test_plan_refuses_what_llama_cpp_would_run_differently(tiny_models):
         g.plan({**cfg, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, ExportConfig())
     with pytest.raises(EdgekitError, match="edgekit_layer_widths has 1 entries for 2 layers"):
         g.plan({**cfg, "edgekit_layer_widths": WIDTHS[:1]}, ExportConfig())
+
+
+def test_runner_rechecks_an_artifact_without_torch(tiny_models, tmp_path):
+    """What the device does: reload the GGUF artifact with llama-cpp-python alone and re-run the shipped gate."""
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    _export(tiny_models["qwen2"], tmp_path / "a", "f16")
+    code = ("import json, sys\nfrom edgekit.verify import check_against_reference\n"
+            f"r = check_against_reference({str(tmp_path / 'a')!r})\n"
+            "print(json.dumps({'passed': r['passed'], 'delta': r['max_abs_logit_delta'], "
+            "'torch': 'torch' in sys.modules, 'transformers': 'transformers' in sys.modules}))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=300)
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["passed"] and res["delta"] < 0.1
+    assert not res["torch"] and not res["transformers"]
