@@ -224,9 +224,10 @@ def distill(teacher: Path, student: Path, out: Path, cfg: DistillConfig, data: P
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.optim.lr, betas=cfg.optim.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.optim))
 
+    teacher_sha, data_sha = sha256_tree(teacher), blocks.fingerprint()
     fp = sha256_json({"config": {k: v for k, v in cfg.to_dict().items() if k not in ("checkpoint_every", "log_every",
                                                                                       "keep_checkpoints")},
-                      "teacher": sha256_tree(teacher), "student": sha256_tree(student), "data": blocks.fingerprint()})
+                      "teacher": teacher_sha, "student": sha256_tree(student), "data": data_sha})
     st = _State()
     ck = None if fresh else latest_checkpoint(paths.checkpoints)
     if fresh and d.main and paths.checkpoints.exists():
@@ -261,8 +262,7 @@ def distill(teacher: Path, student: Path, out: Path, cfg: DistillConfig, data: P
 
     cache = None
     if cfg.teacher_cache and use_teacher:
-        cache = TopkCache(paths.teacher_cache, sha256_json({"teacher": sha256_tree(teacher),
-                                                            "data": blocks.fingerprint()}), L.top_k,
+        cache = TopkCache(paths.teacher_cache, sha256_json({"teacher": teacher_sha, "data": data_sha}), L.top_k,
                           cfg.data.block_size)
 
     def teacher_out(idx: list[int], ids):
