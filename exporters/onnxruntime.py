@@ -15,6 +15,15 @@ OPSET = 17
 
 def to_onnx(model_dir: Path, out_dir: Path) -> Path:
     """fp32 ONNX graph with KV-cache inputs/outputs; returns the .onnx path (weights may sit beside it)."""
+    import json
+
+    from edgekit.errors import EdgekitError
+
+    if json.loads((Path(model_dir) / "config.json").read_text()).get("edgekit_layer_widths"):
+        # optimum sizes the KV-cache inputs from one config-wide head count; per-layer widths don't fit its graph.
+        raise EdgekitError(f"{model_dir} has per-layer widths (non-uniform pruning), which the ONNX export cannot "
+                           "express yet", "prune with uniform widths for onnxruntime/tensorrt, or export the "
+                           "non-uniform model with --backend gguf (llama.cpp's deci architecture)")
     from optimum.exporters.onnx import main_export
 
     with contextlib.redirect_stdout(io.StringIO()):  # optimum prints its own progress

@@ -1,0 +1,59 @@
+"""Across issues: pruned models through every exporter that can take them, and the whole build P -> KD -> Q."""
+
+import json
+
+import pytest
+
+from edgekit.errors import EdgekitError
+from edgekit.export import ExportConfig, export_model
+from edgekit.prune import Budget, PruneConfig, prune_model
+
+
+@pytest.fixture(scope="module")
+def non_uniform(tiny_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("nu") / "llama"
+    prune_model(tiny_models["llama"], out, PruneConfig(Budget(ratio=0.3), non_uniform=True, align=8, hidden_keep=1.0,
+                                                       num_samples=8, seq_len=64), log=lambda m: None)
+    return out
+
+
+def test_non_uniform_prune_exports_as_deci_and_passes_the_gguf_gate(non_uniform, tmp_path):
+    widths = json.loads((non_uniform / "config.json").read_text())["edgekit_layer_widths"]
+    assert len({(w["intermediate_size"], w["num_attention_heads"]) for w in widths}) > 1  # really non-uniform
+    meta = export_model(non_uniform, tmp_path / "g", ExportConfig(backend="gguf", precision="f32"))
+    assert meta["gate"]["passed"] and meta["gate"]["greedy_match"]
+    assert meta["model"]["layer_widths"] == widths
+    assert meta.get("gguf_arch", meta.get("arch")) == "deci" or "deci" in json.dumps(meta)
+
+
+def test_non_uniform_into_onnx_is_a_clear_error(non_uniform, tmp_path):
+    with pytest.raises(EdgekitError) as e:
+        export_model(non_uniform, tmp_path / "o", ExportConfig(backend="onnxruntime", precision="fp32"))
+    assert "per-layer widths" in str(e.value) and "gguf" in str(e.value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_build_prunes_distills_then_exports(cli, tiny_models, tmp_path):
+    out = tmp_path / "b"
+    m = json.loads(cli("build", "--target", "x86-cpu", tiny_models["llama"], "-o", out, "--prune-ratio", "0.25",
+                       "--distill-steps", "4", "--precision", "int8", "--bench-seconds", "0.3", "--json",
+                       check=0).stdout)
+    st = m["stages"]
+    assert st["prune"]["status"] == "done" and st["distill"]["status"] == "done"
+    assert st["export"]["result"]["gate"]["passed"] and st["export"]["result"]["precision"] == "int8"
+    rep = json.loads((out / "report.json").read_text())
+    before = rep["layer_widths"]["before"][0]["intermediate_size"]
+    after = rep["layer_widths"]["after"][0]["intermediate_size"]
+    assert after < before
+
+
+def test_non_uniform_into_executorch(non_uniform, tmp_path):
+    """ExecuTorch either runs per-layer widths through its gate or refuses them with a clear error."""
+    try:
+        meta = export_model(non_uniform, tmp_path / "e", ExportConfig(backend="executorch", precision="fp32",
+                                                                      context_length=128))
+    except EdgekitError as e:
+        assert "width" in str(e) and "fix:" in str(e)
+        assert not (tmp_path / "e").exists()
+    else:
+        assert meta["gate"]["passed"] and meta["gate"]["greedy_match"]
