@@ -229,3 +229,32 @@ def test_build_for_android_picks_executorch_8da4w_and_its_gate_can_fail(cli, tmp
     assert (meta["backend"], meta["precision"]) == ("executorch", "8da4w")
     assert meta["max_context"] == 512  # the target's 1024, capped by the model's 512 positions
     assert not meta["gate"]["passed"] and meta["gate"]["overridden"] and meta["quantized_linears"] == 8
+
+
+def test_runtime_module_imports_no_torch():
+    """The device side imports torch only when a runner is built (ExecuTorch's Python runtime needs it then)."""
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    code = "import sys, edgekit.runtime.executorch; print('torch' in sys.modules, 'executorch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.smollm2
+def test_smollm2_fp32_export_gate_and_bench(smollm2, tmp_path):
+    """The real model at android-arm64's context: gate passes in ExecuTorch's runtime; size, XNNPACK coverage and
+    decode speed are reported (lowering 30 layers takes many minutes on a small CPU)."""
+    from edgekit.runtime.bench import BenchConfig, bench_artifact
+
+    out = tmp_path / "a"
+    meta = export(smollm2, out, precision="fp32", context=1024)
+    check_artifact(meta, out, context=1024)
+    assert meta["gate"]["greedy_match"] and meta["gate"]["top1_agreement"] == 1.0
+    assert meta["size_bytes"] > 400 * 2**20  # 135M fp32 weights (tied embedding stored once or twice)
+    b = bench_artifact(out, BenchConfig(min_seconds=1.0))
+    assert b["valid"] and b["decode_tokens_per_s"] > 0 and b["prefill_tokens_per_s"] > 0
+    print(f"SmolLM2 fp32 .pte {meta['size_bytes'] / 2**20:.1f} MiB, {meta['ops_outside_xnnpack']} ops outside "
+          f"XNNPACK in {meta['delegated_subgraphs']} delegates, decode {b['decode_tokens_per_s']} tok/s")
