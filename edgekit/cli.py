@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from edgekit import __version__
 from edgekit.errors import EdgekitError
 
-COMMANDS = ("build", "distill", "export", "verify", "bench", "targets")
+COMMANDS = ("plan", "build", "distill", "export", "verify", "bench", "targets", "docker")
 
 EPILOG = """\
 examples:
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from edgekit.ui import quiet_libraries
+
+    quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -46,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     except EdgekitError as e:
         print(f"edgekit: error: {e.line()}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # `edgekit ... --json | head` closed the pipe: not an error
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except KeyboardInterrupt:
         print("edgekit: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -81,13 +81,13 @@ def default_gguf() -> Path:
 
 
 def default_model_dir() -> Path:
-    return gguf_to_hf(default_gguf(), name=DEFAULT_MODEL)
+    return gguf_to_hf(default_gguf())
 
 
-def gguf_to_hf(gguf: Path, name: str | None = None) -> Path:
+def gguf_to_hf(gguf: Path) -> Path:
     """Dequantize a GGUF checkpoint into a cached fp32 Hugging Face folder (once; keyed by the file's sha256)."""
     digest = sha256_file(gguf)[:12]
-    out = cache_dir() / "models" / f"{name or gguf.stem}-{digest}"
+    out = cache_dir() / "models" / f"{gguf.stem}-{digest}"
     if (out / "config.json").is_file():
         return out
     import torch

@@ -32,6 +32,8 @@ class BuildOptions:
     precision: str | None = None
     context_length: int | None = None
     prune_ratio: float | None = None  # fraction of parameters to remove; None = the planner decides
+    min_decode_tps: float | None = None  # a decode-speed goal for the planner
+    batch: int = 1
     distill_steps: int = 0
     accept_gate_failure: bool = False
     bench: bool = True
@@ -50,18 +52,38 @@ class BuildContext:
     artifact: Path | None = None  # set by the export stage
     results: dict[str, dict] = field(default_factory=dict)
     log: Callable[[str], None] = print
+    _plan: object = None
 
     @property
     def backend(self) -> str:
         return self.options.backend or self.target.build.backend
 
     @property
-    def precision(self) -> str:
-        return self.options.precision or self.target.build.precision
+    def context_length(self) -> int:
+        from edgekit.plan import default_context
+
+        return self.options.context_length or default_context(self.target, self.model.config)
 
     @property
-    def context_length(self) -> int:
-        return self.options.context_length or self.target.build.context_length
+    def plan(self):
+        """The memory-fit plan (pure arithmetic, so computed up front: later stages' fingerprints depend on it)."""
+        if self._plan is None:
+            from edgekit.plan import PlanRequest, make_plan
+
+            req = PlanRequest(context=self.context_length, batch=self.options.batch,
+                              min_decode_tps=self.options.min_decode_tps)
+            self._plan = make_plan(self.model.config, self.target, req, backend=self.backend,
+                                   precision=self.options.precision)
+        return self._plan
+
+    @property
+    def precision(self) -> str:
+        return self.options.precision or self.plan.precision
+
+    @property
+    def prune_ratio(self) -> float | None:
+        """The user's ratio, else the plan's (None when the plan fits without pruning)."""
+        return self.options.prune_ratio or (self.plan.prune_ratio or None)
 
 
 @dataclass
@@ -175,6 +197,10 @@ def run_build(ctx: BuildContext, progress=None) -> dict:
             progress()
     manifest["artifact"] = str(ctx.artifact) if ctx.artifact else None
     manifest["status"] = "built"
+    atomic_write_json(ctx.build_dir / MANIFEST, manifest)
+    from edgekit.report import write_report
+
+    manifest["report"] = {k: str(v) for k, v in write_report(ctx.build_dir, manifest).items()}
     atomic_write_json(ctx.build_dir / MANIFEST, manifest)
     return manifest
 

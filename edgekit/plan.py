@@ -1,50 +1,198 @@
-"""Memory estimate of a model on a target: weights + KV cache + activations + runtime overhead vs. what is free."""
+"""Will it fit, and how fast will it decode? The memory-fit planner.
+
+Memory = weights (bytes per weight of the precision) + KV cache (layers x KV heads x head_dim x context x 2 x bytes x
+batch) + activations of one prefill chunk + the runtime's fixed overhead, against what the target leaves free (RAM
+minus the OS reserve; on a Jetson the GPU shares that pool, so the CUDA context counts as overhead). Decode is bound by
+memory bandwidth: every token reads all weights and the filled part of the cache, so a decode-speed goal caps the
+bytes per token. The planner picks the least compression that fits with headroom: the target's preferred precision,
+else a smaller one, and only when quantization alone cannot fit, a pruning ratio on top.
+"""
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
+
+from edgekit.errors import EdgekitError
 from edgekit.target import GiB, Target
 
-# Bytes per weight, block scales included (q4_k_m mixes 4- and 6-bit blocks: ~4.85 bits on Llama models).
+MiB = 1 << 20
+# Bytes per weight, block scales included (q4_k_m mixes 4- and 6-bit blocks: ~4.85 bits per weight on Llama models;
+# 8da4w: int4 with an fp32 scale per group of 32).
 BYTES_PER_WEIGHT = {"fp32": 4.0, "f32": 4.0, "fp16": 2.0, "f16": 2.0, "int8": 1.0 + 4 / 256, "q8_0": 34 / 32,
-                    "q4_k_m": 4.85 / 8, "8da4w": 0.5 + 2 / 32}
-# Bytes per KV-cache element as each runtime stores it.
+                    "q4_k_m": 4.85 / 8, "8da4w": 0.5 + 4 / 32}
+# Bytes per KV-cache element as each runtime stores it (llama.cpp: f16 by default; ORT/ExecuTorch: fp32).
 KV_BYTES = {"onnxruntime": 4, "gguf": 2, "executorch": 4, "tensorrt": 2}
-# Fixed runtime cost (interpreter, libraries, arenas), measured on x86 for onnxruntime and llama.cpp.
-RUNTIME_OVERHEAD_MB = {"onnxruntime": 120, "gguf": 60, "executorch": 80, "tensorrt": 600}
+# Fixed cost of the process: interpreter, runtime libraries, allocator arenas; on TensorRT the CUDA context. Measured
+# on x86 with bench/plan_calibration.py for onnxruntime and llama.cpp.
+RUNTIME_OVERHEAD = {"onnxruntime": 90 * MiB, "gguf": 40 * MiB, "executorch": 80 * MiB, "tensorrt": 700 * MiB}
+# Extra resident copies of the weights a runtime keeps (ORT keeps the initializers and its prepacked copies).
+WEIGHT_COPIES = {"onnxruntime": 1.0, "gguf": 1.0, "executorch": 1.0, "tensorrt": 1.0}
+# Fraction of the target's DRAM bandwidth a decode step achieves (measured on x86 by bench/gguf_decode.py).
+BANDWIDTH_EFFICIENCY = 0.6
+MAX_PRUNE_RATIO = 0.6  # beyond this, width pruning without much retraining loses too much
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    context: int
+    batch: int = 1
+    min_decode_tps: float | None = None
+    headroom: float = 0.10  # fraction of the free memory kept free
+    prefill_chunk: int = 512  # activations are sized for one prefill chunk of this many tokens
+
+
+@dataclass
+class Candidate:
+    precision: str
+    prune_ratio: float
+    weights_bytes: int
+    kv_cache_bytes: int
+    activations_bytes: int
+    runtime_overhead_bytes: int
+    total_bytes: int
+    bytes_per_token: int
+    decode_tps_estimate: float
+    fits_memory: bool
+    meets_speed: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.fits_memory and self.meets_speed
+
+
+@dataclass
+class Plan:
+    target: str
+    backend: str
+    params: int
+    available_bytes: int
+    budget_bytes: int  # available minus headroom
+    request: dict
+    precision: str
+    prune_ratio: float
+    chosen: dict
+    candidates: list[dict] = field(default_factory=list)
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_context(target: Target, cfg: dict) -> int:
+    """The target's context length, capped at what the model can address."""
+    return min(target.build.context_length, cfg.get("max_position_embeddings") or target.build.context_length)
+
+
+def shape(cfg: dict) -> dict:
+    heads = cfg["num_attention_heads"]
+    return {"layers": cfg["num_hidden_layers"], "hidden": cfg["hidden_size"], "heads": heads,
+            "kv_heads": cfg.get("num_key_value_heads") or heads,
+            "head_dim": cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            "inter": cfg["intermediate_size"], "vocab": cfg["vocab_size"],
+            "tied": bool(cfg.get("tie_word_embeddings", False))}
 
 
 def count_params(cfg: dict) -> int:
-    h, v, n = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
-    heads = cfg["num_attention_heads"]
-    kv = cfg.get("num_key_value_heads") or heads
-    hd = cfg.get("head_dim") or h // heads
-    per_layer = h * hd * heads * 2 + h * hd * kv * 2 + 3 * h * cfg["intermediate_size"] + 2 * h
-    emb = v * h * (1 if cfg.get("tie_word_embeddings") else 2)
-    return n * per_layer + emb + h
+    """Parameters of a Llama-family model (per-layer widths honoured when a non-uniform pruned config has them)."""
+    s = shape(cfg)
+    h = s["hidden"]
+    layers = cfg.get("edgekit_layer_widths") or [
+        {"intermediate_size": s["inter"], "num_attention_heads": s["heads"], "num_key_value_heads": s["kv_heads"]}
+    ] * s["layers"]
+    total = 0
+    for w in layers:
+        q, kv = w["num_attention_heads"] * s["head_dim"], w["num_key_value_heads"] * s["head_dim"]
+        total += h * q * 2 + h * kv * 2 + 3 * h * w["intermediate_size"] + 2 * h
+        if cfg.get("attention_bias") or cfg.get("model_type") == "qwen2":
+            total += q + 2 * kv
+    return total + s["vocab"] * h * (1 if s["tied"] else 2) + h
 
 
-def estimate(cfg: dict, target: Target, backend: str, precision: str, context: int, batch: int = 1) -> dict:
-    params = count_params(cfg)
-    heads = cfg["num_attention_heads"]
-    kv_heads = cfg.get("num_key_value_heads") or heads
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    weights = params * BYTES_PER_WEIGHT[precision]
-    kv = cfg["num_hidden_layers"] * kv_heads * head_dim * context * 2 * KV_BYTES.get(backend, 4) * batch
-    # Activations of one decode step are small; the prefill's logits and attention scores dominate.
-    activations = batch * (context * cfg["vocab_size"] * 4 // 8 + heads * context * 4 * 64)
-    overhead = RUNTIME_OVERHEAD_MB.get(backend, 150) * 2**20
-    total = weights + kv + activations + overhead
-    free = target.memory.usable_bytes
-    return {
-        "params": params,
-        "weights_bytes": int(weights),
-        "kv_cache_bytes": int(kv),
-        "activations_bytes": int(activations),
-        "runtime_overhead_bytes": int(overhead),
-        "total_bytes": int(total),
-        "available_bytes": int(free),
-        "fits": bool(total <= free),
-        "headroom_gb": round((free - total) / GiB, 3),
-        "bytes_per_token": int(weights + kv / 2),  # decode reads every weight and, on average, half the cache
-        "decode_tps_roofline": round(target.memory.bandwidth_gbps * 1e9 / (weights + kv / 2), 1),
-    }
+def memory(cfg: dict, backend: str, precision: str, req: PlanRequest, prune_ratio: float = 0.0) -> dict:
+    s = shape(cfg)
+    params = count_params(cfg) * (1 - prune_ratio)
+    weights = params * BYTES_PER_WEIGHT[precision] * WEIGHT_COPIES.get(backend, 1.0)
+    kv = s["layers"] * s["kv_heads"] * s["head_dim"] * req.context * 2 * KV_BYTES.get(backend, 4) * req.batch
+    chunk = min(req.prefill_chunk, req.context)
+    # One prefill chunk: its logits, attention scores against the whole context, MLP intermediates (fp32).
+    act = 4 * req.batch * chunk * (s["vocab"] + s["heads"] * req.context + 3 * s["inter"] + 4 * s["hidden"])
+    overhead = RUNTIME_OVERHEAD.get(backend, 100 * MiB)
+    return {"weights_bytes": int(weights), "kv_cache_bytes": int(kv), "activations_bytes": int(act),
+            "runtime_overhead_bytes": int(overhead), "total_bytes": int(weights + kv + act + overhead),
+            "bytes_per_token": int(weights + kv / 2)}
+
+
+def _candidate(cfg, target, backend, precision, req, ratio, budget) -> Candidate:
+    m = memory(cfg, backend, precision, req, ratio)
+    tps = target.memory.bandwidth_gbps * 1e9 * BANDWIDTH_EFFICIENCY / m["bytes_per_token"]
+    return Candidate(precision=precision, prune_ratio=round(ratio, 3), decode_tps_estimate=round(tps, 1),
+                     fits_memory=m["total_bytes"] <= budget,
+                     meets_speed=req.min_decode_tps is None or tps >= req.min_decode_tps, **m)
+
+
+def make_plan(cfg: dict, target: Target, req: PlanRequest, backend: str | None = None,
+              precision: str | None = None) -> Plan:
+    """Choose precision and prune ratio. `precision` pins the precision (the user asked for it)."""
+    backend = backend or target.build.backend
+    if req.context < 1 or req.batch < 1:
+        raise EdgekitError("context and batch must be positive", "pass --context N and --batch B with N, B >= 1")
+    max_pos = cfg.get("max_position_embeddings")
+    if max_pos and req.context > max_pos:
+        raise EdgekitError(f"context {req.context} exceeds the model's {max_pos} positions",
+                           f"pass --context {max_pos} or less")
+    from edgekit.exporters import get
+
+    spec = get(backend)
+    preferred = BYTES_PER_WEIGHT[target.build.precision] if target.build.backend == backend else None
+    # Most faithful first, starting at the target's preferred precision (never more bytes than it asks for).
+    options = [precision] if precision else sorted(
+        (p for p in spec.precisions if p in target.build.precisions or target.build.backend != backend),
+        key=lambda p: -BYTES_PER_WEIGHT[p])
+    if preferred and not precision:
+        options = [p for p in options if BYTES_PER_WEIGHT[p] <= preferred] or options
+    available = target.memory.usable_bytes
+    budget = int(available * (1 - req.headroom))
+    cands = [_candidate(cfg, target, backend, p, req, 0.0, budget) for p in options]
+    chosen = next((c for c in cands if c.ok), None)
+    if chosen:
+        why = (f"{chosen.precision} fits without pruning" if chosen is cands[0] else
+               f"{chosen.precision} is the least quantization that fits; "
+               f"{', '.join(c.precision for c in cands[:cands.index(chosen)])} would not")
+    else:  # quantization alone is not enough: prune on top of the smallest precision
+        smallest = options[-1]
+        chosen = None
+        for step in range(1, int(MAX_PRUNE_RATIO * 100) + 1):
+            c = _candidate(cfg, target, backend, smallest, req, step / 100, budget)
+            if c.ok:
+                chosen = c
+                break
+        if chosen is None:
+            best = _candidate(cfg, target, backend, smallest, req, MAX_PRUNE_RATIO, budget)
+            raise EdgekitError(_impossible(cfg, target, backend, smallest, req, best, budget),
+                               "lower --context or --min-decode-tps, or pick a target with more memory/bandwidth")
+        cands.append(chosen)
+        short = "fits" if not cands[-2].fits_memory else f"reaches {req.min_decode_tps:g} tokens/s"
+        why = (f"no precision {short} alone; {smallest} plus pruning {chosen.prune_ratio:.0%} of parameters "
+               f"is the least compression that does")
+    return Plan(target=target.name, backend=backend, params=count_params(cfg), available_bytes=available,
+                budget_bytes=budget, request=asdict(req), precision=chosen.precision, prune_ratio=chosen.prune_ratio,
+                chosen=asdict(chosen), candidates=[asdict(c) for c in cands], reason=why)
+
+
+def _impossible(cfg, target, backend, precision, req, best: Candidate, budget: int) -> str:
+    at = f"{precision} with {MAX_PRUNE_RATIO:.0%} of parameters pruned"
+    if not best.fits_memory:
+        msg = (f"{target.name} cannot hold this model even at {at}: it needs {best.total_bytes / GiB:.2f} GiB of "
+               f"{budget / GiB:.2f} GiB")
+        lo, hi = 0, req.context  # what would fit: the longest context at that precision and ratio
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            c = _candidate(cfg, target, backend, precision, PlanRequest(mid, req.batch, None, req.headroom,
+                                                                         req.prefill_chunk), MAX_PRUNE_RATIO, budget)
+            lo, hi = (mid, hi) if c.fits_memory else (lo, mid - 1)
+        return msg + (f"; a context of {lo} tokens would fit" if lo else "")
+    need = target.memory.bandwidth_gbps * 1e9 * BANDWIDTH_EFFICIENCY / req.min_decode_tps
+    return (f"{target.name} cannot decode {req.min_decode_tps:g} tokens/s even at {at}: about "
+            f"{best.decode_tps_estimate:g} tokens/s at {target.memory.bandwidth_gbps:g} GB/s; that goal needs at most "
+            f"{need / 2**20:.0f} MiB read per token, this model reads {best.bytes_per_token / 2**20:.0f} MiB; "
+            f"{best.decode_tps_estimate:g} tokens/s would be reachable")

@@ -55,3 +55,19 @@ def table(title: str, rows: list[tuple], headers: tuple) -> None:
     for r in rows:
         t.add_row(*[str(x) for x in r])
     Console().print(t)
+
+
+def quiet_libraries() -> None:
+    """Library chatter (torchao's optional CUDA kernels, tracer warnings, transformers notices) buries edgekit's own
+    output; keep only their errors. EDGEKIT_VERBOSE=1 restores it."""
+    import logging
+    import os
+    import warnings
+
+    if os.environ.get("EDGEKIT_VERBOSE"):
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("torchao", "torch.utils._pytree", "transformers", "optimum", "torch.onnx", "root"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")

@@ -26,6 +26,8 @@ def register(sub) -> None:
     p.add_argument("--precision", help="override the target's default precision")
     p.add_argument("--context", type=int, help="context length to plan and export for (default: the target's)")
     p.add_argument("--prune-ratio", type=float, help="fraction of parameters to remove (default: the plan's)")
+    p.add_argument("--min-decode-tps", type=float, help="decode-speed goal the plan must meet (tokens/s)")
+    p.add_argument("--batch", type=int, default=1, help="batch size to plan memory for (default 1)")
     p.add_argument("--distill-steps", type=int, default=0, help="distillation steps after pruning (default 0)")
     p.add_argument("--accept-gate-failure", action="store_true",
                    help="keep an artifact that fails the fidelity gate (recorded in the manifest)")
@@ -46,6 +48,7 @@ def run(a) -> int:
     target = get_target(a.target)
     opts = BuildOptions(backend=a.backend, precision=a.precision, context_length=a.context,
                         prune_ratio=a.prune_ratio, distill_steps=a.distill_steps,
+                        min_decode_tps=a.min_decode_tps, batch=a.batch,
                         accept_gate_failure=a.accept_gate_failure, bench=not a.no_bench,
                         bench_seconds=a.bench_seconds, threads=a.threads)
     _check_options(opts, target)
@@ -114,3 +117,4 @@ def print_summary(manifest: dict, out: Path) -> None:
 
         table("host benchmark", bench_rows(b), ("metric", "value"))
     print(f"artifact: {manifest.get('artifact')}")
+    print(f"report:   {manifest['report']['html']} (and report.md, report.json)")

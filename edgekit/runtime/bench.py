@@ -28,6 +28,7 @@ class BenchConfig:
     min_seconds: float = 2.0
     max_seconds: float = 60.0
     threads: int | None = None
+    prefill_chunk: int = 512  # long prompts are prefilled in chunks, as llama.cpp's n_batch does
 
 
 def percentiles(samples_ms: list[float]) -> dict[str, float]:
@@ -111,7 +112,8 @@ def run_benchmark(artifact: Path, cfg: BenchConfig = BenchConfig()) -> dict:
     def one_run():
         runner.reset()
         t0 = time.perf_counter()
-        logits = runner.forward(prompt)
+        for i in range(0, len(prompt), cfg.prefill_chunk):
+            logits = runner.forward(prompt[i:i + cfg.prefill_chunk])
         ttft = time.perf_counter() - t0
         steps = []
         for _ in range(cfg.new_tokens):
@@ -148,6 +150,8 @@ def run_benchmark(artifact: Path, cfg: BenchConfig = BenchConfig()) -> dict:
         "prefill_tokens_per_s": round(prompt_n / float(np.median(ttfts)), 2),
         "decode_tokens_per_s": round(1e3 / float(np.median(decode_ms)), 2),
         "decode_latency_ms": percentiles(decode_ms),
+        # A bounded, evenly spaced sample of raw latencies for the report's distribution plot.
+        "decode_latency_samples_ms": [round(x, 4) for x in decode_ms[::max(1, len(decode_ms) // 1000)]],
         "prompt_tokens": prompt_n,
         "self_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 2),
     }
@@ -185,7 +189,8 @@ def bench_artifact(artifact: Path, cfg: BenchConfig = BenchConfig(), timeout: fl
     argv = [sys.executable, "-m", "edgekit.runtime.bench", str(artifact), "--json",
             "--prompt-tokens", str(cfg.prompt_tokens), "--new-tokens", str(cfg.new_tokens),
             "--warmup", str(cfg.warmup), "--min-runs", str(cfg.min_runs), "--min-seconds", str(cfg.min_seconds),
-            "--max-seconds", str(cfg.max_seconds)] + (["--threads", str(cfg.threads)] if cfg.threads else [])
+            "--max-seconds", str(cfg.max_seconds), "--prefill-chunk", str(cfg.prefill_chunk)] + (
+                ["--threads", str(cfg.threads)] if cfg.threads else [])
     r = measure_subprocess(argv, timeout=timeout)
     if not r["ok"]:
         from edgekit.errors import EdgekitError
@@ -205,10 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the report as one JSON line (always on)")
     for name, typ, default in (("prompt-tokens", int, 64), ("new-tokens", int, 32), ("warmup", int, 1),
                                ("min-runs", int, 3), ("min-seconds", float, 2.0), ("max-seconds", float, 60.0),
-                               ("threads", int, None)):
+                               ("threads", int, None), ("prefill-chunk", int, 512)):
         p.add_argument(f"--{name}", type=typ, default=default)
     a = p.parse_args(argv)
-    cfg = BenchConfig(a.prompt_tokens, a.new_tokens, a.warmup, a.min_runs, a.min_seconds, a.max_seconds, a.threads)
+    cfg = BenchConfig(a.prompt_tokens, a.new_tokens, a.warmup, a.min_runs, a.min_seconds, a.max_seconds, a.threads,
+                      a.prefill_chunk)
     from edgekit.errors import EdgekitError
 
     try:

@@ -25,4 +25,5 @@ class BenchStage:
         report = bench_artifact(ctx.artifact, BenchConfig(min_seconds=ctx.options.bench_seconds,
                                                           threads=ctx.options.threads))
         atomic_write_json(out / "bench.json", report)
-        return StageResult("done", {k: v for k, v in report.items() if k != "memory_timeline"})
+        return StageResult("done", {k: v for k, v in report.items()
+                                    if k not in ("memory_timeline", "decode_latency_samples_ms")})

@@ -10,16 +10,15 @@ class PlanStage:
     name = "plan"
 
     def describe(self, ctx: BuildContext) -> str:
-        return (f"memory budget of {ctx.target.name} for {ctx.backend} {ctx.precision} at context "
-                f"{ctx.context_length}")
+        p = ctx.plan
+        prune = f" + prune {p.prune_ratio:.0%}" if p.prune_ratio else ""
+        return (f"{ctx.target.name}: {ctx.backend} {p.precision}{prune} at context {ctx.context_length} "
+                f"({p.chosen['total_bytes'] / 2**30:.2f} of {p.budget_bytes / 2**30:.2f} GiB; {p.reason})")
 
     def config(self, ctx: BuildContext) -> dict:
-        return {"target": ctx.target.to_dict(), "backend": ctx.backend, "precision": ctx.precision,
-                "context": ctx.context_length, "prune_ratio": ctx.options.prune_ratio}
+        return {"plan": ctx.plan.to_dict()}
 
     def run(self, ctx: BuildContext, out: Path) -> StageResult:
-        from edgekit.plan import estimate
-
-        est = estimate(ctx.model.config, ctx.target, ctx.backend, ctx.precision, ctx.context_length)
-        atomic_write_json(out / "plan.json", est)
-        return StageResult("done", est)
+        plan = ctx.plan.to_dict()
+        atomic_write_json(out / "plan.json", plan)
+        return StageResult("done", plan)

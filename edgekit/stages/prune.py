@@ -9,15 +9,15 @@ class PruneStage:
     name = "prune"
 
     def describe(self, ctx: BuildContext) -> str:
-        if not ctx.options.prune_ratio:
+        if not ctx.prune_ratio:
             return "nothing to prune (the plan fits without it)"
-        return f"remove {ctx.options.prune_ratio:.0%} of parameters (widthwise)"
+        return f"remove {ctx.prune_ratio:.0%} of parameters (widthwise)"
 
     def config(self, ctx: BuildContext) -> dict:
-        return {"ratio": ctx.options.prune_ratio, "align": ctx.target.build.width_alignment}
+        return {"ratio": ctx.prune_ratio, "align": ctx.target.build.width_alignment}
 
     def run(self, ctx: BuildContext, out: Path) -> StageResult:
-        if not ctx.options.prune_ratio:
+        if not ctx.prune_ratio:
             return StageResult("passed-through", {"reason": "no pruning requested or needed"})
         from edgekit.errors import EdgekitError
 

@@ -1,0 +1,79 @@
+"""Does the planner's memory model predict what runtimes really use? Predicted total vs peak RSS measured by
+`edgekit bench` (a fresh process, sampled from outside), for SmolLM2-135M artifacts at two context lengths.
+
+    python bench/plan_calibration.py [--contexts 512 2048] [--work DIR]
+
+Exports the artifacts it needs into DIR (default ~/.cache/edgekit/bench/calibration) on first use. Goal: every
+prediction within 15% of the measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from edgekit.exporters import REGISTRY
+from edgekit.models import cache_dir, resolve_model
+from edgekit.plan import PlanRequest, memory
+from edgekit.runtime.bench import BenchConfig, bench_artifact
+
+CASES = [("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("gguf", "f16"), ("gguf", "q8_0")]
+
+
+def artifact(model_dir: Path, work: Path, backend: str, precision: str, context: int) -> Path:
+    from edgekit.export import ExportConfig, export_model
+
+    out = work / f"{backend}-{precision}"
+    if not (out / "artifact.json").is_file():
+        export_model(model_dir, out, ExportConfig(backend=backend, precision=precision, context_length=context))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
+    ap.add_argument("--work", type=Path, default=cache_dir() / "bench" / "calibration")
+    ap.add_argument("--backends", nargs="+", default=None, help="subset of backends to measure")
+    a = ap.parse_args()
+    model = resolve_model(None)
+    cfg = model.config
+    rows = []
+    t0 = time.time()
+    for backend, precision in CASES:
+        if backend not in REGISTRY or (a.backends and backend not in a.backends):
+            continue
+        try:
+            REGISTRY[backend].load()
+        except Exception as e:  # a backend whose libraries are missing is reported, not fatal
+            print(f"skip {backend}: {e}")
+            continue
+        art = artifact(model.path, a.work, backend, precision, max(a.contexts))
+        for ctx in a.contexts:
+            new = 16
+            b = bench_artifact(art, BenchConfig(prompt_tokens=ctx - new - 1, new_tokens=new, warmup=0, min_runs=1,
+                                                min_seconds=0.0, max_seconds=600))
+            pred = memory(cfg, backend, precision, PlanRequest(context=ctx))
+            measured = b["peak_rss_mb"] * 2**20
+            rows.append({"backend": backend, "precision": precision, "context": ctx,
+                         "predicted_mb": round(pred["total_bytes"] / 2**20, 1),
+                         "measured_peak_rss_mb": round(b["peak_rss_mb"], 1),
+                         "ratio": round(pred["total_bytes"] / measured, 3),
+                         "weights_mb": round(pred["weights_bytes"] / 2**20, 1),
+                         "kv_mb": round(pred["kv_cache_bytes"] / 2**20, 1),
+                         "activations_mb": round(pred["activations_bytes"] / 2**20, 1)})
+            print(json.dumps(rows[-1]))
+    print()
+    print(f"{'backend':12} {'prec':6} {'ctx':>5} {'predicted MB':>13} {'measured MB':>12} {'pred/meas':>10}")
+    for r in rows:
+        print(f"{r['backend']:12} {r['precision']:6} {r['context']:5d} {r['predicted_mb']:13.1f} "
+              f"{r['measured_peak_rss_mb']:12.1f} {r['ratio']:10.3f}")
+    worst = max((abs(r["ratio"] - 1) for r in rows), default=float("nan"))
+    print(f"\nworst error {worst:.1%} (goal <= 15%); {time.time() - t0:.0f} s; "
+          f"command: python bench/plan_calibration.py --contexts {' '.join(map(str, a.contexts))}")
+    return 0 if worst <= 0.15 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
