@@ -39,6 +39,7 @@ class Dist:
     rank: int = 0
     device: str = "cpu"
     backend: str | None = None
+    owned: bool = False  # this call created the process group, so it tears it down
 
     @property
     def main(self) -> bool:
@@ -60,9 +61,10 @@ def init_dist() -> Dist:
         torch.cuda.set_device(local)
     else:
         backend, device = "gloo", "cpu"
-    if not dist.is_initialized():
+    owned = not dist.is_initialized()
+    if owned:
         dist.init_process_group(backend=backend)
-    return Dist(world=world, rank=rank, device=device, backend=backend)
+    return Dist(world=world, rank=rank, device=device, backend=backend, owned=owned)
 
 
 def _barrier(d: Dist) -> None:
@@ -377,6 +379,10 @@ def distill(teacher: Path, student: Path, out: Path, cfg: DistillConfig, data: P
             for p in paths.checkpoints.glob(CKPT_PREFIX + "*"):
                 shutil.rmtree(p, ignore_errors=True)
     _barrier(d)
+    if d.owned:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return report
 
 
