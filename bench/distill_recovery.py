@@ -108,6 +108,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--block-size", type=int, default=256)
     ap.add_argument("--temperature", type=float, nargs="+", default=[1.0])
+    ap.add_argument("--kd-ce-weight", type=float, default=0.0, help="cross-entropy mixed into the KD run's loss")
     ap.add_argument("--eval-blocks", type=int, default=48)
     ap.add_argument("--runs", default="KD,CE", help="which recoveries to train (a finished run with the same settings "
                     "in OUT is reused, not retrained)")
@@ -137,7 +138,7 @@ def main() -> int:
     base = dict(tokens=a.tokens, batch_size=a.batch_size, micro_batch_size=4, checkpoint_every=8,
                 data=DataConfig(block_size=a.block_size, max_eval_blocks=a.eval_blocks),
                 optim=OptimConfig(lr=a.lr))
-    runs = {"KD": LossConfig(kd_weight=1.0, temperature_start=T[0], temperature_end=T[-1]),
+    runs = {"KD": LossConfig(kd_weight=1.0, temperature_start=T[0], temperature_end=T[-1], ce_weight=a.kd_ce_weight),
             "CE": LossConfig(kd_weight=0.0, ce_weight=1.0)}
     wanted = [r for r in a.runs.split(",") if r]
     if a.parallel and len(wanted) > 1:
@@ -183,13 +184,14 @@ def main() -> int:
     (a.out / "results.json").write_text(json.dumps(result, indent=2, default=str))
     print(f"\nSmolLM2-135M-Instruct, held-out perplexity ({a.eval_blocks} blocks x {a.block_size} tokens of edgekit's "
           f"held-out text); budget B = {reports['KD']['tokens']:,} tokens, lr {a.lr}, batch {a.batch_size}, "
-          f"T {T}; pruner: {info['pruner']}")
+          f"T {T}, CE mixed into KD {a.kd_ce_weight}; pruner: {info['pruner']}")
     print(f"{'model':<40} {'params':>11} {'ppl':>9} {'x teacher':>10} {'train tok/s':>12} {'wall s':>8}")
     for r in rows:
         print(f"{r[0]:<40} {r[1]:>11,} {r[2]:>9.3f} {r[3]:>10.3f} {str(r[4]):>12} {str(r[5]):>8}")
     print(f"KD beats CE: {result['kd_beats_ce']}")
     print(f"reproduce: PYTHONPATH=. python bench/distill_recovery.py --tokens {a.tokens} --lr {a.lr} "
-          f"--batch-size {a.batch_size} --temperature {' '.join(map(str, T))} -o {a.out}")
+          f"--batch-size {a.batch_size} --block-size {a.block_size} --eval-blocks {a.eval_blocks} --kd-ce-weight "
+          f"{a.kd_ce_weight} --temperature {' '.join(map(str, T))} -o {a.out}")
     return 0
 
 
