@@ -245,6 +245,7 @@ def test_runtime_module_imports_no_torch():
 
 
 @pytest.mark.smollm2
+@pytest.mark.slow  # lowering 30 layers to XNNPACK takes 10-25 min on 2 cores
 def test_smollm2_fp32_export_gate_and_bench(smollm2, tmp_path):
     """The real model at android-arm64's context: gate passes in ExecuTorch's runtime; size, XNNPACK coverage and
     decode speed are reported (lowering 30 layers takes many minutes on a small CPU)."""
