@@ -25,15 +25,18 @@ def read_artifact(path: Path) -> dict:
         raise EdgekitError(f"{meta_path} is corrupt ({e})", "re-export the artifact")
 
 
-def open_artifact(path: Path, threads: int | None = None, check: bool = True) -> Runner:
-    """Load any artifact with the runner its backend registers; `check` verifies file hashes first."""
+def open_artifact(path: Path, threads: int | None = None, check: bool = True, all_logits: bool = True) -> Runner:
+    """Load any artifact with the runner its backend registers; `check` verifies file hashes first.
+
+    all_logits=False lets a runner return only the last position's logits (shape (1, vocab)): what generation needs,
+    and what a benchmark must use, since keeping every position's logits costs context x vocab x 4 bytes."""
     from edgekit.exporters import get
 
     path = Path(path)
     meta = read_artifact(path)
     if check:
         verify_files(path, meta)
-    return get(meta["backend"]).load_runtime().load(path, meta, threads=threads)
+    return get(meta["backend"]).load_runtime().load(path, meta, threads=threads, all_logits=all_logits)
 
 
 def verify_files(path: Path, meta: dict) -> None:

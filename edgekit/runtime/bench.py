@@ -100,7 +100,7 @@ def run_benchmark(artifact: Path, cfg: BenchConfig = BenchConfig()) -> dict:
     artifact = Path(artifact)
     meta = read_artifact(artifact)
     t = time.perf_counter()
-    runner = open_artifact(artifact, threads=cfg.threads)
+    runner = open_artifact(artifact, threads=cfg.threads, all_logits=False)
     load_s = time.perf_counter() - t
     prompt_n = min(cfg.prompt_tokens, runner.max_context - cfg.new_tokens - 1)
     if prompt_n < 1:

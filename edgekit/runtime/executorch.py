@@ -62,5 +62,5 @@ class ExecuTorchRunner:
         return np.array(out[0].numpy(), dtype=np.float32, copy=True)
 
 
-def load(path: Path, meta: dict, threads: int | None = None) -> ExecuTorchRunner:
+def load(path: Path, meta: dict, threads: int | None = None, all_logits: bool = True) -> ExecuTorchRunner:
     return ExecuTorchRunner(Path(path) / meta["entry"], meta, threads=threads)

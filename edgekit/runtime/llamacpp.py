@@ -12,7 +12,7 @@ GGML_TYPE_F32 = 0  # llama.cpp's ggml_type for an f32 KV cache (type_k / type_v)
 
 
 class LlamaCppRunner:
-    def __init__(self, model_path: Path, meta: dict, threads: int | None = None):
+    def __init__(self, model_path: Path, meta: dict, threads: int | None = None, all_logits: bool = True):
         try:
             from llama_cpp import Llama
         except ModuleNotFoundError as e:
@@ -22,8 +22,10 @@ class LlamaCppRunner:
         self.max_context = int(meta.get("max_context", m.get("max_position_embeddings", 2048)))
         kw = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if meta.get("kv_cache") == "f32" else {}
         try:
-            # logits_all: llama.cpp returns logits for every token of a batch (the gate compares them all)
-            self.llm = Llama(model_path=str(model_path), n_ctx=self.max_context, logits_all=True, verbose=False,
+            # logits_all: llama.cpp returns logits for every token of a batch (the gate compares them all); off for
+            # benchmarks, where that n_ctx x vocab float buffer would dominate the measured memory
+            self.all_logits = all_logits
+            self.llm = Llama(model_path=str(model_path), n_ctx=self.max_context, logits_all=all_logits, verbose=False,
                              n_threads=threads, n_threads_batch=threads, **kw)
         except (ValueError, RuntimeError) as e:  # llama-cpp-python raises ValueError for files llama.cpp rejects
             raise EdgekitError(f"llama.cpp cannot load {model_path}: {e}", "re-export the artifact") from e
@@ -39,8 +41,10 @@ class LlamaCppRunner:
             raise EdgekitError(f"sequence of {start + len(ids)} tokens exceeds the artifact's context "
                                f"({self.max_context})", "use a shorter prompt or export with a longer context")
         self.llm.eval(ids)
+        if not self.all_logits:
+            return np.array(self.llm.scores[self.llm.n_tokens - 1:self.llm.n_tokens], dtype=np.float32)
         return np.array(self.llm.scores[start:start + len(ids)], dtype=np.float32)
 
 
-def load(path: Path, meta: dict, threads: int | None = None) -> LlamaCppRunner:
-    return LlamaCppRunner(Path(path) / meta["entry"], meta, threads=threads)
+def load(path: Path, meta: dict, threads: int | None = None, all_logits: bool = True) -> LlamaCppRunner:
+    return LlamaCppRunner(Path(path) / meta["entry"], meta, threads=threads, all_logits=all_logits)

@@ -10,7 +10,8 @@ from edgekit.errors import EdgekitError
 
 
 class OrtRunner:
-    def __init__(self, model_path: Path, meta: dict, threads: int | None = None):
+    def __init__(self, model_path: Path, meta: dict, threads: int | None = None, all_logits: bool = True):
+        self.all_logits = all_logits
         try:
             import onnxruntime as ort
         except ModuleNotFoundError as e:
@@ -52,8 +53,10 @@ class OrtRunner:
         for name in self.past_names:
             self.past[name] = res[name.replace("past_key_values.", "present.", 1)]
         self.length += t
-        return res["logits"][0].astype(np.float32, copy=False)
+        logits = res["logits"][0]
+        # The graph always emits every position; keeping only the last row frees that buffer at once.
+        return logits.astype(np.float32, copy=False) if self.all_logits else logits[-1:].copy()
 
 
-def load(path: Path, meta: dict, threads: int | None = None) -> OrtRunner:
-    return OrtRunner(Path(path) / meta["entry"], meta, threads=threads)
+def load(path: Path, meta: dict, threads: int | None = None, all_logits: bool = True) -> OrtRunner:
+    return OrtRunner(Path(path) / meta["entry"], meta, threads=threads, all_logits=all_logits)

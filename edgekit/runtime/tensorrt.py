@@ -209,7 +209,7 @@ def ensure_engine(artifact: Path, device: dict | None = None, timeout: float = 3
     return engine
 
 
-def load(path: Path, meta: dict, threads: int | None = None):
+def load(path: Path, meta: dict, threads: int | None = None, all_logits: bool = True):
     raise EdgekitError("TensorRT artifacts have no per-token Python runner: the engine runs through trtexec on the "
                        "device", "benchmark with `edgekit bench ARTIFACT --device URL`; check fidelity with the "
                        "bundle's device_tests")
