@@ -17,8 +17,8 @@ from edgekit.target import GiB, Target
 
 MiB = 1 << 20
 # Bytes per weight, block scales included (q4_k_m mixes 4- and 6-bit blocks: ~4.85 bits per weight on Llama models;
-# 8da4w: int4 with an fp32 scale per group of 32).
-BYTES_PER_WEIGHT = {"fp32": 4.0, "f32": 4.0, "fp16": 2.0, "f16": 2.0, "int8": 1.0 + 4 / 256, "q8_0": 34 / 32,
+# 8da4w: int4 with an fp32 scale per group of 32; onnxruntime int8: MatMulNBits, an fp32 scale per block of 32).
+BYTES_PER_WEIGHT = {"fp32": 4.0, "f32": 4.0, "fp16": 2.0, "f16": 2.0, "int8": 1.0 + 4 / 32, "q8_0": 34 / 32,
                     "q4_k_m": 4.85 / 8, "8da4w": 0.5 + 4 / 32}
 # Bytes per KV-cache element as each runtime stores it (llama.cpp: f16 by default; ORT/ExecuTorch: fp32).
 KV_BYTES = {"onnxruntime": 4, "gguf": 2, "executorch": 4, "tensorrt": 2}

@@ -1,5 +1,9 @@
 """ONNX Runtime: optimum's text-generation-with-past export (prefill and decode through past key/values), and int8
-dynamic quantization by onnxruntime's own quantizer."""
+weight-only quantization by onnxruntime's own quantizer (MatMulNBits, 8 bits, blocks of 32).
+
+Weight-only, not dynamic: dynamic int8 also quantizes activations per tensor, and LLM activations carry outliers that
+this destroys (SmolLM2-135M with quantize_dynamic: top-1 agreement 0.62, mean KL 0.57; with MatMulNBits int8: top-1
+1.0, KL 0.0013, identical greedy text)."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from pathlib import Path
 
 LIBRARIES = ("onnx", "onnxruntime", "optimum", "optimum-onnx")
 OPSET = 17
+BLOCK = 32  # int8 block size (K dimension); widths that are not multiples are padded by the quantizer
 
 
 def to_onnx(model_dir: Path, out_dir: Path) -> Path:
@@ -39,11 +44,19 @@ def export(model_dir: Path, out: Path, cfg) -> dict:
             for f in Path(tmp).iterdir():
                 if f.name.startswith("model.onnx"):
                     shutil.move(str(f), out / f.name)
-        else:  # int8: weights int8 per channel, activations quantized on the fly
-            from onnxruntime.quantization import QuantType, quantize_dynamic
+        else:  # int8: weights int8 in blocks of BLOCK with an fp32 scale each, activations stay fp32
+            import onnx
+            from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                          MatMulNBitsQuantizer)
 
-            quantize_dynamic(onnx_path, out / "model.onnx", weight_type=QuantType.QInt8, per_channel=True)
+            q = MatMulNBitsQuantizer(onnx.load(str(onnx_path)),
+                                     algo_config=DefaultWeightOnlyQuantConfig(block_size=BLOCK, is_symmetric=True,
+                                                                              bits=8))
+            with contextlib.redirect_stdout(io.StringIO()):
+                q.process()
+            q.model.save_model_to_file(str(out / "model.onnx"), use_external_data_format=False)
     tok = Path(model_dir) / "tokenizer.json"
     if tok.exists():
         shutil.copy(tok, out / "tokenizer.json")
-    return {"entry": "model.onnx", "opset": OPSET}
+    return {"entry": "model.onnx", "opset": OPSET} | (
+        {"quantization": f"weight-only int8, MatMulNBits block {BLOCK}"} if cfg.precision == "int8" else {})
