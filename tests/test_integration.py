@@ -57,3 +57,20 @@ def test_non_uniform_into_executorch(non_uniform, tmp_path):
         assert not (tmp_path / "e").exists()
     else:
         assert meta["gate"]["passed"] and meta["gate"]["greedy_match"]
+
+
+@pytest.mark.parametrize("backend,precision", [("onnxruntime", "fp32"), ("gguf", "f32")])
+def test_last_logits_mode_matches_full_logits(tiny_models, tmp_path, backend, precision):
+    """Benchmarks open runners with all_logits=False (no context x vocab buffer); the last row must be identical."""
+    import numpy as np
+
+    from edgekit.runtime import open_artifact
+
+    export_model(tiny_models["qwen2"], tmp_path / "a", ExportConfig(backend=backend, precision=precision),
+                 log=lambda m: None)
+    full, last = open_artifact(tmp_path / "a"), open_artifact(tmp_path / "a", all_logits=False)
+    ids = np.arange(1, 40, dtype=np.int64)
+    a, b = full.forward(ids), last.forward(ids)
+    assert b.shape == (1, a.shape[1])
+    np.testing.assert_allclose(b, a[-1:], atol=1e-5)
+    np.testing.assert_allclose(last.forward(ids[:1]), full.forward(ids[:1]), atol=1e-5)

@@ -41,8 +41,11 @@ class LlamaCppRunner:
             raise EdgekitError(f"sequence of {start + len(ids)} tokens exceeds the artifact's context "
                                f"({self.max_context})", "use a shorter prompt or export with a longer context")
         self.llm.eval(ids)
-        if not self.all_logits:
-            return np.array(self.llm.scores[self.llm.n_tokens - 1:self.llm.n_tokens], dtype=np.float32)
+        if not self.all_logits:  # llama-cpp-python fills `scores` only with logits_all; read the last row directly
+            import llama_cpp
+
+            row = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+            return np.ctypeslib.as_array(row, shape=(1, self.vocab_size)).astype(np.float32, copy=True)
         return np.array(self.llm.scores[start:start + len(ids)], dtype=np.float32)
 
 
