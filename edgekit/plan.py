@@ -20,13 +20,27 @@ MiB = 1 << 20
 # 8da4w: int4 with an fp32 scale per group of 32; onnxruntime int8: MatMulNBits, an fp32 scale per block of 32).
 BYTES_PER_WEIGHT = {"fp32": 4.0, "f32": 4.0, "fp16": 2.0, "f16": 2.0, "int8": 1.0 + 4 / 32, "q8_0": 34 / 32,
                     "q4_k_m": 4.85 / 8, "8da4w": 0.5 + 4 / 32}
-# Bytes per KV-cache element as each runtime stores it (llama.cpp: f16 by default; ORT/ExecuTorch: fp32).
-KV_BYTES = {"onnxruntime": 4, "gguf": 2, "executorch": 4, "tensorrt": 2}
-# Fixed cost of the process: interpreter, runtime libraries, allocator arenas; on TensorRT the CUDA context. Measured
-# on x86 with bench/plan_calibration.py for onnxruntime and llama.cpp.
-RUNTIME_OVERHEAD = {"onnxruntime": 90 * MiB, "gguf": 40 * MiB, "executorch": 80 * MiB, "tensorrt": 700 * MiB}
-# Extra resident copies of the weights a runtime keeps (ORT keeps the initializers and its prepacked copies).
-WEIGHT_COPIES = {"onnxruntime": 1.0, "gguf": 1.0, "executorch": 1.0, "tensorrt": 1.0}
+
+
+@dataclass(frozen=True)
+class RuntimeMemory:
+    """How a runtime holds a model beyond its weights (fitted to peak RSS by bench/plan_calibration.py)."""
+
+    overhead_mb: float  # interpreter, libraries, allocator arenas; on TensorRT the CUDA context
+    kv_bytes: int  # bytes per KV-cache element
+    kv_copies: float = 1.0  # ONNX Runtime: the runner holds `past` while the session writes `present`
+    attn_buffers: int = 1  # score-sized (heads x chunk x context) fp32 buffers alive during a prefill chunk
+    logits_per_chunk: bool = False  # the graph emits every position's logits, not just the last
+    fp32_embedding: bool = False  # ONNX Runtime: the Gather table stays fp32, and a tied LM head is a transposed copy
+
+
+RUNTIMES = {
+    "onnxruntime": RuntimeMemory(overhead_mb=90, kv_bytes=4, kv_copies=2, attn_buffers=3, logits_per_chunk=True,
+                                 fp32_embedding=True),
+    "gguf": RuntimeMemory(overhead_mb=40, kv_bytes=2),  # f16 cache; f32/f16 artifacts are gated with an f32 one
+    "executorch": RuntimeMemory(overhead_mb=80, kv_bytes=4, attn_buffers=2, logits_per_chunk=True),
+    "tensorrt": RuntimeMemory(overhead_mb=700, kv_bytes=2, attn_buffers=2, logits_per_chunk=True),
+}
 # Fraction of the target's DRAM bandwidth a decode step achieves (measured on x86 by bench/gguf_decode.py).
 BANDWIDTH_EFFICIENCY = 0.6
 MAX_PRUNE_RATIO = 0.6  # beyond this, width pruning without much retraining loses too much
@@ -110,15 +124,24 @@ def count_params(cfg: dict) -> int:
 
 def memory(cfg: dict, backend: str, precision: str, req: PlanRequest, prune_ratio: float = 0.0) -> dict:
     s = shape(cfg)
+    rt = RUNTIMES.get(backend, RuntimeMemory(overhead_mb=100, kv_bytes=4))
+    bpw = BYTES_PER_WEIGHT[precision]
     params = count_params(cfg) * (1 - prune_ratio)
-    weights = params * BYTES_PER_WEIGHT[precision] * WEIGHT_COPIES.get(backend, 1.0)
-    kv = s["layers"] * s["kv_heads"] * s["head_dim"] * req.context * 2 * KV_BYTES.get(backend, 4) * req.batch
+    emb = s["vocab"] * s["hidden"]
+    if rt.fp32_embedding:
+        body = params - emb * (1 if s["tied"] else 2)
+        weights = body * bpw + emb * 4 + emb * (4 if s["tied"] else bpw)
+    else:
+        weights = params * bpw
+    kv_bytes = 4 if backend == "gguf" and precision in ("f32", "f16") else rt.kv_bytes
+    kv = s["layers"] * s["kv_heads"] * s["head_dim"] * req.context * 2 * kv_bytes * req.batch
     chunk = min(req.prefill_chunk, req.context)
-    # One prefill chunk: its logits, attention scores against the whole context, MLP intermediates (fp32).
-    act = 4 * req.batch * chunk * (s["vocab"] + s["heads"] * req.context + 3 * s["inter"] + 4 * s["hidden"])
-    overhead = RUNTIME_OVERHEAD.get(backend, 100 * MiB)
-    return {"weights_bytes": int(weights), "kv_cache_bytes": int(kv), "activations_bytes": int(act),
-            "runtime_overhead_bytes": int(overhead), "total_bytes": int(weights + kv + act + overhead),
+    # One prefill chunk, fp32: logits, attention scores against the whole context, MLP and residual activations.
+    act = 4 * req.batch * chunk * ((s["vocab"] if rt.logits_per_chunk else 0) + rt.attn_buffers * s["heads"] *
+                                   req.context + 3 * s["inter"] + 4 * s["hidden"]) + 4 * s["vocab"]
+    overhead = rt.overhead_mb * MiB
+    return {"weights_bytes": int(weights), "kv_cache_bytes": int(kv * rt.kv_copies), "activations_bytes": int(act),
+            "runtime_overhead_bytes": int(overhead), "total_bytes": int(weights + kv * rt.kv_copies + act + overhead),
             "bytes_per_token": int(weights + kv / 2)}
 
 

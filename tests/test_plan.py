@@ -16,7 +16,7 @@ BOARD = """
 name = "tiny-board"
 description = "a board with little RAM"
 [memory]
-ram_gb = 0.5
+ram_gb = 0.4
 os_reserve_gb = 0.2
 bandwidth_gbps = 4
 [cpu]
@@ -47,11 +47,17 @@ def test_memory_by_hand():
     m = memory(SMOL, "gguf", "q8_0", req)
     assert m["kv_cache_bytes"] == 30 * 3 * 64 * 1000 * 2 * 2  # layers x kv heads x head_dim x ctx x (K,V) x f16
     assert m["weights_bytes"] == int(134_515_008 * 34 / 32)
-    assert m["activations_bytes"] == 4 * 10 * (49152 + 9 * 1000 + 3 * 1536 + 4 * 576)
+    # llama.cpp: one chunk's attention scores + MLP/residual activations, and one row of logits
+    assert m["activations_bytes"] == 4 * 10 * (9 * 1000 + 3 * 1536 + 4 * 576) + 4 * 49152
     assert m["total_bytes"] == sum(m[k] for k in ("weights_bytes", "kv_cache_bytes", "activations_bytes",
                                                    "runtime_overhead_bytes"))
     ort = memory(SMOL, "onnxruntime", "fp32", req)
-    assert ort["kv_cache_bytes"] == 2 * m["kv_cache_bytes"]  # fp32 cache
+    assert ort["kv_cache_bytes"] == 2 * 2 * m["kv_cache_bytes"]  # fp32 cache, past and present both alive
+    emb = 49152 * 576
+    assert ort["weights_bytes"] == 134_515_008 * 4 + emb * 4  # + the transposed copy of the tied LM head
+    assert ort["activations_bytes"] == 4 * 10 * (49152 + 3 * 9 * 1000 + 3 * 1536 + 4 * 576) + 4 * 49152
+    ort8 = memory(SMOL, "onnxruntime", "int8", req)
+    assert ort8["weights_bytes"] == int((134_515_008 - emb) * (1 + 4 / 32) + emb * 8)  # embedding stays fp32
     half = memory(SMOL, "gguf", "q8_0", req, prune_ratio=0.5)
     assert half["weights_bytes"] == int(134_515_008 * 0.5 * 34 / 32)
 
@@ -78,9 +84,9 @@ def test_pruning_when_quantization_cannot_fit(tmp_path):
 def test_decode_goal_moves_the_choice():
     x86 = get_target("x86-cpu")
     base = make_plan(SMOL, x86, PlanRequest(context=2048))
-    fast = make_plan(SMOL, x86, PlanRequest(context=2048, min_decode_tps=100))
+    fast = make_plan(SMOL, x86, PlanRequest(context=2048, min_decode_tps=50))
     assert base.precision == "fp32" and fast.precision == "int8"
-    assert fast.chosen["decode_tps_estimate"] >= 100 > base.chosen["decode_tps_estimate"]
+    assert fast.chosen["decode_tps_estimate"] >= 50 > base.chosen["decode_tps_estimate"]
     rpi = get_target("raspberry-pi-5")
     assert make_plan(SMOL, rpi, PlanRequest(context=2048)).prune_ratio == 0
     assert make_plan(SMOL, rpi, PlanRequest(context=2048, min_decode_tps=100)).prune_ratio > 0
@@ -89,7 +95,7 @@ def test_decode_goal_moves_the_choice():
 def test_impossible_goals_say_what_would_work(tmp_path):
     with pytest.raises(EdgekitError, match=r"cannot decode 500 tokens/s .* would be reachable"):
         make_plan(SMOL, get_target("raspberry-pi-5"), PlanRequest(context=2048, min_decode_tps=500))
-    (tmp_path / "b.toml").write_text(BOARD.replace("ram_gb = 0.5", "ram_gb = 0.3"))
+    (tmp_path / "b.toml").write_text(BOARD.replace("ram_gb = 0.4", "ram_gb = 0.3"))
     with pytest.raises(EdgekitError, match=r"cannot hold this model .* a context of \d+ tokens would fit"):
         make_plan(SMOL, get_target(str(tmp_path / "b.toml")), PlanRequest(context=8192))
     with pytest.raises(EdgekitError, match="exceeds the model's 8192 positions"):
@@ -97,7 +103,7 @@ def test_impossible_goals_say_what_would_work(tmp_path):
 
 
 def test_plan_cli_and_build_use_it(cli, tiny_models, tmp_path):
-    (tmp_path / "b.toml").write_text(BOARD.replace("ram_gb = 0.5", "ram_gb = 0.24").replace(
+    (tmp_path / "b.toml").write_text(BOARD.replace("ram_gb = 0.4", "ram_gb = 0.24").replace(
         "os_reserve_gb = 0.2", "os_reserve_gb = 0.05"))
     p = json.loads(cli("plan", "--target", "x86-cpu", tiny_models["llama"], "--json", check=0).stdout)
     assert p["precision"] == "fp32" and p["params"] > 0
