@@ -106,17 +106,23 @@ def compare(ref: dict[str, np.ndarray], runner: Runner, th: Thresholds) -> dict:
     same = new == ref["greedy_ids"]
     res["greedy_match"] = bool(same.all())
     res["greedy_first_divergence"] = None if same.all() else int(np.argmin(same))
+    failures = judge(res, th)
+    res.update(thresholds=asdict(th), failures=failures, passed=not failures)
+    return res
+
+
+def judge(res: dict, th: Thresholds) -> list[str]:
+    """The thresholds a result breaks, as readable lines (empty: passed). A None greedy_match is not checked."""
     failures = []
     if th.max_abs is not None and res["max_abs_logit_delta"] > th.max_abs:
         failures.append(f"max |delta logit| {res['max_abs_logit_delta']:.3g} > {th.max_abs:g}")
-    if top1 < th.top1:
-        failures.append(f"top-1 agreement {top1:.3f} < {th.top1:g}")
+    if res["top1_agreement"] < th.top1:
+        failures.append(f"top-1 agreement {res['top1_agreement']:.3f} < {th.top1:g}")
     if th.mean_kl is not None and res["mean_kl"] > th.mean_kl:
         failures.append(f"mean KL {res['mean_kl']:.3g} > {th.mean_kl:g}")
-    if th.greedy_exact and not res["greedy_match"]:
+    if th.greedy_exact and res.get("greedy_match") is False:
         failures.append(f"greedy continuation diverges at token {res['greedy_first_divergence']}")
-    res.update(thresholds=asdict(th), failures=failures, passed=not failures)
-    return res
+    return failures
 
 
 def save_reference(path: Path, ref: dict[str, np.ndarray]) -> None:

@@ -2,7 +2,6 @@
 used when hidden channels were pruned, the order P -> KD -> Q is enforced, bad inputs give clear errors."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess

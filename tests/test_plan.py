@@ -5,7 +5,7 @@ import json
 import pytest
 
 from edgekit.errors import EdgekitError
-from edgekit.plan import BYTES_PER_WEIGHT, MAX_PRUNE_RATIO, PlanRequest, count_params, make_plan, memory
+from edgekit.plan import MAX_PRUNE_RATIO, PlanRequest, count_params, make_plan, memory
 from edgekit.target import get_target
 
 SMOL = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,

@@ -3,9 +3,7 @@ its plots; opened in headless Chromium when it is installed."""
 
 import json
 import shutil
-import subprocess
 import sys
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest

@@ -207,9 +207,11 @@ def bench_artifact(artifact: Path, cfg: BenchConfig = BenchConfig(), timeout: fl
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m edgekit.runtime.bench", description="Benchmark one artifact "
-                                "in this process and print a JSON report (used by `edgekit bench` and the agent).")
+def bench_main(argv: list[str] | None, prog: str, description: str, benchmark) -> int:
+    """The command line shared by every benchmark module: options -> BenchConfig -> one JSON line on stdout."""
+    from edgekit.errors import EdgekitError
+
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("artifact", type=Path)
     p.add_argument("--json", action="store_true", help="print the report as one JSON line (always on)")
     for name, typ, default in (("prompt-tokens", int, 64), ("new-tokens", int, 32), ("warmup", int, 1),
@@ -219,14 +221,17 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     cfg = BenchConfig(a.prompt_tokens, a.new_tokens, a.warmup, a.min_runs, a.min_seconds, a.max_seconds, a.threads,
                       a.prefill_chunk)
-    from edgekit.errors import EdgekitError
-
     try:
-        print(json.dumps(run_benchmark(a.artifact, cfg)))
+        print(json.dumps(benchmark(a.artifact, cfg)))
     except EdgekitError as e:
         print(f"error: {e.line()}", file=sys.stderr)
         return e.exit_code
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return bench_main(argv, "python -m edgekit.runtime.bench", "Benchmark one artifact in this process and print a "
+                      "JSON report (used by `edgekit bench` and the agent).", run_benchmark)
 
 
 if __name__ == "__main__":

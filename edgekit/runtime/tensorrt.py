@@ -10,13 +10,11 @@ the GPU's SM and the TensorRT version that built it: a mismatch with the artifac
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -279,13 +277,9 @@ def check_reference(artifact: Path) -> dict:
            "max_abs_logit_delta": float(np.abs(tail - ref["logits_tail"]).max()),
            "mean_kl": float((np.exp(p_log) * (p_log - q_log)).sum(-1).mean()),
            "greedy_match": None, "note": "engine logits from one trtexec prefill; greedy decoding not checked"}
-    failures = []
-    if th.max_abs is not None and res["max_abs_logit_delta"] > th.max_abs:
-        failures.append(f"max |delta logit| {res['max_abs_logit_delta']:.3g} > {th.max_abs:g}")
-    if top1 < th.top1:
-        failures.append(f"top-1 agreement {top1:.3f} < {th.top1:g}")
-    if th.mean_kl is not None and res["mean_kl"] > th.mean_kl:
-        failures.append(f"mean KL {res['mean_kl']:.3g} > {th.mean_kl:g}")
+    from edgekit.verify import judge
+
+    failures = judge(res, th)
     return res | {"failures": failures, "passed": not failures}
 
 
@@ -341,25 +335,11 @@ def benchmark(artifact: Path, cfg) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from edgekit.runtime.bench import BenchConfig
+    from edgekit.runtime.bench import bench_main
 
-    p = argparse.ArgumentParser(prog="python -m edgekit.runtime.tensorrt", description="Build (if needed) and "
-                                "benchmark a TensorRT artifact with trtexec; prints a JSON report.")
-    p.add_argument("artifact", type=Path)
-    p.add_argument("--json", action="store_true", help="print the report as one JSON line (always on)")
-    for name, typ, default in (("prompt-tokens", int, 64), ("new-tokens", int, 32), ("warmup", int, 1),
-                               ("min-runs", int, 3), ("min-seconds", float, 2.0), ("max-seconds", float, 60.0),
-                               ("threads", int, None), ("prefill-chunk", int, 512)):  # one-shot prefill here
-        p.add_argument(f"--{name}", type=typ, default=default)
-    a = p.parse_args(argv)
-    cfg = BenchConfig(a.prompt_tokens, a.new_tokens, a.warmup, a.min_runs, a.min_seconds, a.max_seconds, a.threads,
-                      a.prefill_chunk)
-    try:
-        print(json.dumps(benchmark(a.artifact, cfg)))
-    except EdgekitError as e:
-        print(f"error: {e.line()}", file=sys.stderr)
-        return e.exit_code
-    return 0
+    # prefill is one-shot here: trtexec runs the engine on whole shapes
+    return bench_main(argv, "python -m edgekit.runtime.tensorrt", "Build (if needed) and benchmark a TensorRT "
+                      "artifact with trtexec; prints a JSON report.", benchmark)
 
 
 if __name__ == "__main__":
