@@ -20,12 +20,15 @@ from edgekit.plan import PlanRequest, memory
 from edgekit.runtime.bench import BenchConfig, bench_artifact
 
 CASES = [("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("gguf", "f16"), ("gguf", "q8_0")]
+# llama.cpp allocates (and clears) its KV cache and compute buffers for the artifact's whole context at load, so a
+# deployment at context C is an artifact exported for C; ONNX Runtime grows its cache with the tokens instead.
+PREALLOCATES = {"gguf", "executorch"}
 
 
 def artifact(model_dir: Path, work: Path, backend: str, precision: str, context: int) -> Path:
     from edgekit.export import ExportConfig, export_model
 
-    out = work / f"{backend}-{precision}"
+    out = work / (f"{backend}-{precision}" + (f"-ctx{context}" if backend in PREALLOCATES else ""))
     if not (out / "artifact.json").is_file():
         export_model(model_dir, out, ExportConfig(backend=backend, precision=precision, context_length=context))
     return out
@@ -49,8 +52,8 @@ def main() -> int:
         except Exception as e:  # a backend whose libraries are missing is reported, not fatal
             print(f"skip {backend}: {e}")
             continue
-        art = artifact(model.path, a.work, backend, precision, max(a.contexts))
         for ctx in a.contexts:
+            art = artifact(model.path, a.work, backend, precision, ctx if backend in PREALLOCATES else max(a.contexts))
             new = 16
             b = bench_artifact(art, BenchConfig(prompt_tokens=ctx - new - 1, new_tokens=new, warmup=0, min_runs=1,
                                                 min_seconds=0.0, max_seconds=600))
