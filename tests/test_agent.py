@@ -247,7 +247,8 @@ def test_a_hanging_job_is_killed_at_the_timeout(ort_artifact, tmp_path):
         status, job = a.request("POST", "/jobs", body=bundle_bytes(ort_artifact, tmp_path, long))
         job = a.wait(job["id"], timeout=60)
         assert time.monotonic() - t < 30
-        assert "device_tests: timed out after 1.5s" in job["error"] and "bench: timed out after 1.5s" in job["error"]
+        # the 30 s benchmark must be killed; the tiny device_tests may or may not finish inside 1.5 s
+        assert "bench: timed out after 1.5s" in job["error"]
         assert job["status"] == "failed" and "timed out after 1.5s" in job["error"], job
         assert a.request("GET", f"/jobs/{job['id']}/report")[1]["bench"] is None
     finally:
