@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -129,4 +129,4 @@ def export_model(model_dir: Path, out: Path, cfg: ExportConfig, log=print) -> di
     return meta
 
 
-__all__ = ["ExportConfig", "export_model", "model_summary", "asdict"]
+__all__ = ["ExportConfig", "export_model", "model_summary"]

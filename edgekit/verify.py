@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekit.runtime.base import Runner, greedy, sequence_logits
+from edgekit.runtime.base import Runner, greedy
 
 GATE_TOKENS = 64  # positions compared
 DECODE_TAIL = 16  # of which the last ones go through the cache one token at a time
@@ -155,4 +155,4 @@ def check_against_reference(artifact: Path, threads: int | None = None) -> dict:
     return compare(load_reference(Path(artifact) / REFERENCE_FILE), runner, thresholds_for(meta["precision"]))
 
 
-__all__ = ["THRESHOLDS", "Thresholds", "make_reference", "compare", "check_against_reference", "sequence_logits"]
+__all__ = ["THRESHOLDS", "Thresholds", "make_reference", "compare", "check_against_reference", "judge"]

@@ -23,9 +23,8 @@ class QuantizeStage:
         return {"backend": ctx.backend, "precision": ctx.precision}
 
     def run(self, ctx: BuildContext, out: Path) -> StageResult:
-        from edgekit.exporters import get
-
         from edgekit.errors import EdgekitError
+        from edgekit.exporters import get
 
         spec = get(ctx.backend)
         if ctx.precision not in spec.precisions:
