@@ -7,6 +7,9 @@ text (edgekit/data/heldout.txt). Per ratio:
   - Torch-Pruning's widths: the structures Torch-Pruning 1.6.1 can prune on this GQA Llama (see docs/pruning.md:
     MLP channels only), the same parameter budget; Torch-Pruning magnitude and Taylor, and edgekit's criteria, at
     exactly those widths.
+Each edgekit row is measured twice: the cut alone, and the cut followed by edgekit's least-squares refit of
+o_proj/down_proj on the same calibration sequences (prune/reconstruct.py: closed form, no gradient step, on by default
+in `edgekit prune`). Torch-Pruning has no such step.
 Importance time and peak RSS are measured around importance estimation only (edgekit: scoring; Torch-Pruning:
 gradient passes + pruner construction + step).
 
@@ -42,7 +45,8 @@ def main() -> None:
     from edgekit.prune import allocate
     from edgekit.prune.apply import build_model, norm_scales, pruned_config, pruned_state
     from edgekit.prune.arch import Geometry, get_adapter
-    from edgekit.prune.calib import calibration_sequences, perplexity
+    from edgekit.prune.calib import batches, calibration_sequences, perplexity
+    from edgekit.prune.reconstruct import reconstruct
 
     torch.manual_seed(0)
     path = resolve_model(None).path
@@ -71,11 +75,20 @@ def main() -> None:
         print(f"edgekit {c} importance: {cost[c]}", flush=True)
 
     def edgekit_ppl(c, d, k, g, inter):
+        """(held-out ppl of the cut, of the cut + least-squares refit, parameters)."""
         plan = allocate.uniform_plan(scores[c], base, d, k, g, inter)
         if d < base.hidden_size:
             plan.norm_scales = norm_scales(model, ad, search, {d: plan.hidden})[d]
         m = build_model(pruned_config(model, plan), pruned_state(model, ad, plan))
-        return ppl(m), plan.geometry(base).params()
+        cut = ppl(m)
+        reconstruct(model, m, ad, plan.hidden, batches(calib, cfg0.batch_size), cfg0.reconstruct_damp)
+        return cut, ppl(m), plan.geometry(base).params()
+
+    def add_edgekit_rows(c, ratio, widths, *geo):
+        cut, refit, n = edgekit_ppl(c, *geo)
+        for name, p in ((f"edgekit {c} (cut only)", cut), (f"edgekit {c} + refit", refit)):
+            rows.append({"method": name, "ratio": ratio, "removed": 1 - n / total, "ppl": p, "widths": widths})
+            print(rows[-1], flush=True)
 
     w0 = base.layers[0]
     for ratio in map(float, a.ratios.split(",")):
@@ -106,14 +119,10 @@ def main() -> None:
               f"intermediate {inter}", flush=True)
         wtxt = f"D{d} H{k * g} KV{k} I{inter}"
         for c in scores:
-            p, n = edgekit_ppl(c, d, k, g, inter)
-            rows.append({"method": f"edgekit {c}", "ratio": ratio, "removed": 1 - n / total, "ppl": p, "widths": wtxt})
-            print(rows[-1], flush=True)
-        for c in [x for x in scores if x == "activation"]:  # the criterion alone, at Torch-Pruning's widths
-            p, n = edgekit_ppl(c, base.hidden_size, w0.num_key_value_heads,
-                               w0.num_attention_heads // w0.num_key_value_heads, i_tp)
-            rows.append({"method": f"edgekit {c}", "ratio": ratio, "removed": 1 - n / total, "ppl": p, "widths": wtp})
-            print(rows[-1], flush=True)
+            add_edgekit_rows(c, ratio, wtxt, d, k, g, inter)
+        if "activation" in scores and wtp != wtxt:  # the criterion alone, at Torch-Pruning's widths
+            add_edgekit_rows("activation", ratio, wtp, base.hidden_size, w0.num_key_value_heads,
+                             w0.num_attention_heads // w0.num_key_value_heads, i_tp)
 
     print("\n| method | target removed | removed | widths (per layer) | held-out ppl |")
     print("|---|---|---|---|---|")

@@ -148,12 +148,53 @@ def test_planted_dominant_neuron_survives(criterion, tiny_models, tmp_path):
         mlp.down_proj.weight[:, j] *= 12
     model.save_pretrained(src)
     planted = mlp.down_proj.weight[:, j].clone()
-    cfg = PruneConfig(Budget(ratio=0.4), criterion=criterion, num_samples=8, hidden_keep=1.0)
+    # no refit: the kept column must come out exactly as it went in
+    cfg = PruneConfig(Budget(ratio=0.4), criterion=criterion, num_samples=8, hidden_keep=1.0, reconstruct=False)
     prune_model(src, tmp_path / "out", cfg, log=lambda s: None)
     pruned, _ = load_torch_model(tmp_path / "out")
     down = pruned.model.layers[0].mlp.down_proj.weight
     assert down.shape[1] < 128  # the MLP was pruned...
     assert any(torch.equal(down[:, c], planted) for c in range(down.shape[1]))  # ...and the planted neuron kept
+
+
+@pytest.mark.parametrize("arch,hidden", [("llama", 64), ("qwen2", 48)])
+def test_reconstruction_brings_the_cut_model_back_towards_the_dense_one(arch, hidden, tiny_models):
+    """Half the MLP and half the heads cut (and a quarter of the hidden channels for qwen2): the least-squares refit
+    of o_proj/down_proj on calibration windows must cut the KL to the dense model on *other* windows, and touch
+    nothing but those two projections."""
+    import torch
+
+    from edgekit.prune import allocate
+    from edgekit.prune.apply import build_model, norm_scales, pruned_config, pruned_state
+    from edgekit.prune.arch import Geometry, get_adapter
+    from edgekit.prune.calib import batches, calibration_sequences
+    from edgekit.prune.criteria import activation
+    from edgekit.prune.reconstruct import reconstruct
+
+    model, tok = _load_dense(tiny_models[arch])
+    ad = get_adapter(arch)
+    seqs = calibration_sequences(tok, None, 64, 24)
+    calib, held = seqs[:16], torch.stack(seqs[16:])
+    scores = activation(model, ad, batches(calib, 4))
+    plan = allocate.uniform_plan(scores, Geometry.from_config(model.config.to_dict()), D=hidden, k=2, g=1, inter=64)
+    if hidden < 64:
+        plan.norm_scales = norm_scales(model, ad, calib, {hidden: plan.hidden})[hidden]
+    pruned = build_model(pruned_config(model, plan), pruned_state(model, ad, plan))
+    before_w = {k: v.clone() for k, v in pruned.state_dict().items()}
+
+    def kl():
+        with torch.no_grad():
+            p = torch.log_softmax(model(held).logits, -1)
+            q = torch.log_softmax(pruned(held).logits, -1)
+        return float((p.exp() * (p - q)).sum(-1).mean())
+
+    cut = kl()
+    info = reconstruct(model, pruned, ad, plan.hidden, batches(calib, 4))
+    refit = kl()
+    assert refit < 0.8 * cut, (cut, refit)
+    assert info["tokens"] == 16 * 64 and info["target"].startswith("dense layer" if hidden == 64 else "dense stream")
+    changed = {k for k, v in pruned.state_dict().items() if not torch.equal(v, before_w[k])}
+    assert changed and all(k.endswith(("o_proj.weight", "down_proj.weight")) for k in changed), changed
 
 
 def test_alignment_is_honoured(tiny_models, tmp_path):

@@ -39,6 +39,8 @@ def register(sub) -> None:
     p.add_argument("--calibration", type=Path, help=".txt/.jsonl file or folder (default: shipped text)")
     p.add_argument("--samples", type=int, default=32, help="calibration sequences (default 32)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
+    p.add_argument("--no-reconstruct", action="store_true", help="skip the least-squares refit of o_proj/down_proj "
+                   "on the calibration text (faster; worse without recovery training)")
     p.add_argument("-o", "--out", type=Path, required=True, help="folder to write")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
@@ -55,7 +57,7 @@ def config_from_args(a):
     return PruneConfig(budget=Budget(ratio=a.ratio, params=a.params, bytes=a.bytes, bytes_per_param=a.bytes_per_param),
                        criterion=a.criterion, non_uniform=a.non_uniform, align=a.align, hidden_keep=a.hidden_keep,
                        attn_weight=a.attn_weight, protected_layers=protect, calibration=a.calibration,
-                       num_samples=a.samples, seq_len=a.seq_len)
+                       num_samples=a.samples, seq_len=a.seq_len, reconstruct=not a.no_reconstruct)
 
 
 def run(a) -> int:
@@ -78,5 +80,6 @@ def run(a) -> int:
           ("layer", "intermediate", "heads", "kv heads", "params"))
     print(f"parameters {report['params_before']:,} -> {report['params_after']:,} "
           f"({report['removed_fraction']:.1%} removed); calibration loss {report['dense_search_loss']:.3f} -> "
-          f"{report['pruned_search_loss']:.3f}")
+          + (f"{report['cut_search_loss']:.3f} cut -> " if "cut_search_loss" in report else "")
+          + f"{report['pruned_search_loss']:.3f}")
     return 0

@@ -26,11 +26,22 @@ def score_model(model, ad, cfg: PruneConfig, seqs) -> tuple:
     return scores, {"seconds": round(time.perf_counter() - t0, 2), "peak_rss_mb": rss.summary()["peak_rss_mb"]}
 
 
+def calibration_split(tok, cfg: PruneConfig) -> tuple[list, list]:
+    """(calibration sequences, search sequences): the last search_samples windows score candidate splits; with too
+    little text both are the same windows."""
+    from edgekit.prune.calib import calibration_sequences
+
+    seqs = calibration_sequences(tok, cfg.calibration, cfg.seq_len, cfg.num_samples + cfg.search_samples)
+    if len(seqs) <= cfg.search_samples:
+        return seqs, seqs
+    return seqs[:-cfg.search_samples], seqs[-cfg.search_samples:]
+
+
 def plan_pruning(model, tok, cfg: PruneConfig, log=print, scores=None) -> tuple:
     """(Plan, info) for a loaded dense model: score, allocate, and (uniform) search the split on calibration loss."""
     from edgekit.prune import allocate
     from edgekit.prune.apply import build_model, norm_scales, pruned_config, pruned_state
-    from edgekit.prune.calib import calibration_sequences, mean_loss
+    from edgekit.prune.calib import mean_loss
 
     cfg.check()
     mcfg = model.config.to_dict()
@@ -39,9 +50,7 @@ def plan_pruning(model, tok, cfg: PruneConfig, log=print, scores=None) -> tuple:
     total = base.params()
     keep = total - cfg.budget.removed(total)
     allocate.check_ratio_feasible(base, keep, cfg.align)
-    seqs = calibration_sequences(tok, cfg.calibration, cfg.seq_len, cfg.num_samples + cfg.search_samples)
-    search = seqs[-cfg.search_samples:] if len(seqs) > cfg.search_samples else seqs
-    calib = seqs[:-cfg.search_samples] if len(seqs) > cfg.search_samples else seqs
+    calib, search = calibration_split(tok, cfg)
     info = {"params_before": total, "params_target": keep, "calibration_sequences": len(calib),
             "search_sequences": len(search), "seq_len": cfg.seq_len}
     if scores is None:
@@ -96,7 +105,18 @@ def prune_model(model_dir: Path, out: Path, cfg: PruneConfig, log=print) -> dict
     new_cfg = pruned_config(model, plan)
     pruned = build_model(new_cfg, pruned_state(model, ad, plan))
     after = plan.geometry(base)
-    from edgekit.prune.calib import calibration_sequences, mean_loss
+    from edgekit.prune.calib import batches, mean_loss
+
+    calib, search = calibration_split(tok, cfg)
+    if cfg.reconstruct:
+        from edgekit.prune.reconstruct import reconstruct
+
+        info["cut_search_loss"] = mean_loss(pruned, search)
+        log(f"prune: refitting o_proj/down_proj on {len(calib)} calibration sequences")
+        t1 = time.perf_counter()
+        info["reconstruction"] = reconstruct(model, pruned, ad, plan.hidden, batches(calib, cfg.batch_size),
+                                             cfg.reconstruct_damp)
+        info["reconstruction"]["seconds"] = round(time.perf_counter() - t1, 2)
 
     report = {
         "source": str(model_dir),
@@ -110,8 +130,7 @@ def prune_model(model_dir: Path, out: Path, cfg: PruneConfig, log=print) -> dict
         "layers": layer_report(base, after),
         **{k: v for k, v in info.items() if k not in ("params_before",)},
     }
-    search = calibration_sequences(tok, cfg.calibration, cfg.seq_len, cfg.num_samples + cfg.search_samples)
-    report["pruned_search_loss"] = mean_loss(pruned, search[-cfg.search_samples:])
+    report["pruned_search_loss"] = mean_loss(pruned, search)
     report["seconds"] = round(time.perf_counter() - t0, 2)
     with atomic_dir(Path(out)) as tmp:
         save_pruned(pruned, tmp, model_dir)

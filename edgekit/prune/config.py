@@ -52,6 +52,8 @@ class PruneConfig:
     batch_size: int = 4
     search_samples: int = 4  # sequences that score each candidate split in the search
     norm_correction: bool = True  # rescale RMSNorm weights for the removed hidden channels' share of the RMS
+    reconstruct: bool = True  # refit o_proj/down_proj by least squares on the calibration text (prune/reconstruct.py)
+    reconstruct_damp: float = 0.1  # ridge strength towards the cut weights, relative to the mean input energy
     seed: int = 0
 
     def check(self) -> None:
@@ -66,6 +68,8 @@ class PruneConfig:
             raise EdgekitError(f"hidden_keep must be in (0, 1], got {self.hidden_keep}", "e.g. --hidden-keep 0.9")
         if self.attn_weight <= 0:
             raise EdgekitError(f"attention weight must be positive, got {self.attn_weight}", "e.g. --attn-weight 1")
+        if self.reconstruct_damp <= 0:
+            raise EdgekitError(f"reconstruct_damp must be positive, got {self.reconstruct_damp}", "e.g. 0.1")
         for n in ("num_samples", "seq_len", "batch_size", "search_samples"):
             if getattr(self, n) < 1:
                 raise EdgekitError(f"{n} must be at least 1, got {getattr(self, n)}", f"pass a positive {n}")

@@ -1,0 +1,111 @@
+"""One-shot weight reconstruction after a structured cut: closed form, no training.
+
+Removing MLP neurons or query heads removes their share of what each layer writes into the residual stream; the kept
+units can make up much of it. Each layer's output projections (o_proj, then down_proj) are refitted by least squares
+so that, on calibration text, the pruned layer writes what the dense layer would have written, given the inputs the
+pruned model actually sees. Layers are refitted in order, so each also absorbs the drift of the layers before it.
+
+The target is the dense layer run on the pruned model's own stream when the hidden width is kept (the fit then only
+has to replace the removed units), or the dense model's stream restricted to the kept channels when hidden channels
+were cut too (the dense layer cannot read a narrower stream). The ridge term pulls towards the weights the cut left,
+not towards zero: with a few thousand calibration tokens a plain fit overfits (measured in bench/ and docs/pruning.md).
+
+Cost: about three forward passes over the calibration tokens (run layer by layer on cached hidden states) plus one
+solve per projection, of its input width squared.
+"""
+
+from __future__ import annotations
+
+
+class _Stop(Exception):
+    pass
+
+
+def _layer_inputs(model, ad, batches) -> list:
+    """Per batch: (hidden states entering layer 0, the keyword arguments the model passes every layer)."""
+    caught = []
+
+    def grab(mod, args, kwargs):
+        kw = dict(kwargs)
+        x = args[0] if args else kw.pop("hidden_states")
+        caught.append((x.detach(), kw))
+        raise _Stop  # the rest of the model is not needed
+
+    h = ad.layers(model)[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for ids in batches:
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    return caught
+
+
+def _run(layer, xs: list, *taps) -> tuple:
+    """Run a decoder layer over cached inputs. Each tap is (module, "in" | "out"); returns the layer outputs and,
+    per tap, what that module saw (its input or output, flattened to 2-D) batch by batch."""
+    seen = [[] for _ in taps]
+    hooks = []
+    for (mod, what), store in zip(taps, seen):
+        if what == "in":
+            hooks.append(mod.register_forward_pre_hook(lambda m, a, s=store: s.append(a[0].reshape(-1, a[0].shape[-1]))))
+        else:
+            hooks.append(mod.register_forward_hook(lambda m, a, o, s=store: s.append(o.reshape(-1, o.shape[-1]))))
+    outs = []
+    try:
+        for x, kw in xs:
+            out = layer(x, **kw)
+            outs.append(out[0] if isinstance(out, tuple) else out)
+    finally:
+        for h in hooks:
+            h.remove()
+    return (outs, *seen)
+
+
+def _refit(linear, inputs: list, targets: list, damp: float) -> None:
+    """linear.weight := argmin ||X W^T - Y||^2 + damp * mean(diag X^T X) * ||W - W_now||^2 (its bias is kept)."""
+    import torch
+
+    n = inputs[0].shape[1]
+    A = torch.zeros(n, n, dtype=torch.float64)
+    B = torch.zeros(n, targets[0].shape[1], dtype=torch.float64)
+    bias = linear.bias.detach().double() if linear.bias is not None else 0.0
+    for x, y in zip(inputs, targets):
+        x = x.double()
+        A += x.T @ x
+        B += x.T @ (y.double() - bias)
+    lam = damp * A.diagonal().mean().clamp_min(1e-12)
+    A += lam * torch.eye(n, dtype=torch.float64)
+    B += lam * linear.weight.detach().double().T
+    linear.weight.data.copy_(torch.linalg.solve(A, B).T.to(linear.weight.dtype))
+
+
+def reconstruct(dense, pruned, ad, hidden: list, batches, damp: float = 0.1) -> dict:
+    """Refit every o_proj and down_proj of `pruned` (a cut of `dense` that keeps hidden channels `hidden`), in place,
+    on the calibration batches. Returns what it did."""
+    import torch
+
+    hid = torch.tensor(hidden, dtype=torch.long)
+    local = len(hidden) == dense.config.hidden_size
+    batches = list(batches)
+    with torch.no_grad():
+        xs_p = _layer_inputs(pruned, ad, batches)
+        xs_d = None if local else _layer_inputs(dense, ad, batches)
+        for ld, lp in zip(ad.layers(dense), ad.layers(pruned)):
+            src = xs_p if local else xs_d
+            nxt_d, o_out, d_out = _run(ld, src, (ld.self_attn.o_proj, "out"), (ld.mlp.down_proj, "out"))
+            _, o_in = _run(lp, xs_p, (lp.self_attn.o_proj, "in"))
+            _refit(lp.self_attn.o_proj, o_in, [y[:, hid] for y in o_out], damp)
+            del o_in, o_out
+            outs, d_in = _run(lp, xs_p, (lp.mlp.down_proj, "in"))
+            old = lp.mlp.down_proj.weight.detach().clone()
+            _refit(lp.mlp.down_proj, d_in, [y[:, hid] for y in d_out], damp)
+            delta = lp.mlp.down_proj.weight.detach() - old
+            # the layer's new output differs from the one just computed only through the down_proj change
+            xs_p = [(o + (a @ delta.T).reshape(o.shape), kw) for o, a, (_, kw) in zip(outs, d_in, xs_p)]
+            if not local:
+                xs_d = [(y, kw) for y, (_, kw) in zip(nxt_d, xs_d)]
+    return {"target": "dense layer on the pruned stream" if local else "dense stream, kept channels",
+            "layers": len(ad.layers(pruned)), "tokens": sum(int(b.numel()) for b in batches), "damp": damp}
