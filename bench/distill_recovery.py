@@ -189,8 +189,8 @@ def main() -> int:
     for r in rows:
         print(f"{r[0]:<40} {r[1]:>11,} {r[2]:>9.3f} {r[3]:>10.3f} {str(r[4]):>12} {str(r[5]):>8}")
     print(f"KD beats CE: {result['kd_beats_ce']}")
-    print(f"reproduce: PYTHONPATH=. python bench/distill_recovery.py --pruner {a.pruner} --tokens {a.tokens} --lr {a.lr} "
-          f"--batch-size {a.batch_size} --block-size {a.block_size} --eval-blocks {a.eval_blocks} --kd-ce-weight "
+    print(f"reproduce: PYTHONPATH=. python bench/distill_recovery.py --pruner {a.pruner} --tokens {a.tokens} "
+          f"--lr {a.lr} --batch-size {a.batch_size} --block-size {a.block_size} --eval-blocks {a.eval_blocks} --kd-ce-weight "
           f"{a.kd_ce_weight} --temperature {' '.join(map(str, T))} -o {a.out}")
     return 0
 

@@ -150,7 +150,6 @@ def torchpruning(path, importance: str, inter: int, calib, batch_size: int):
     """Torch-Pruning 1.6.1 MetaPruner on the MLP channels of every layer down to `inter` (its maintainers' LLM
     recipe: use_cache=False, logits output_transform, lm_head ignored; attention ignored because its groups
     cannot be built on this GQA/RoPE model, which also removes the hidden-channel group)."""
-    import torch
     import torch_pruning as tp
 
     from edgekit.models import load_torch_model

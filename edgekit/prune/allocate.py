@@ -113,7 +113,7 @@ def search_uniform(scores, base: Geometry, keep_params: int, align: int, hidden_
     evaluate(plan) -> float; called on a few candidates only (coarse-to-fine), each a real pruned model."""
     D = base.hidden_size
     w0 = base.layers[0]
-    K, G = w0.num_key_value_heads, w0.num_attention_heads // w0.num_key_value_heads
+    K = w0.num_key_value_heads
     attn = attention_options(w0.num_attention_heads, K, base.head_dim, align)
     hid = hidden_options(D, align, hidden_keep)
     tried: dict[tuple, dict] = {}

@@ -49,10 +49,12 @@ def _run(layer, xs: list, *taps) -> tuple:
     seen = [[] for _ in taps]
     hooks = []
     for (mod, what), store in zip(taps, seen):
+        def keep(t, s=store):
+            s.append(t.reshape(-1, t.shape[-1]))
         if what == "in":
-            hooks.append(mod.register_forward_pre_hook(lambda m, a, s=store: s.append(a[0].reshape(-1, a[0].shape[-1]))))
+            hooks.append(mod.register_forward_pre_hook(lambda m, a, k=keep: k(a[0])))
         else:
-            hooks.append(mod.register_forward_hook(lambda m, a, o, s=store: s.append(o.reshape(-1, o.shape[-1]))))
+            hooks.append(mod.register_forward_hook(lambda m, a, o, k=keep: k(o)))
     outs = []
     try:
         for x, kw in xs:
