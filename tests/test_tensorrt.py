@@ -155,7 +155,7 @@ def test_export_gates_through_onnxruntime_and_plans_the_engine(trt_artifact, tin
     assert plan["profile"]["max"]["input_ids"] == [1, 128] and plan["profile"]["max"][past[0]] == [1, kv, 127, hd]
     cmd = plan["build_command"]
     assert cmd[0] == "trtexec" and "--fp16" in cmd and any(c.startswith("--memPoolSize=workspace:") for c in cmd)
-    assert f"--optShapes=input_ids:1x1,attention_mask:1x65" in " ".join(cmd)
+    assert "--optShapes=input_ids:1x1,attention_mask:1x65" in " ".join(cmd)
     # The engine's source graph really runs (ONNX Runtime) and matches the shipped reference.
     from edgekit.runtime.onnxruntime import load
     from edgekit.verify import compare, load_reference, thresholds_for
@@ -180,7 +180,6 @@ def test_export_refusals(tiny_models, tmp_path):
 
 
 def test_fp16_safe_clamps_out_of_range_constants(tmp_path):
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 

@@ -283,7 +283,6 @@ def distill(teacher: Path, student: Path, out: Path, cfg: DistillConfig, data: P
     kill_at = int(os.environ.get(_KILL_ENV, "0") or 0)
     tokens_per_step = cfg.batch_size * cfg.data.block_size
     bar = _Bar(total, st.step, enabled=d.main and (sys.stderr.isatty() if progress is None else progress))
-    t_start = time.perf_counter()
     steps_here = 0
     try:
         for step in range(st.step, total):
@@ -346,7 +345,6 @@ def distill(teacher: Path, student: Path, out: Path, cfg: DistillConfig, data: P
                 _save_checkpoint(paths.checkpoints, wrapper, opt, sched, st, fp, cfg.keep_checkpoints, d)
     finally:
         bar.close()
-    wall = time.perf_counter() - t_start
     student_model = s_model
     ppl_after = perplexity(student_model, eval_blocks, cfg.micro_batch_size, d)
     tokens = total * tokens_per_step
