@@ -96,7 +96,9 @@ def edgekit_prune(teacher: Path, out: Path, ratio: float) -> dict:
     from edgekit.prune.config import Budget, PruneConfig
 
     rep = prune_model(teacher, out, PruneConfig(budget=Budget(ratio=ratio)), log=lambda m: print(m, file=sys.stderr))
-    return {"pruner": "edgekit.prune (activation, uniform)", **{k: rep[k] for k in rep if k.startswith("params")}}
+    return {"pruner": "edgekit.prune (activation, uniform, searched split, least-squares refit)",
+            "removed_fraction": rep["removed_fraction"], "params_before": rep["params_before"],
+            "params_after": rep["params_after"], "widths": rep["layers"][0]}
 
 
 def main() -> int:
