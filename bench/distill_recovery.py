@@ -110,7 +110,9 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--block-size", type=int, default=256)
     ap.add_argument("--temperature", type=float, nargs="+", default=[1.0])
-    ap.add_argument("--kd-ce-weight", type=float, default=0.0, help="cross-entropy mixed into the KD run's loss")
+    ap.add_argument("--kd-ce-weight", type=float, default=None,
+                    help="cross-entropy mixed into the KD run's loss (default: edgekit's LossConfig default, 1.0; "
+                    "0 = pure KD)")
     ap.add_argument("--eval-blocks", type=int, default=48)
     ap.add_argument("--runs", default="KD,CE", help="which recoveries to train (a finished run with the same settings "
                     "in OUT is reused, not retrained)")
@@ -137,6 +139,8 @@ def main() -> int:
     print(f"pruned: {info}", file=sys.stderr)
 
     T = a.temperature
+    if a.kd_ce_weight is None:
+        a.kd_ce_weight = LossConfig().ce_weight
     base = dict(tokens=a.tokens, batch_size=a.batch_size, micro_batch_size=4, checkpoint_every=8,
                 data=DataConfig(block_size=a.block_size, max_eval_blocks=a.eval_blocks),
                 optim=OptimConfig(lr=a.lr))

@@ -42,7 +42,7 @@ def register(sub) -> None:
     g.add_argument("--hidden-weight", type=float, help="weight of the hidden-state loss (default 0 = off)")
     g.add_argument("--hidden-loss", choices=("cosine", "mse"))
     g.add_argument("--hidden-layers", help="student:teacher hidden-state index pairs, e.g. 8:8,16:16,30:30")
-    g.add_argument("--ce-weight", type=float, help="weight of plain next-token cross-entropy (default 0)")
+    g.add_argument("--ce-weight", type=float, help="weight of the next-token cross-entropy mixed into KD (default 1; 0 = pure KD)")
     g = p.add_argument_group("training")
     g.add_argument("--batch-size", type=int, help="global batch in sequences (default 8)")
     g.add_argument("--micro-batch-size", type=int, help="sequences per forward pass per process (default 4)")
