@@ -232,6 +232,13 @@ def test_cli_prune_and_bad_inputs(cli, tiny_models, tmp_path):
     rep = json.loads(p.stdout)
     assert 0.2 < rep["removed_fraction"] < 0.3
     AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    # the refit ran on the calibration windows (8 x 256 tokens) and is reported; --no-reconstruct skips it
+    assert rep["reconstruction"]["tokens"] == 8 * 256 and rep["config"]["reconstruct"] is True
+    assert rep["cut_search_loss"] > 0 and rep["pruned_search_loss"] > 0
+    p = cli("prune", m, "--ratio", "0.25", "--criterion", "magnitude", "--samples", "8", "--no-reconstruct",
+            "-o", tmp_path / "o2", "--json", check=0)
+    rep2 = json.loads(p.stdout)
+    assert "reconstruction" not in rep2 and rep2["config"]["reconstruct"] is False
     for ratio in ("1.5", "0", "-0.2"):
         p = cli("prune", m, "--ratio", ratio, "-o", tmp_path / "bad", check=2)
         assert "ratio must be between 0 and 1" in p.stderr and not (tmp_path / "bad").exists()
