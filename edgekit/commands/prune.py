@@ -6,6 +6,9 @@ from pathlib import Path
 EPILOG = """\
 structures: MLP neurons (gate/up/down together), query heads inside each KV group and whole KV groups (GQA-correct,
 head_dim and RoPE untouched), hidden channels (embeddings, every norm, every projection, the LM head).
+After the cut, each layer's o_proj and down_proj are refitted in closed form (least squares on the calibration
+text) so the pruned layers write what the dense ones did; --no-reconstruct skips that. No gradient training here:
+recover further with `edgekit distill`.
 
 examples:
   edgekit prune ./my-llama --ratio 0.25 -o pruned              uniform: a plain HF folder (from_pretrained loads it)
