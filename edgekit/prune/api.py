@@ -37,8 +37,9 @@ def calibration_split(tok, cfg: PruneConfig) -> tuple[list, list]:
     return seqs[:-cfg.search_samples], seqs[-cfg.search_samples:]
 
 
-def plan_pruning(model, tok, cfg: PruneConfig, log=print, scores=None) -> tuple:
-    """(Plan, info) for a loaded dense model: score, allocate, and (uniform) search the split on calibration loss."""
+def plan_pruning(model, tok, cfg: PruneConfig, log=print, scores=None, split=None) -> tuple:
+    """(Plan, info) for a loaded dense model: score, allocate, and (uniform) search the split on calibration loss.
+    `split`: calibration_split(tok, cfg) when the caller already has it."""
     from edgekit.prune import allocate
     from edgekit.prune.apply import build_model, norm_scales, pruned_config, pruned_state
     from edgekit.prune.calib import mean_loss
@@ -50,7 +51,7 @@ def plan_pruning(model, tok, cfg: PruneConfig, log=print, scores=None) -> tuple:
     total = base.params()
     keep = total - cfg.budget.removed(total)
     allocate.check_ratio_feasible(base, keep, cfg.align)
-    calib, search = calibration_split(tok, cfg)
+    calib, search = split or calibration_split(tok, cfg)
     info = {"params_before": total, "params_target": keep, "calibration_sequences": len(calib),
             "search_sequences": len(search), "seq_len": cfg.seq_len}
     if scores is None:
@@ -101,13 +102,13 @@ def prune_model(model_dir: Path, out: Path, cfg: PruneConfig, log=print) -> dict
     if tok is None:
         raise EdgekitError(f"{model_dir} has no tokenizer.json; calibration needs the model's tokenizer",
                            "save the tokenizer next to the model (tokenizer.save_pretrained)")
-    plan, info = plan_pruning(model, tok, cfg, log=log)
+    calib, search = calibration_split(tok, cfg)
+    plan, info = plan_pruning(model, tok, cfg, log=log, split=(calib, search))
     new_cfg = pruned_config(model, plan)
     pruned = build_model(new_cfg, pruned_state(model, ad, plan))
     after = plan.geometry(base)
     from edgekit.prune.calib import batches, mean_loss
 
-    calib, search = calibration_split(tok, cfg)
     if cfg.reconstruct:
         from edgekit.prune.reconstruct import reconstruct
 
