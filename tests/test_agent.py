@@ -79,7 +79,8 @@ def test_agent_package_imports_no_torch():
 
 def test_bench_device_pushes_artifact_and_writes_report(agent, ort_artifact, cli, tmp_path):
     p = cli("bench", ort_artifact, "--device", agent.url, "--token-file", agent.token_file, "--target", "x86-cpu",
-            "--prompt-tokens", 16, "--new-tokens", 8, "--seconds", 0.3, "--json", check=0)
+            # the bench phase must outlast the client's 1 s status poll, or its progress line can be missed
+            "--prompt-tokens", 16, "--new-tokens", 8, "--seconds", 1.5, "--json", check=0)
     report = json.loads(p.stdout)
     check_report(report)
     assert report["target"] == "x86-cpu" and report["within_budget"] is True
