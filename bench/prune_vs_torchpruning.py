@@ -10,6 +10,8 @@ text (edgekit/data/heldout.txt). Per ratio:
 Each edgekit row is measured twice: the cut alone, and the cut followed by edgekit's least-squares refit of
 o_proj/down_proj on the same calibration sequences (prune/reconstruct.py: closed form, no gradient step, on by default
 in `edgekit prune`). Torch-Pruning has no such step.
+Extra rows, outside the issue's uniform comparison: edgekit's non-uniform allocation (`--non-uniform`: per-layer widths
+from each layer's predicted loss, prune/sensitivity.py) at the same budget and hidden width.
 Importance time and peak RSS are measured around importance estimation only (edgekit: scoring; Torch-Pruning:
 gradient passes + pruner construction + step).
 
@@ -34,6 +36,7 @@ def main() -> None:
     ap.add_argument("--no-dense", action="store_true", help="skip the dense row (when ratios run in parallel)")
     ap.add_argument("--only", choices=("all", "edgekit", "torch-pruning"), default="all",
                     help="run one side (the two sides can run in parallel processes)")
+    ap.add_argument("--no-non-uniform", action="store_true", help="skip the non-uniform rows")
     ap.add_argument("--json", help="write the results here too")
     a = ap.parse_args()
 
@@ -47,6 +50,7 @@ def main() -> None:
     from edgekit.prune.arch import Geometry, get_adapter
     from edgekit.prune.calib import batches, calibration_sequences, perplexity
     from edgekit.prune.reconstruct import reconstruct
+    from edgekit.prune.sensitivity import layer_costs
 
     torch.manual_seed(0)
     path = resolve_model(None).path
@@ -74,9 +78,9 @@ def main() -> None:
                                                                 batch_size=cfg0.batch_size), calib)
         print(f"edgekit {c} importance: {cost[c]}", flush=True)
 
-    def edgekit_ppl(c, d, k, g, inter):
+    def edgekit_ppl(c, d, k, g, inter, plan=None):
         """(held-out ppl of the cut, of the cut + least-squares refit, parameters)."""
-        plan = allocate.uniform_plan(scores[c], base, d, k, g, inter)
+        plan = plan or allocate.uniform_plan(scores[c], base, d, k, g, inter)
         if d < base.hidden_size:
             plan.norm_scales = norm_scales(model, ad, search, {d: plan.hidden})[d]
         m = build_model(pruned_config(model, plan), pruned_state(model, ad, plan))
@@ -84,13 +88,15 @@ def main() -> None:
         reconstruct(model, m, ad, plan.hidden, batches(calib, cfg0.batch_size), cfg0.reconstruct_damp)
         return cut, ppl(m), plan.geometry(base).params()
 
-    def add_edgekit_rows(c, ratio, widths, *geo):
-        cut, refit, n = edgekit_ppl(c, *geo)
-        for name, p in ((f"edgekit {c} (cut only)", cut), (f"edgekit {c} + refit", refit)):
+    def add_edgekit_rows(c, ratio, widths, *geo, plan=None):
+        cut, refit, n = edgekit_ppl(c, *geo, plan=plan)
+        kind = " non-uniform" if plan else ""
+        for name, p in ((f"edgekit {c}{kind} (cut only)", cut), (f"edgekit {c}{kind} + refit", refit)):
             rows.append({"method": name, "ratio": ratio, "removed": 1 - n / total, "ppl": p, "widths": widths})
             print(rows[-1], flush=True)
 
     w0 = base.layers[0]
+    layer_cost = None
     for ratio in map(float, a.ratios.split(",")):
         keep = total - Budget(ratio=ratio).removed(total)
         # Torch-Pruning's structures on this model: MLP channels (see module doc); same budget
@@ -123,6 +129,17 @@ def main() -> None:
         if "activation" in scores and wtp != wtxt:  # the criterion alone, at Torch-Pruning's widths
             add_edgekit_rows("activation", ratio, wtp, base.hidden_size, w0.num_key_value_heads,
                              w0.num_attention_heads // w0.num_key_value_heads, i_tp)
+        if "activation" in scores and not a.no_non_uniform:
+            if layer_cost is None:
+                t = time.perf_counter()
+                layer_cost = layer_costs(model, ad, scores["activation"], calib, cfg0.batch_size, 8,
+                                         cfg0.reconstruct_damp)
+                print(f"layer costs (non-uniform allocation) {time.perf_counter() - t:.0f}s", flush=True)
+            nu = allocate.nonuniform_plan(scores["activation"], layer_cost, base, d, keep, 8)
+            iw = [lp.widths().intermediate_size for lp in nu.layers]
+            hw = [lp.widths().num_attention_heads for lp in nu.layers]
+            add_edgekit_rows("activation", ratio, f"D{d} H{min(hw)}-{max(hw)} I{min(iw)}-{max(iw)}", d, k, g, inter,
+                             plan=nu)
 
     print("\n| method | target removed | removed | widths (per layer) | held-out ppl |")
     print("|---|---|---|---|---|")
@@ -135,10 +152,15 @@ def main() -> None:
         if r["method"].startswith("torch-pruning"):
             print(f"  {r['method']} @ {r['ratio']:.0%}: {r['seconds']} s, peak RSS {r['peak_rss_mb']:.0f} MB")
     for ratio in map(float, a.ratios.split(",") if a.only == "all" else ()):
-        ek = min(r["ppl"] for r in rows if r["ratio"] == ratio and r["method"].startswith("edgekit"))
+        ek = min(r["ppl"] for r in rows if r["ratio"] == ratio and r["method"].startswith("edgekit")
+                 and "non-uniform" not in r["method"])
         tp = min(r["ppl"] for r in rows if r["ratio"] == ratio and r["method"].startswith("torch-pruning"))
-        print(f"ratio {ratio:.0%}: best edgekit {ek:.2f} vs best Torch-Pruning {tp:.2f} -> "
+        print(f"ratio {ratio:.0%}: best edgekit (uniform) {ek:.2f} vs best Torch-Pruning {tp:.2f} -> "
               f"{'goal met' if ek <= tp / 2 else 'goal NOT met'} (edgekit <= half of Torch-Pruning)")
+        nu = [r["ppl"] for r in rows if r["ratio"] == ratio and "non-uniform + refit" in r["method"]]
+        if nu:
+            print(f"ratio {ratio:.0%}: edgekit non-uniform + refit {nu[0]:.2f} ({nu[0] / tp:.2f}x Torch-Pruning's "
+                  f"best, {nu[0] / ek:.2f}x edgekit uniform)")
     print(f"\nreproduce: PYTHONPATH=$PWD python bench/prune_vs_torchpruning.py --ratios {a.ratios} "
           f"--samples {a.samples} --eval-seqs {a.eval_seqs} --search-samples {a.search_samples} --only {a.only}")
     if a.json:

@@ -197,6 +197,51 @@ def test_reconstruction_brings_the_cut_model_back_towards_the_dense_one(arch, hi
     assert changed and all(k.endswith(("o_proj.weight", "down_proj.weight")) for k in changed), changed
 
 
+def test_refit_error_cost_is_the_refitted_projections_error():
+    """The closed-form cost of a width equals half the Fisher-weighted squared error the refitted projection actually
+    makes on the same inputs (reconstruct._refit fits it)."""
+    import torch
+
+    from edgekit.prune.reconstruct import _refit
+    from edgekit.prune.sensitivity import refit_error_cost
+
+    torch.manual_seed(0)
+    X = torch.randn(512, 32) @ torch.randn(32, 32)  # correlated inputs, so the kept columns can stand in
+    lin = torch.nn.Linear(32, 12, bias=False)
+    W = lin.weight.detach().clone()
+    keep = list(range(0, 32, 3))
+    F = torch.rand(12, dtype=torch.float64) + 0.5
+    predicted = refit_error_cost(W.double(), (X.double().T @ X.double()) / len(X), keep, F, damp=0.1)
+    cut = torch.nn.Linear(len(keep), 12, bias=False)
+    cut.weight.data.copy_(W[:, keep])
+    _refit(cut, [X[:, keep]], [X @ W.T], damp=0.1)
+    err = (X @ W.T - X[:, keep] @ cut.weight.detach().T).double().pow(2).mean(0)
+    assert predicted == pytest.approx(0.5 * float((F * err).sum()), rel=1e-4)
+    as_cut = refit_error_cost(W.double(), (X.double().T @ X.double()) / len(X), keep, F, 0.1, refit=False)
+    assert as_cut > 1.5 * predicted  # the refit is what makes the kept columns stand in
+
+
+def test_non_uniform_cuts_where_the_predicted_loss_is_lowest(tiny_models, tmp_path):
+    """A layer whose MLP writes nothing costs nothing to narrow: the non-uniform allocation takes it to the minimum
+    width before touching the others. Raw activation scores cannot see that across layers; the layer costs can."""
+    import torch
+
+    from edgekit.models import load_torch_model
+    from edgekit.prune import Budget, PruneConfig, prune_model
+    from edgekit.testing import make_tiny_model
+
+    src = make_tiny_model("llama", tmp_path / "src", seed=5, num_hidden_layers=4)
+    model, tok = load_torch_model(src)
+    with torch.no_grad():
+        model.model.layers[2].mlp.down_proj.weight.mul_(1e-4)
+    model.save_pretrained(src, safe_serialization=True)
+    rep = prune_model(src, tmp_path / "out", PruneConfig(Budget(ratio=0.2), non_uniform=True, hidden_keep=1.0,
+                                                         num_samples=8, seq_len=64), log=lambda s: None)
+    inter = [r["intermediate"][1] for r in rep["layers"]]
+    assert inter[2] == 8 and min(inter[:2] + inter[3:]) > 8, inter
+    assert rep["layer_costs_seconds"] > 0 and abs(rep["removed_fraction"] - 0.2) < 0.05
+
+
 def test_alignment_is_honoured(tiny_models, tmp_path):
     from edgekit.prune import Budget, PruneConfig, prune_model
 

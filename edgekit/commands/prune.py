@@ -33,7 +33,8 @@ def register(sub) -> None:
     b.add_argument("--bytes", type=int, help="size to fit, at --bytes-per-param (default 4: fp32)")
     p.add_argument("--bytes-per-param", type=float, default=4.0)
     p.add_argument("--criterion", default="activation", choices=list(CRITERIA), help="importance (default activation)")
-    p.add_argument("--non-uniform", action="store_true", help="per-layer widths from a global ranking")
+    p.add_argument("--non-uniform", action="store_true", help="per-layer widths: narrow the layers where the "
+                   "cut is predicted to cost the least loss (a Fisher-weighted refit error, ~1 extra backward pass)")
     p.add_argument("--align", type=int, default=8, help="pruned widths are multiples of this (default 8; 256 for "
                    "GGUF K-quants; the group size for 8da4w)")
     p.add_argument("--hidden-keep", type=float, help="fraction of hidden channels kept (default: searched)")

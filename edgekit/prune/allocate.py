@@ -4,7 +4,8 @@ Uniform: every layer keeps the same widths (a plain HF config). The split betwee
 given (hidden_keep) or searched: candidate splits that meet the budget are scored by calibration loss and the best
 wins (coarse-to-fine: hidden width first, then attention, then hidden again), so no hand-tuned split per model.
 Non-uniform: hidden width as in the uniform plan; MLP neurons and attention are removed greedily across all layers,
-cheapest (importance per parameter) first, at least one aligned unit left per layer, protected layers untouched.
+cheapest first, by the loss each layer's narrower widths are predicted to cost (sensitivity.py) per parameter saved,
+at least one aligned unit left per layer, protected layers untouched.
 """
 
 from __future__ import annotations
@@ -166,54 +167,45 @@ def search_uniform(scores, base: Geometry, keep_params: int, align: int, hidden_
         (v for v in tried.values() if v["intermediate"]), key=lambda v: v["loss"])
 
 
-def nonuniform_plan(scores, base: Geometry, D: int, keep_params: int, align: int, attn_weight: float = 1.0,
+def nonuniform_plan(scores, costs, base: Geometry, D: int, keep_params: int, align: int, attn_weight: float = 1.0,
                     protected: tuple = ()) -> Plan:
-    """Greedy global removal at hidden width D: repeatedly take the cheapest move (importance lost per parameter
-    saved) among every layer's next MLP chunk and next smaller aligned attention shape."""
-    import torch
-
+    """Greedy global removal at hidden width D: repeatedly take the move with the least predicted loss per parameter
+    saved (costs: sensitivity.LayerCosts) among every layer's narrower MLP widths and smaller aligned attention shapes.
+    Scores still pick which units a layer keeps; the costs decide how many."""
     L = len(base.layers)
     for p in protected:
         if not 0 <= p < L:
             raise EdgekitError(f"protected layer {p} does not exist (the model has {L} layers: 0..{L - 1})",
                                "pass layer indices within range")
-    hd = base.head_dim
     geo = base.with_(hidden_size=D)
     w0 = base.layers[0]
     K, G = w0.num_key_value_heads, w0.num_attention_heads // w0.num_key_value_heads
-    opts = attention_options(w0.num_attention_heads, K, hd, align)
     unit_mlp = geo.layer_params(LayerWidths(1, 0, 0))["mlp"] - geo.layer_params(LayerWidths(0, 0, 0))["mlp"]
-    sorted_mlp = [torch.sort(s).values.tolist() for s in scores.mlp]  # ascending importance
-    # per layer: attention table (k, g) -> (kept score, params)
-    attn_tab = []
-    for l in range(L):
-        tab = {}
-        for k, g in opts:
-            _, _, sc = select_attention(scores.heads[l], scores.kv[l], k, g)
-            tab[(k, g)] = (sc, geo.layer_params(LayerWidths(0, k * g, k))["attention"])
-        attn_tab.append(tab)
+    attn_params = {kg: geo.layer_params(LayerWidths(0, kg[0] * kg[1], kg[0]))["attention"] for kg in costs.attn[0]}
     I0 = w0.intermediate_size
-    state = [{"removed_mlp": 0, "attn": (K, G)} for _ in range(L)]
+    state = [{"mlp": I0, "attn": (K, G)} for _ in range(L)]
     total = geo.with_(layers=(w0,) * L).params()
     to_remove = total - keep_params
     if to_remove <= 0:
         raise EdgekitError("pruning the hidden width alone already meets this budget", "ask for a larger ratio")
 
     def moves(l):
+        """(loss per parameter, parameters saved, move): the next narrower MLP width, the narrower MLP width with the
+        best ratio (so a flat stretch of the cost curve is crossed in one move), and every smaller attention shape."""
         if l in protected:
             return []
         st, out = state[l], []
-        r = st["removed_mlp"]
-        w = I0 - r
-        nw = ((w - 1) // align) * align  # next aligned width below
-        if nw >= align:
-            step = w - nw
-            out.append((sum(sorted_mlp[l][r:r + step]) / (step * unit_mlp), step * unit_mlp, ("mlp", step)))
-        cs, cp = attn_tab[l][st["attn"]]
+        c_mlp = costs.mlp[l]
+        narrower = sorted((w for w in c_mlp if w < st["mlp"]), reverse=True)
+        cands = [((max(c_mlp[w] - c_mlp[st["mlp"]], 0.0)) / ((st["mlp"] - w) * unit_mlp), w) for w in narrower]
+        for r, w in ([cands[0], min(cands)] if cands else []):
+            out.append((r, (st["mlp"] - w) * unit_mlp, ("mlp", w)))
         k0, g0 = st["attn"]
-        for (k, g), (s, p) in attn_tab[l].items():
+        c_now = costs.attn[l][(k0, g0)]
+        for (k, g), c in costs.attn[l].items():
             if k <= k0 and g <= g0 and (k, g) != (k0, g0):
-                out.append((attn_weight * max(cs - s, 0.0) / (cp - p), cp - p, ("attn", (k, g))))
+                saved = attn_params[(k0, g0)] - attn_params[(k, g)]
+                out.append((attn_weight * max(c - c_now, 0.0) / saved, saved, ("attn", (k, g))))
         return out
 
     best_moves = [moves(l) for l in range(L)]
@@ -225,19 +217,15 @@ def nonuniform_plan(scores, base: Geometry, D: int, keep_params: int, align: int
                                "ask for a smaller ratio (at least one aligned unit of every structure stays)")
         short = to_remove - removed
         fitting = [c for c in cands if c[0][1] <= 2 * short]  # avoid overshooting by more than we are short
-        m, l = min(fitting or cands, key=lambda x: x[0][0])
-        kind, arg = m[2]
-        if kind == "mlp":
-            state[l]["removed_mlp"] += arg
-        else:
-            state[l]["attn"] = arg
+        m, l = min(fitting or cands, key=lambda x: (x[0][0], -x[0][1]))
+        state[l][m[2][0]] = m[2][1]
         removed += m[1]
         best_moves[l] = moves(l)
     layers = []
     for l in range(L):
         k, g = state[l]["attn"]
         kv, heads, _ = select_attention(scores.heads[l], scores.kv[l], k, g)
-        layers.append(LayerPlan(_top(scores.mlp[l], I0 - state[l]["removed_mlp"]), kv, heads))
+        layers.append(LayerPlan(_top(scores.mlp[l], state[l]["mlp"]), kv, heads))
     return Plan(_top(scores.hidden, D), layers)
 
 

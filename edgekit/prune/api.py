@@ -76,7 +76,14 @@ def plan_pruning(model, tok, cfg: PruneConfig, log=print, scores=None, split=Non
     plan, tried = allocate.search_uniform(scores, base, keep, cfg.align, cfg.hidden_keep, evaluate, log=log)
     info["candidates"] = tried
     if cfg.non_uniform:
-        plan = allocate.nonuniform_plan(scores, base, len(plan.hidden), keep, cfg.align, cfg.attn_weight,
+        from edgekit.prune.sensitivity import layer_costs
+
+        log(f"prune: predicting each layer's loss at every width ({len(calib)} x {cfg.seq_len} tokens)")
+        t0 = time.perf_counter()
+        costs = layer_costs(model, ad, scores, calib, cfg.batch_size, cfg.align, cfg.reconstruct_damp,
+                            refit=cfg.reconstruct)
+        info["layer_costs_seconds"] = round(time.perf_counter() - t0, 2)
+        plan = allocate.nonuniform_plan(scores, costs, base, len(plan.hidden), keep, cfg.align, cfg.attn_weight,
                                         tuple(cfg.protected_layers))
     return finish(plan), info
 
