@@ -240,6 +240,8 @@ def test_non_uniform_cuts_where_the_predicted_loss_is_lowest(tiny_models, tmp_pa
     inter = [r["intermediate"][1] for r in rep["layers"]]
     assert inter[2] == 8 and min(inter[:2] + inter[3:]) > 8, inter
     assert rep["layer_costs_seconds"] > 0 and abs(rep["removed_fraction"] - 0.2) < 0.05
+    mlp = [p["mlp"] for p in rep["predicted_loss_increase"]]
+    assert len(mlp) == 4 and mlp[2] < 0.01 * max(mlp), mlp  # the silent MLP costs ~nothing even at width 8
 
 
 def test_alignment_is_honoured(tiny_models, tmp_path):

@@ -85,6 +85,10 @@ def plan_pruning(model, tok, cfg: PruneConfig, log=print, scores=None, split=Non
         info["layer_costs_seconds"] = round(time.perf_counter() - t0, 2)
         plan = allocate.nonuniform_plan(scores, costs, base, len(plan.hidden), keep, cfg.align, cfg.attn_weight,
                                         tuple(cfg.protected_layers))
+        info["predicted_loss_increase"] = [  # per layer and sublayer, nats, as allocated
+            {"mlp": float(f"{costs.mlp[l][len(lp.mlp)]:.4g}"),
+             "attention": float(f"{costs.attn[l][(len(lp.kv), len(lp.heads) // len(lp.kv))]:.4g}")}
+            for l, lp in enumerate(plan.layers)]
     return finish(plan), info
 
 
