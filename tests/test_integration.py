@@ -26,6 +26,22 @@ def test_non_uniform_prune_exports_as_deci_and_passes_the_gguf_gate(non_uniform,
     assert meta.get("gguf_arch", meta.get("arch")) == "deci" or "deci" in json.dumps(meta)
 
 
+@pytest.mark.smollm2
+def test_smollm2_non_uniform_prune_to_deci_q8_0(smollm2, tmp_path):
+    """The real model, 25% removed with per-layer widths aligned to 32 (so q8_0 holds every row): the refit lowers
+    the calibration loss of the cut, and llama.cpp's deci arch runs it within the q8_0 gate."""
+    rep = prune_model(smollm2, tmp_path / "p", PruneConfig(Budget(ratio=0.25), non_uniform=True, align=32,
+                                                           num_samples=8, seq_len=128, search_samples=2),
+                      log=lambda m: None)
+    widths = json.loads((tmp_path / "p" / "config.json").read_text())["edgekit_layer_widths"]
+    inter = [w["intermediate_size"] for w in widths]
+    assert len(set(inter)) > 3 and all(i % 32 == 0 for i in inter) and max(inter) <= 1536
+    assert abs(rep["removed_fraction"] - 0.25) < 0.01
+    assert rep["pruned_search_loss"] < rep["cut_search_loss"], rep
+    meta = export_model(tmp_path / "p", tmp_path / "g", ExportConfig(backend="gguf", precision="q8_0"))
+    assert meta["gate"]["passed"] and meta["model"]["layer_widths"] == widths
+
+
 def test_non_uniform_into_onnx_is_a_clear_error(non_uniform, tmp_path):
     with pytest.raises(EdgekitError) as e:
         export_model(non_uniform, tmp_path / "o", ExportConfig(backend="onnxruntime", precision="fp32"))
