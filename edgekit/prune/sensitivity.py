@@ -105,13 +105,13 @@ def _interpolate(known: dict, widths: list) -> dict:
     return {w: float(np.interp(w, xs, ys)) for w in widths}
 
 
-def layer_costs(model, ad, scores, seqs, batch_size: int, align: int, damp: float, refit: bool = True,
-                log=print) -> LayerCosts:
+def layer_costs(model, ad, scores, seqs, batch_size: int, align: int, damp: float,
+                refit: bool = True) -> LayerCosts:
     """Predicted loss increase of every aligned MLP width and every attention shape, per layer of the dense model.
     The units kept at each width are the ones the criterion's scores keep (allocate._top / select_attention)."""
     import torch
 
-    from edgekit.prune.allocate import _top, aligned, attention_options, select_attention
+    from edgekit.prune.allocate import _top, attention_options, select_attention
     from edgekit.prune.calib import batches
     from edgekit.prune.reconstruct import _layer_inputs, _run
 
@@ -121,7 +121,7 @@ def layer_costs(model, ad, scores, seqs, batch_size: int, align: int, damp: floa
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     H, K = cfg.num_attention_heads, cfg.num_key_value_heads
     I = cfg.intermediate_size
-    widths = [w for w in range(align, I + 1, align) if aligned(w, I, align)] + ([I] if I % align else [])
+    widths = list(range(align, I, align)) + [I]  # aligned, or untouched
     mlp, attn = [], []
     with torch.no_grad():
         xs = _layer_inputs(model, ad, batches(seqs, batch_size))
