@@ -111,6 +111,39 @@ def _svg(fig) -> str:
     return text[text.index("<svg"):]
 
 
+def widths_svg(before: list[dict], after: list[dict], predicted: list[dict] | None = None) -> str | None:
+    """Per-layer MLP width and query heads, original (grey) under pruned (blue); with the non-uniform allocation's
+    predicted loss per layer as a third panel when given. None without layers or matplotlib."""
+    if not before:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ModuleNotFoundError:
+        return None
+    panels = [("intermediate_size", "MLP width"), ("num_attention_heads", "query heads")]
+    fig, axes = plt.subplots(1, 3 if predicted else 2, figsize=(12 if predicted else 8, 3))
+    xs = range(len(before))
+    for ax, (key, title) in zip(axes, panels):
+        ax.bar(xs, [w[key] for w in before], color="#bbbbbb", label="original")
+        if after:
+            ax.bar(xs, [w[key] for w in after], color="#4477aa", width=0.6, label="pruned")
+        ax.set(xlabel="layer", title=title)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=7)
+    if predicted:
+        ax = axes[2]
+        mlp = [p["mlp"] for p in predicted]
+        ax.bar(xs, mlp, color="#4477aa", label="MLP")
+        ax.bar(xs, [p["attention"] for p in predicted], bottom=mlp, color="#ee6677", label="attention")
+        ax.set(xlabel="layer", ylabel="nats", title="predicted loss increase")
+        ax.legend(fontsize=7)
+    fig.suptitle("Per-layer widths after pruning", y=1.04)
+    return _svg(fig)
+
+
 def plots(data: dict) -> dict[str, str]:
     try:
         import matplotlib
@@ -143,20 +176,9 @@ def plots(data: dict) -> dict[str, str]:
         ax.set(xlabel="time (s)", ylabel="MB", title="Memory over the benchmark")
         ax.legend()
         out["memory"] = _svg(fig)
-    before, after = data["layer_widths"]["before"], data["layer_widths"]["after"]
-    if before:
-        fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-        xs = range(len(before))
-        for ax, key, title in ((axes[0], "intermediate_size", "MLP width"),
-                               (axes[1], "num_attention_heads", "query heads")):
-            ax.bar(xs, [w[key] for w in before], color="#bbbbbb", label="original")
-            if after:
-                ax.bar(xs, [w[key] for w in after], color="#4477aa", width=0.6, label="built")
-            ax.set(xlabel="layer", title=title)
-            ax.xaxis.get_major_locator().set_params(integer=True)
-            ax.legend(fontsize=7)
-        fig.suptitle("Per-layer widths after pruning")
-        out["widths"] = _svg(fig)
+    widths = widths_svg(data["layer_widths"]["before"], data["layer_widths"]["after"])
+    if widths:
+        out["widths"] = widths
     fid = [f for f in data["fidelity"] if f.get("top1_agreement") is not None]
     if fid:
         fig, ax = plt.subplots(figsize=(6, 3))

@@ -46,6 +46,8 @@ def test_uniform_roundtrips_through_from_pretrained(arch, pruned_uniform, tiny_m
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["model_type"] == arch and "edgekit_layer_widths" not in cfg
     assert report["uniform"] and cfg["hidden_size"] == 48  # hidden_keep 0.75 of 64
+    svg = (folder / "edgekit-prune.svg").read_text()
+    assert svg.startswith("<svg") and "MLP width" in svg and "predicted loss" not in svg
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)  # no custom code
     n = sum(p.numel() for p in model.parameters())  # tied weights counted once
     assert n == report["params_after"] == Geometry.from_config(cfg).params()
@@ -240,6 +242,7 @@ def test_non_uniform_cuts_where_the_predicted_loss_is_lowest(tiny_models, tmp_pa
     inter = [r["intermediate"][1] for r in rep["layers"]]
     assert inter[2] == 8 and min(inter[:2] + inter[3:]) > 8, inter
     assert rep["layer_costs_seconds"] > 0 and abs(rep["removed_fraction"] - 0.2) < 0.05
+    assert "predicted loss increase" in (tmp_path / "out" / "edgekit-prune.svg").read_text()
     mlp = [p["mlp"] for p in rep["predicted_loss_increase"]]
     assert len(mlp) == 4 and mlp[2] < 0.01 * max(mlp), mlp  # the silent MLP costs ~nothing even at width 8
 

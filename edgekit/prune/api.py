@@ -11,6 +11,7 @@ from edgekit.prune.arch import WIDTHS_KEY, Geometry, get_adapter
 from edgekit.prune.config import PruneConfig
 
 REPORT_FILE = "edgekit-prune.json"
+PLOT_FILE = "edgekit-prune.svg"  # per-layer widths before/after (and predicted loss, non-uniform)
 
 
 def score_model(model, ad, cfg: PruneConfig, seqs) -> tuple:
@@ -85,9 +86,12 @@ def plan_pruning(model, tok, cfg: PruneConfig, log=print, scores=None, split=Non
         info["layer_costs_seconds"] = round(time.perf_counter() - t0, 2)
         plan = allocate.nonuniform_plan(scores, costs, base, len(plan.hidden), keep, cfg.align, cfg.attn_weight,
                                         tuple(cfg.protected_layers))
-        info["predicted_loss_increase"] = [  # per layer and sublayer, nats, as allocated
-            {"mlp": float(f"{costs.mlp[l][len(lp.mlp)]:.4g}"),
-             "attention": float(f"{costs.attn[l][(len(lp.kv), len(lp.heads) // len(lp.kv))]:.4g}")}
+        def nats(x: float) -> float:
+            return float(f"{x:.4g}") if x > 1e-12 else 0.0  # an untouched sublayer leaves rounding noise
+
+        info["predicted_loss_increase"] = [  # per layer and sublayer, as allocated
+            {"mlp": nats(costs.mlp[l][len(lp.mlp)]),
+             "attention": nats(costs.attn[l][(len(lp.kv), len(lp.heads) // len(lp.kv))])}
             for l, lp in enumerate(plan.layers)]
     return finish(plan), info
 
@@ -144,7 +148,16 @@ def prune_model(model_dir: Path, out: Path, cfg: PruneConfig, log=print) -> dict
     }
     report["pruned_search_loss"] = mean_loss(pruned, search)
     report["seconds"] = round(time.perf_counter() - t0, 2)
+    from edgekit.report import widths_svg
+
+    def widths(side: int) -> list[dict]:
+        return [{"intermediate_size": r["intermediate"][side], "num_attention_heads": r["heads"][side]}
+                for r in report["layers"]]
+
+    svg = widths_svg(widths(0), widths(1), report.get("predicted_loss_increase"))
     with atomic_dir(Path(out)) as tmp:
         save_pruned(pruned, tmp, model_dir)
         atomic_write_json(tmp / REPORT_FILE, report)
+        if svg:
+            (tmp / PLOT_FILE).write_text(svg)
     return report
