@@ -1,7 +1,7 @@
 """Layer costs for the non-uniform allocation: what a narrower width in one layer is predicted to cost in loss.
 
 Importance scores rank units inside a layer well but do not compare across layers: a global ranking of activation
-scores on SmolLM2 at 25% cut early layers' MLPs to 32-72 neurons and lost 4x the perplexity of a uniform cut.
+scores on SmolLM2 at 25% cut layers 1-5 to 48-224 MLP neurons and lost 4x the perplexity of a uniform cut.
 Here the cost of giving layer l a width is second order in the residual stream. After the cut and the same ridge
 refit as reconstruct.py, the sublayer still writes an error e into the stream, and the loss grows by about
 1/2 E[e^T F e], F approximated by the diagonal Fisher of the stream where that sublayer writes (E[(dL/dx_c)^2],
