@@ -135,7 +135,7 @@ def main() -> None:
                 layer_cost = layer_costs(model, ad, scores["activation"], calib, cfg0.batch_size, 8,
                                          cfg0.reconstruct_damp)
                 print(f"layer costs (non-uniform allocation) {time.perf_counter() - t:.0f}s", flush=True)
-            nu = allocate.nonuniform_plan(scores["activation"], layer_cost, base, d, keep, 8)
+            nu = allocate.nonuniform_plan(scores["activation"], layer_cost, base, d, keep)
             iw = [lp.widths().intermediate_size for lp in nu.layers]
             hw = [lp.widths().num_attention_heads for lp in nu.layers]
             add_edgekit_rows("activation", ratio, f"D{d} H{min(hw)}-{max(hw)} I{min(iw)}-{max(iw)}", d, k, g, inter,

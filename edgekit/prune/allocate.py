@@ -167,11 +167,11 @@ def search_uniform(scores, base: Geometry, keep_params: int, align: int, hidden_
         (v for v in tried.values() if v["intermediate"]), key=lambda v: v["loss"])
 
 
-def nonuniform_plan(scores, costs, base: Geometry, D: int, keep_params: int, align: int, attn_weight: float = 1.0,
+def nonuniform_plan(scores, costs, base: Geometry, D: int, keep_params: int, attn_weight: float = 1.0,
                     protected: tuple = ()) -> Plan:
     """Greedy global removal at hidden width D: repeatedly take the move with the least predicted loss per parameter
     saved (costs: sensitivity.LayerCosts) among every layer's narrower MLP widths and smaller aligned attention shapes.
-    Scores still pick which units a layer keeps; the costs decide how many."""
+    Scores still pick which units a layer keeps; the costs decide how many (their widths are already aligned)."""
     L = len(base.layers)
     for p in protected:
         if not 0 <= p < L:
@@ -197,7 +197,7 @@ def nonuniform_plan(scores, costs, base: Geometry, D: int, keep_params: int, ali
         st, out = state[l], []
         c_mlp = costs.mlp[l]
         narrower = sorted((w for w in c_mlp if w < st["mlp"]), reverse=True)
-        cands = [((max(c_mlp[w] - c_mlp[st["mlp"]], 0.0)) / ((st["mlp"] - w) * unit_mlp), w) for w in narrower]
+        cands = [(max(c_mlp[w] - c_mlp[st["mlp"]], 0.0) / ((st["mlp"] - w) * unit_mlp), w) for w in narrower]
         for r, w in ([cands[0], min(cands)] if cands else []):
             out.append((r, (st["mlp"] - w) * unit_mlp, ("mlp", w)))
         k0, g0 = st["attn"]

@@ -84,8 +84,9 @@ def plan_pruning(model, tok, cfg: PruneConfig, log=print, scores=None, split=Non
         costs = layer_costs(model, ad, scores, calib, cfg.batch_size, cfg.align, cfg.reconstruct_damp,
                             refit=cfg.reconstruct)
         info["layer_costs_seconds"] = round(time.perf_counter() - t0, 2)
-        plan = allocate.nonuniform_plan(scores, costs, base, len(plan.hidden), keep, cfg.align, cfg.attn_weight,
+        plan = allocate.nonuniform_plan(scores, costs, base, len(plan.hidden), keep, cfg.attn_weight,
                                         tuple(cfg.protected_layers))
+
         def nats(x: float) -> float:
             return float(f"{x:.4g}") if x > 1e-12 else 0.0  # an untouched sublayer leaves rounding noise
 
@@ -150,11 +151,8 @@ def prune_model(model_dir: Path, out: Path, cfg: PruneConfig, log=print) -> dict
     report["seconds"] = round(time.perf_counter() - t0, 2)
     from edgekit.report import widths_svg
 
-    def widths(side: int) -> list[dict]:
-        return [{"intermediate_size": r["intermediate"][side], "num_attention_heads": r["heads"][side]}
-                for r in report["layers"]]
-
-    svg = widths_svg(widths(0), widths(1), report.get("predicted_loss_increase"))
+    svg = widths_svg([w.to_dict() for w in base.layers], [w.to_dict() for w in after.layers],
+                     report.get("predicted_loss_increase"))
     with atomic_dir(Path(out)) as tmp:
         save_pruned(pruned, tmp, model_dir)
         atomic_write_json(tmp / REPORT_FILE, report)

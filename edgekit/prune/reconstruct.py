@@ -66,8 +66,17 @@ def _run(layer, xs: list, *taps) -> tuple:
     return (outs, *seen)
 
 
+def ridge_solve(A, B, W_now, damp: float):
+    """argmin_W ||X W^T - Y||^2 + damp * mean(diag X^T X) * ||W - W_now||^2, given A = X^T X and B = X^T Y (float64);
+    the ridge pulls towards the weights the cut left (see the module doc). Returns W (out x in)."""
+    import torch
+
+    lam = damp * A.diagonal().mean().clamp_min(1e-12)
+    return torch.linalg.solve(A + lam * torch.eye(A.shape[0], dtype=A.dtype), B + lam * W_now.T).T
+
+
 def _refit(linear, inputs: list, targets: list, damp: float) -> None:
-    """linear.weight := argmin ||X W^T - Y||^2 + damp * mean(diag X^T X) * ||W - W_now||^2 (its bias is kept)."""
+    """linear.weight := ridge_solve on the inputs and targets (its bias is kept)."""
     import torch
 
     n = inputs[0].shape[1]
@@ -78,10 +87,8 @@ def _refit(linear, inputs: list, targets: list, damp: float) -> None:
         x = x.double()
         A += x.T @ x
         B += x.T @ (y.double() - bias)
-    lam = damp * A.diagonal().mean().clamp_min(1e-12)
-    A += lam * torch.eye(n, dtype=torch.float64)
-    B += lam * linear.weight.detach().double().T
-    linear.weight.data.copy_(torch.linalg.solve(A, B).T.to(linear.weight.dtype))
+    W = ridge_solve(A, B, linear.weight.detach().double(), damp)
+    linear.weight.data.copy_(W.to(linear.weight.dtype))
 
 
 def reconstruct(dense, pruned, ad, hidden: list, batches, damp: float = 0.1) -> dict:

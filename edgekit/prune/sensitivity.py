@@ -77,15 +77,13 @@ def refit_error_cost(W, H, keep: list, fisher, damp: float, refit: bool = True) 
     columns `keep` remain, refitted by ridge least squares towards W as reconstruct.py does (or left as cut)."""
     import torch
 
+    from edgekit.prune.reconstruct import ridge_solve
+
     k = torch.tensor(keep, dtype=torch.long)
     E = W.clone()
     if len(keep):
-        if refit:
-            lam = damp * H.diagonal()[k].mean().clamp_min(1e-12)
-            A = H[k][:, k] + lam * torch.eye(len(keep), dtype=H.dtype)
-            E[:, k] -= torch.linalg.solve(A, H[k] @ W.T + lam * W[:, k].T).T
-        else:
-            E[:, k] = 0
+        # the refit sees A = H_kk and B = H_k,: W^T (its target is the dense projection's output)
+        E[:, k] -= ridge_solve(H[k][:, k], H[k] @ W.T, W[:, k], damp) if refit else W[:, k]
     err = ((E @ H) * E).sum(1)  # E[e_c^2] per output channel
     return 0.5 * float((fisher * err).sum())
 
