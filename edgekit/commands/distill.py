@@ -31,7 +31,9 @@ def register(sub) -> None:
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--steps", type=int, help="optimizer steps")
     budget.add_argument("--tokens", type=int, help="token budget (student training tokens)")
-    p.add_argument("-o", "--out", type=Path, required=True, help="output model folder (standard HF folder)")
+    p.add_argument("-o", "--out", type=Path, required=True, help="output model folder (standard HF folder; a new "
+                   "one, or an earlier distill's, which is replaced)")
+    p.add_argument("--force", action="store_true", help="replace -o even if it holds files edgekit did not write")
     p.add_argument("--config", type=Path, help="JSON file of DistillConfig fields; flags given override it")
     g = p.add_argument_group("loss")
     g.add_argument("--kd-weight", type=float, help="weight of the logit KL (default 1)")
@@ -103,6 +105,8 @@ def config_from_args(a):
 
 def run(a) -> int:
     from edgekit.distill import distill
+    from edgekit.distill.train import REPORT
+    from edgekit.fsutil import check_output
     from edgekit.errors import EdgekitError
     from edgekit.models import resolve_model
     from edgekit.ui import log, print_json, table
@@ -115,6 +119,7 @@ def run(a) -> int:
     student = Path(a.student)
     if not student.exists():
         raise EdgekitError(f"student not found: {student}", "pass the pruned model's folder")
+    check_output(a.out, [teacher, student] + ([a.data] if a.data else []), REPORT, a.force)
     report = distill(teacher, student, a.out, cfg, data=a.data, heldout=a.heldout, checkpoint_dir=a.checkpoint_dir,
                      cache_dir=a.cache_dir, fresh=a.fresh, keep_checkpoints=a.keep_checkpoints, log=log)
     import os

@@ -18,7 +18,9 @@ def register(sub) -> None:
     p.add_argument("model", nargs="?", help="Hugging Face folder or .gguf (default: embedded SmolLM2-135M)")
     p.add_argument("--backend", "-b", required=True, choices=sorted(REGISTRY))
     p.add_argument("--precision", "-p", help="default: the backend's most faithful")
-    p.add_argument("-o", "--out", type=Path, required=True, help="artifact folder to write")
+    p.add_argument("-o", "--out", type=Path, required=True, help="artifact folder to write (a new one, or an "
+                   "earlier export's, which is replaced)")
+    p.add_argument("--force", action="store_true", help="replace -o even if it holds files edgekit did not write")
     p.add_argument("--context", type=int, default=2048, help="context length the artifact must serve")
     p.add_argument("--target", help="target profile (needed by tensorrt: the engine is tied to its GPU and TensorRT)")
     p.add_argument("--accept-gate-failure", action="store_true", help="keep an artifact that fails the gate")
@@ -28,11 +30,14 @@ def register(sub) -> None:
 
 def run(a) -> int:
     from edgekit.export import ExportConfig, export_model
+    from edgekit.fsutil import check_output
     from edgekit.models import resolve_model
+    from edgekit.runtime.base import ARTIFACT_FILE
     from edgekit.target import get_target
     from edgekit.ui import log, print_json
 
     model = resolve_model(a.model)
+    check_output(a.out, [model.path], ARTIFACT_FILE, a.force)
     cfg = ExportConfig(backend=a.backend, precision=a.precision, context_length=a.context,
                        accept_gate_failure=a.accept_gate_failure,
                        target=get_target(a.target) if a.target else None).resolved()

@@ -45,7 +45,9 @@ def register(sub) -> None:
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
     p.add_argument("--no-reconstruct", action="store_true", help="skip the least-squares refit of o_proj/down_proj "
                    "on the calibration text (faster; worse without recovery training)")
-    p.add_argument("-o", "--out", type=Path, required=True, help="folder to write")
+    p.add_argument("-o", "--out", type=Path, required=True, help="folder to write (a new one, or an earlier "
+                   "prune's, which is replaced)")
+    p.add_argument("--force", action="store_true", help="replace -o even if it holds files edgekit did not write")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
 
@@ -65,8 +67,10 @@ def config_from_args(a):
 
 
 def run(a) -> int:
+    from edgekit.fsutil import check_output
     from edgekit.models import resolve_model
     from edgekit.prune import prune_model
+    from edgekit.prune.api import REPORT_FILE
     from edgekit.prune.report import table_rows
     from edgekit.ui import log, print_json, table
 
@@ -75,6 +79,7 @@ def run(a) -> int:
     if cfg.budget.ratio is not None:
         cfg.budget.removed(100)  # a bad ratio fails before the model is read
     model = resolve_model(a.model)
+    check_output(a.out, [model.path] + ([a.calibration] if a.calibration else []), REPORT_FILE, a.force)
     report = prune_model(model.path, a.out, cfg, log=log)
     if a.json:
         print_json(report)
