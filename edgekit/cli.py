@@ -56,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")
         return 0
     except KeyboardInterrupt:
-        print("edgekit: interrupted; rerun the same command to resume", file=sys.stderr)
+        # build and distill keep finished stages / checkpoints; the others write all or nothing
+        resumes = args.command in ("build", "distill")
+        print("edgekit: interrupted; " + ("rerun the same command to resume" if resumes else
+                                          "nothing was written (outputs appear only when complete)"), file=sys.stderr)
         return 130
 
 

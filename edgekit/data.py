@@ -32,9 +32,16 @@ def iter_texts(path: Path) -> Iterator[str]:
     files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
     if not files:
         raise EdgekitError(f"{path} holds no .txt or .jsonl files", "pass a .txt or .jsonl file or a folder of them")
+    def read(f: Path) -> str:
+        try:
+            return f.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise EdgekitError(f"{f} is not UTF-8 text (byte {e.start}: {e.reason})",
+                               "convert it to UTF-8 (e.g. iconv -t utf-8) or leave it out") from e
+
     for f in files:
         if f.suffix == ".jsonl":
-            for n, line in enumerate(f.read_text().splitlines(), 1):
+            for n, line in enumerate(read(f).splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
@@ -46,6 +53,6 @@ def iter_texts(path: Path) -> Iterator[str]:
                     raise EdgekitError(f"{f}:{n} has no string field 'text'", 'write lines like {"text": "..."}')
                 yield text
         elif f.suffix == ".txt":
-            yield f.read_text()
+            yield read(f)
         else:
             raise EdgekitError(f"{f} is neither .txt nor .jsonl", "pass a .txt or .jsonl file or a folder of them")

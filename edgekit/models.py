@@ -117,11 +117,19 @@ def load_torch_model(path: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if "edgekit_layer_widths" in json.loads((Path(path) / "config.json").read_text()):
-        from edgekit.prune.apply import load_pruned  # per-layer widths: a non-uniform pruned folder
+    try:
+        if "edgekit_layer_widths" in json.loads((Path(path) / "config.json").read_text()):
+            from edgekit.prune.apply import load_pruned  # per-layer widths: a non-uniform pruned folder
 
-        return load_pruned(Path(path))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            return load_pruned(Path(path))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except EdgekitError:
+        raise
+    except Exception as e:  # transformers / safetensors raise many types for unreadable weights or configs
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EdgekitError(f"cannot load the model in {path}: {first}",
+                           "check that the folder is complete (config.json and all weight files, not truncated)") \
+            from e
     model.eval()
     tok = AutoTokenizer.from_pretrained(path) if (Path(path) / "tokenizer.json").exists() else None
     return model, tok

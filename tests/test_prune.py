@@ -48,6 +48,7 @@ def test_uniform_roundtrips_through_from_pretrained(arch, pruned_uniform, tiny_m
     assert report["uniform"] and cfg["hidden_size"] == 48  # hidden_keep 0.75 of 64
     svg = (folder / "edgekit-prune.svg").read_text()
     assert svg.startswith("<svg") and "MLP width" in svg and "predicted loss" not in svg
+    assert "hidden width 64 -&gt; 48" in svg and "KV groups, pruned" in svg
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)  # no custom code
     n = sum(p.numel() for p in model.parameters())  # tied weights counted once
     assert n == report["params_after"] == Geometry.from_config(cfg).params()
@@ -338,3 +339,79 @@ def test_calibration_from_user_jsonl_and_txt(tiny_models, tmp_path):
     (tmp_path / "short.txt").write_text("too short")
     with pytest.raises(EdgekitError, match="shorter than one sequence"):
         calibration_sequences(tok, tmp_path / "short.txt", 256, 4)
+
+
+def test_cli_prune_output_folder_is_checked_before_any_work(cli, tiny_models, tmp_path):
+    """-o never destroys the input or files edgekit did not write, a bad -o fails at once with one line, a rerun
+    replaces an earlier prune's folder, leftovers of a killed run are cleaned, and outputs get ordinary modes."""
+    import os
+    import stat
+
+    src = tmp_path / "parent" / "model"
+    shutil.copytree(tiny_models["llama"], src)
+    (src / "dense_backup.pt").write_bytes(b"not a model file")  # unrelated files are not copied into the output
+    config = (src / "config.json").read_text()
+    args = ("prune", src, "--ratio", "0.25", "--samples", "4")
+    for out, msg in ((src, "overlaps the input"), (src.parent, "overlaps the input"), (src / "sub", "overlaps"),
+                     (src / "config.json", "overlaps"), ("/proc/edgekit-out", "cannot write")):
+        p = cli(*args, "-o", out, check=2)
+        assert msg in p.stderr and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    # export and distill write their -o through the same check
+    assert "overlaps the input" in cli("export", src, "-b", "onnxruntime", "-o", src / "art", check=2).stderr
+    assert "overlaps the input" in cli("distill", "--teacher", src, "--student", src, "--steps", "1", "-o",
+                                       src.parent, check=2).stderr
+    assert (src / "config.json").read_text() == config and not (src / "sub").exists()
+    (tmp_path / "afile").write_text("keep me")
+    assert "is a file" in cli(*args, "-o", tmp_path / "afile", check=2).stderr
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("keep me")
+    assert "not written by edgekit" in cli(*args, "-o", mine, check=2).stderr
+    assert (mine / "thesis.tex").read_text() == "keep me"
+    out = tmp_path / "o"
+    (tmp_path / ".o.tmp-killed").mkdir()  # what a SIGKILL inside atomic_dir leaves
+    cli(*args, "-o", out, check=0)
+    cli(*args, "-o", out, check=0)  # an earlier prune's folder is replaced without --force
+    assert not (tmp_path / ".o.tmp-killed").exists()
+    assert not (out / "dense_backup.pt").exists() and (out / "tokenizer.json").exists()
+    if os.umask(0o022) == 0o022:
+        assert stat.S_IMODE(out.stat().st_mode) == 0o755
+        assert stat.S_IMODE((out / "edgekit-prune.json").stat().st_mode) == 0o644
+    cli(*args, "-o", mine, "--force", check=0)
+    assert not (mine / "thesis.tex").exists() and (mine / "edgekit-prune.json").exists()
+
+
+def test_cli_prune_bad_inputs_fail_with_one_line(cli, tiny_models, tmp_path):
+    m = tiny_models["llama"]
+    bad = tmp_path / "bad"
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 400)
+    broken = tmp_path / "broken"
+    shutil.copytree(m, broken)
+    w = broken / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    cases = (
+        (("--ratio", "0.3", "--protect", "0"), "only apply to per-layer widths"),
+        (("--ratio", "0.3", "--non-uniform", "--protect", "7"), "protected layer 7 does not exist"),
+        (("--ratio", "0.3", "--non-uniform", "--protect", "0,1"), "every layer is protected"),
+        (("--ratio", "0.3", "--calibration", tmp_path / "latin1.txt"), "is not UTF-8 text"),
+        (("--bytes", "100000", "--bytes-per-param", "0"), "bytes per parameter must be a positive number"),
+        (("--ratio", "0.3", "--seq-len", "1024"), "longer than the model's context"),
+    )
+    for extra, msg in cases:
+        p = cli("prune", m, *extra, "-o", bad, check=2)
+        assert msg in p.stderr and "Traceback" not in p.stderr, p.stderr
+    p = cli("prune", broken, "--ratio", "0.3", "-o", bad, check=2)
+    assert "cannot load the model" in p.stderr and "Traceback" not in p.stderr
+    assert not bad.exists()
+
+
+def test_size_budgets_are_never_exceeded_and_non_uniform_accepts_a_hidden_only_cut(tiny_models, tmp_path):
+    from edgekit.prune import Budget, PruneConfig, prune_model
+
+    for b in (Budget(params=100_000), Budget(bytes=400_000, bytes_per_param=4)):
+        rep = prune_model(tiny_models["llama"], tmp_path / "b", PruneConfig(b, num_samples=4), log=lambda s: None)
+        assert rep["params_after"] <= 100_000
+    # the hidden cut alone (--hidden-keep 0.75) already removes 25%: non-uniform has nothing to share out
+    rep = prune_model(tiny_models["llama"], tmp_path / "nu", PruneConfig(Budget(ratio=0.25), hidden_keep=0.75,
+                      non_uniform=True, num_samples=4), log=lambda s: None)
+    assert rep["hidden_size"]["after"] == 48 and "alone meets the budget" in rep["non_uniform_skipped"]

@@ -84,8 +84,10 @@ def uniform_plan(scores, base: Geometry, D: int, k: int, g: int, inter: int) -> 
     return Plan(_top(scores.hidden, D), layers)
 
 
-def solve_intermediate(base: Geometry, D: int, H: int, K: int, keep_params: int, align: int) -> int | None:
-    """The aligned intermediate size that brings the uniform model closest to keep_params (None: infeasible)."""
+def solve_intermediate(base: Geometry, D: int, H: int, K: int, keep_params: int, align: int,
+                       at_most: bool = False) -> int | None:
+    """The aligned intermediate size that brings the uniform model closest to keep_params, or (at_most: a size or
+    byte budget) the widest one that does not exceed it (None: infeasible)."""
     L = len(base.layers)
     I0 = base.layers[0].intermediate_size
     g0 = base.with_(hidden_size=D, layers=(LayerWidths(0, H, K),) * L)
@@ -93,7 +95,7 @@ def solve_intermediate(base: Geometry, D: int, H: int, K: int, keep_params: int,
     exact = (keep_params - g0.params()) / per_neuron
     if exact >= I0:
         return I0 if exact - I0 < align / 2 else None
-    inter = int(round(exact / align)) * align
+    inter = (math.floor(exact / align) if at_most else int(round(exact / align))) * align
     return inter if align <= inter < I0 else None
 
 
@@ -108,7 +110,7 @@ def hidden_options(D: int, align: int, given: float | None) -> list[int]:
 
 
 def search_uniform(scores, base: Geometry, keep_params: int, align: int, hidden_keep: float | None,
-                   evaluate, log=print) -> tuple[Plan, list[dict]]:
+                   evaluate, log=print, at_most: bool = False) -> tuple[Plan, list[dict]]:
     """Pick (hidden, kv groups, heads/group, intermediate) meeting the budget with the lowest evaluate(plan) loss.
 
     evaluate(plan) -> float; called on a few candidates only (coarse-to-fine), each a real pruned model."""
@@ -122,7 +124,7 @@ def search_uniform(scores, base: Geometry, keep_params: int, align: int, hidden_
     def trial(d, k, g):
         key = (d, k, g)
         if key not in tried:
-            inter = solve_intermediate(base, d, k * g, k, keep_params, align)
+            inter = solve_intermediate(base, d, k * g, k, keep_params, align, at_most)
             if inter is None:
                 tried[key] = {"hidden": d, "kv_heads": k, "heads": k * g, "intermediate": None, "loss": math.inf}
             else:
@@ -134,7 +136,7 @@ def search_uniform(scores, base: Geometry, keep_params: int, align: int, hidden_
     # 1) hidden width, attention dense (or, if that cannot meet the budget, the least-pruned feasible attention)
     def first_feasible_attn(d):
         for k, g in attn:
-            if solve_intermediate(base, d, k * g, k, keep_params, align) is not None:
+            if solve_intermediate(base, d, k * g, k, keep_params, align, at_most) is not None:
                 return k, g
         return None
 
@@ -150,8 +152,14 @@ def search_uniform(scores, base: Geometry, keep_params: int, align: int, hidden_
             if worse == 2:
                 break
     if best is None:
-        raise EdgekitError("no uniform set of widths meets this budget at this alignment",
-                           "ask for a smaller ratio, a smaller --align, or use --non-uniform")
+        if hidden_keep is not None:
+            raise EdgekitError(f"no uniform widths meet this budget with --hidden-keep {hidden_keep} (hidden width "
+                               f"{hid[0] if hid else D}): the hidden cut alone removes more than the budget asks, "
+                               "or the rest cannot remove enough", "change --hidden-keep, or drop it so edgekit "
+                               "searches the hidden width")
+        raise EdgekitError(f"no uniform widths meet this budget: the search narrows the hidden width to at most "
+                           f"{hid[-1]} of {D} channels", "ask for a smaller ratio, or pass a smaller --hidden-keep "
+                           "(e.g. 0.4) to allow a narrower hidden width")
     # 2) attention at that hidden width
     for k, g in attn:
         if trial(best[0], k, g) < trial(*best):

@@ -27,12 +27,27 @@ def score_model(model, ad, cfg: PruneConfig, seqs) -> tuple:
     return scores, {"seconds": round(time.perf_counter() - t0, 2), "peak_rss_mb": rss.summary()["peak_rss_mb"]}
 
 
-def calibration_split(tok, cfg: PruneConfig) -> tuple[list, list]:
+def check_protected(protected, num_layers: int) -> None:
+    bad = [p for p in protected if not 0 <= p < num_layers]
+    if bad:
+        raise EdgekitError(f"protected layer {bad[0]} does not exist (the model has {num_layers} layers: "
+                           f"0..{num_layers - 1})", "pass layer indices within range")
+    if protected and len(set(protected)) == num_layers:
+        raise EdgekitError("every layer is protected, so no layer can be narrowed",
+                           "protect fewer layers (--protect), or prune only the hidden width with --hidden-keep")
+
+
+def calibration_split(tok, cfg: PruneConfig, log=print) -> tuple[list, list]:
     """(calibration sequences, search sequences): the last search_samples windows score candidate splits; with too
     little text both are the same windows."""
     from edgekit.prune.calib import calibration_sequences
 
     seqs = calibration_sequences(tok, cfg.calibration, cfg.seq_len, cfg.num_samples + cfg.search_samples)
+    if len(seqs) < cfg.num_samples + cfg.search_samples:
+        log(f"prune: warning: the calibration text gives only {len(seqs)} sequences of {cfg.seq_len} tokens "
+            f"(asked for {cfg.num_samples} + {cfg.search_samples} to score splits); pass more text for a "
+            "reliable cut" + ("; the split is scored on the calibration sequences themselves"
+                              if len(seqs) <= cfg.search_samples else ""))
     if len(seqs) <= cfg.search_samples:
         return seqs, seqs
     return seqs[:-cfg.search_samples], seqs[-cfg.search_samples:]
@@ -52,7 +67,7 @@ def plan_pruning(model, tok, cfg: PruneConfig, log=print, scores=None, split=Non
     total = base.params()
     keep = total - cfg.budget.removed(total)
     allocate.check_ratio_feasible(base, keep, cfg.align)
-    calib, search = split or calibration_split(tok, cfg)
+    calib, search = split or calibration_split(tok, cfg, log)
     info = {"params_before": total, "params_target": keep, "calibration_sequences": len(calib),
             "search_sequences": len(search), "seq_len": cfg.seq_len}
     if scores is None:
@@ -74,9 +89,16 @@ def plan_pruning(model, tok, cfg: PruneConfig, log=print, scores=None, split=Non
         return mean_loss(m, search)
 
     info["dense_search_loss"] = mean_loss(model, search)
-    plan, tried = allocate.search_uniform(scores, base, keep, cfg.align, cfg.hidden_keep, evaluate, log=log)
+    plan, tried = allocate.search_uniform(scores, base, keep, cfg.align, cfg.hidden_keep, evaluate, log=log,
+                                          at_most=cfg.budget.ratio is None)
     info["candidates"] = tried
-    if cfg.non_uniform:
+    D_kept = len(plan.hidden)
+    hidden_alone = base.with_(hidden_size=D_kept).params() <= keep
+    if cfg.non_uniform and hidden_alone:
+        log(f"prune: narrowing the hidden width to {D_kept} already meets the budget, so every layer keeps the "
+            "same widths (nothing left for the non-uniform allocation to share out)")
+        info["non_uniform_skipped"] = f"hidden width {D_kept} alone meets the budget"
+    elif cfg.non_uniform:
         from edgekit.prune.sensitivity import layer_costs
 
         log(f"prune: predicting each layer's loss at every width ({len(calib)} x {cfg.seq_len} tokens)")
@@ -84,7 +106,7 @@ def plan_pruning(model, tok, cfg: PruneConfig, log=print, scores=None, split=Non
         costs = layer_costs(model, ad, scores, calib, cfg.batch_size, cfg.align, cfg.reconstruct_damp,
                             refit=cfg.reconstruct)
         info["layer_costs_seconds"] = round(time.perf_counter() - t0, 2)
-        plan = allocate.nonuniform_plan(scores, costs, base, len(plan.hidden), keep, cfg.attn_weight,
+        plan = allocate.nonuniform_plan(scores, costs, base, D_kept, keep, cfg.attn_weight,
                                         tuple(cfg.protected_layers))
 
         def nats(x: float) -> float:
@@ -113,12 +135,17 @@ def prune_model(model_dir: Path, out: Path, cfg: PruneConfig, log=print) -> dict
     cfg.check()
     base = Geometry.from_config(mcfg)
     cfg.budget.removed(base.params())  # reject a bad budget before loading anything
+    check_protected(cfg.protected_layers, len(base.layers))
     t0 = time.perf_counter()
     model, tok = load_torch_model(model_dir)
     if tok is None:
         raise EdgekitError(f"{model_dir} has no tokenizer.json; calibration needs the model's tokenizer",
                            "save the tokenizer next to the model (tokenizer.save_pretrained)")
-    calib, search = calibration_split(tok, cfg)
+    seq_max = mcfg.get("max_position_embeddings")
+    if seq_max and cfg.seq_len > seq_max:
+        raise EdgekitError(f"--seq-len {cfg.seq_len} is longer than the model's context ({seq_max} positions)",
+                           f"pass --seq-len {min(256, seq_max)} or less")
+    calib, search = calibration_split(tok, cfg, log)
     plan, info = plan_pruning(model, tok, cfg, log=log, split=(calib, search))
     new_cfg = pruned_config(model, plan)
     pruned = build_model(new_cfg, pruned_state(model, ad, plan))
@@ -152,7 +179,7 @@ def prune_model(model_dir: Path, out: Path, cfg: PruneConfig, log=print) -> dict
     from edgekit.report import widths_svg
 
     svg = widths_svg([w.to_dict() for w in base.layers], [w.to_dict() for w in after.layers],
-                     report.get("predicted_loss_increase"))
+                     report.get("predicted_loss_increase"), hidden=(base.hidden_size, after.hidden_size))
     with atomic_dir(Path(out)) as tmp:
         save_pruned(pruned, tmp, model_dir)
         atomic_write_json(tmp / REPORT_FILE, report)

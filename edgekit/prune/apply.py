@@ -135,12 +135,17 @@ def load_pruned(path: Path):
     return model, tok
 
 
+# What a model folder needs besides its config and weights; anything else in the source (old weight indexes,
+# backups, notes) is not copied, so the pruned folder never points at shards it does not have.
+_COMPANIONS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model",
+               "chat_template.*", "generation_config.json", "README.md", "LICENSE*", "NOTICE*")
+
+
 def save_pruned(model, out: Path, src: Path) -> None:
-    """save_pretrained (standard names and layout) plus the source's tokenizer and generation files."""
+    """save_pretrained (standard names and layout) plus the source's tokenizer, generation and licence files."""
     model.save_pretrained(out, safe_serialization=True)
     for f in Path(src).iterdir():
-        if f.is_file() and not (f.suffix in (".safetensors", ".bin") or f.name in (
-                "config.json", "model.safetensors.index.json", "edgekit-source.json")) and not (out / f.name).exists():
+        if f.is_file() and any(f.match(p) for p in _COMPANIONS) and not (out / f.name).exists():
             shutil.copy2(f, out / f.name)
 
 

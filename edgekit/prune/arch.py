@@ -87,6 +87,11 @@ class Geometry:
     @classmethod
     def from_config(cls, cfg: dict) -> "Geometry":
         ad = get_adapter(cfg.get("model_type", ""))
+        missing = [k for k in ("num_attention_heads", "hidden_size", "vocab_size") + (
+            () if cfg.get(WIDTHS_KEY) else ("intermediate_size", "num_hidden_layers")) if k not in cfg]
+        if missing:
+            raise EdgekitError(f"config.json of this {ad.model_type} model lacks {', '.join(missing)}",
+                               "use the config.json the model was trained with (save_pretrained writes it whole)")
         heads = cfg["num_attention_heads"]
         kv = cfg.get("num_key_value_heads") or heads
         if cfg.get(WIDTHS_KEY):

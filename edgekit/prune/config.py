@@ -3,6 +3,7 @@ the cut between layers and structures, and which calibration text to read."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +25,9 @@ class Budget:
         if len(given) != 1:
             raise EdgekitError("give exactly one pruning budget (a ratio, a parameter count or a size in bytes)",
                                "e.g. --ratio 0.25, or --params 100000000, or --bytes 300000000")
+        if self.bytes is not None and not (math.isfinite(self.bytes_per_param) and self.bytes_per_param > 0):
+            raise EdgekitError(f"bytes per parameter must be a positive number, got {self.bytes_per_param}",
+                               "e.g. --bytes-per-param 4 (fp32), 2 (fp16), 0.5625 (~4.5-bit)")
         if self.ratio is not None:
             if not 0 < self.ratio < 1:
                 raise EdgekitError(f"pruning ratio must be between 0 and 1 (exclusive), got {self.ratio}",
@@ -68,6 +72,9 @@ class PruneConfig:
             raise EdgekitError(f"hidden_keep must be in (0, 1], got {self.hidden_keep}", "e.g. --hidden-keep 0.9")
         if self.attn_weight <= 0:
             raise EdgekitError(f"attention weight must be positive, got {self.attn_weight}", "e.g. --attn-weight 1")
+        if not self.non_uniform and (self.protected_layers or self.attn_weight != 1.0):
+            raise EdgekitError("protected layers and the attention weight only apply to per-layer widths",
+                               "add --non-uniform, or drop --protect / --attn-weight")
         if self.reconstruct_damp <= 0:
             raise EdgekitError(f"reconstruct_damp must be positive, got {self.reconstruct_damp}", "e.g. 0.1")
         for n in ("num_samples", "seq_len", "batch_size", "search_samples"):
