@@ -51,6 +51,13 @@ def _layer_widths(model_dir: Path | None) -> list[dict]:
              "num_key_value_heads": cfg.get("num_key_value_heads") or heads}] * cfg["num_hidden_layers"]
 
 
+def _hidden(src: Path | None, final: Path | None) -> list | None:
+    """[hidden width before, after] when both configs are readable."""
+    sizes = [_json(Path(d) / "config.json").get("hidden_size") if d and (Path(d) / "config.json").is_file() else None
+             for d in (src, final)]
+    return sizes if None not in sizes else None
+
+
 def collect(build_dir: Path, manifest: dict) -> dict:
     """Everything the report shows, as one JSON-able dict."""
     build_dir = Path(build_dir)
@@ -75,6 +82,7 @@ def collect(build_dir: Path, manifest: dict) -> dict:
         if len(entry) > 1:
             fidelity.append(entry)
     devices = [_json(p) for p in sorted(build_dir.glob("**/device-report-*.json"))]
+    src = Path(manifest["model"]["path"]) if manifest.get("model") else None
     env = environment()
     return {
         "schema": REPORT_SCHEMA,
@@ -93,8 +101,8 @@ def collect(build_dir: Path, manifest: dict) -> dict:
         "bench": {k: v for k, v in bench.items() if k not in ("memory_timeline", "decode_latency_samples_ms")},
         "latency_samples_ms": bench.get("decode_latency_samples_ms", []),
         "memory_timeline": bench.get("memory_timeline", []),
-        "layer_widths": {"before": _layer_widths(Path(manifest["model"]["path"]) if manifest.get("model") else None),
-                         "after": _layer_widths(final_model) if final_model else []},
+        "layer_widths": {"before": _layer_widths(src), "after": _layer_widths(final_model) if final_model else [],
+                         "hidden": _hidden(src, final_model)},
         "device_reports": devices,
     }
 
@@ -111,9 +119,11 @@ def _svg(fig) -> str:
     return text[text.index("<svg"):]
 
 
-def widths_svg(before: list[dict], after: list[dict], predicted: list[dict] | None = None) -> str | None:
-    """Per-layer MLP width and query heads, original (grey) under pruned (blue); with the non-uniform allocation's
-    predicted loss per layer as a third panel when given. None without layers or matplotlib."""
+def widths_svg(before: list[dict], after: list[dict], predicted: list[dict] | None = None,
+               hidden: tuple[int, int] | None = None) -> str | None:
+    """Per-layer MLP width, query heads and KV groups, original (grey) under pruned (blue); the hidden width
+    (before, after) in the title; the non-uniform allocation's predicted loss per layer as a third panel when given.
+    None without layers or matplotlib."""
     if not before:
         return None
     try:
@@ -123,24 +133,35 @@ def widths_svg(before: list[dict], after: list[dict], predicted: list[dict] | No
         import matplotlib.pyplot as plt
     except ModuleNotFoundError:
         return None
-    panels = [("intermediate_size", "MLP width"), ("num_attention_heads", "query heads")]
-    fig, axes = plt.subplots(1, 3 if predicted else 2, figsize=(12 if predicted else 8, 3))
-    xs = range(len(before))
-    for ax, (key, title) in zip(axes, panels):
-        ax.bar(xs, [w[key] for w in before], color="#bbbbbb", label="original")
+    fig, axes = plt.subplots(1, 3 if predicted else 2, figsize=(12 if predicted else 8, 3.4))
+    xs = list(range(len(before)))
+    for ax, (key, title) in zip(axes, [("intermediate_size", "MLP width"), ("num_attention_heads", "attention")]):
+        name = "query heads, " if key == "num_attention_heads" else ""
+        ax.bar(xs, [w[key] for w in before], color="#bbbbbb", label=f"{name}original")
         if after:
-            ax.bar(xs, [w[key] for w in after], color="#4477aa", width=0.6, label="pruned")
+            ax.bar(xs, [w[key] for w in after], color="#4477aa", width=0.6, label=f"{name}pruned")
+        if key == "num_attention_heads":  # KV groups: where a whole group (with its query heads) went
+            ax.plot(xs, [w["num_key_value_heads"] for w in before], "_", color="#555555", ms=10, mew=2,
+                    label="KV groups, original")
+            if after:
+                ax.plot(xs, [w["num_key_value_heads"] for w in after], "o", color="#ee6677", ms=3,
+                        label="KV groups, pruned")
         ax.set(xlabel="layer", title=title)
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
     if predicted:
         ax = axes[2]
         mlp = [p["mlp"] for p in predicted]
         ax.bar(xs, mlp, color="#4477aa", label="MLP")
         ax.bar(xs, [p["attention"] for p in predicted], bottom=mlp, color="#ee6677", label="attention")
         ax.set(xlabel="layer", ylabel="nats", title="predicted loss increase")
-        ax.legend(fontsize=7)
-    fig.suptitle("Per-layer widths after pruning", y=1.04)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
+    title = "Per-layer widths after pruning"
+    if hidden:
+        title += f" (hidden width {hidden[0]} -> {hidden[1]})" if hidden[0] != hidden[1] else \
+            f" (hidden width {hidden[0]}, kept)"
+    fig.subplots_adjust(wspace=0.3)
+    fig.suptitle(title, y=1.02)
     return _svg(fig)
 
 
@@ -176,7 +197,8 @@ def plots(data: dict) -> dict[str, str]:
         ax.set(xlabel="time (s)", ylabel="MB", title="Memory over the benchmark")
         ax.legend()
         out["memory"] = _svg(fig)
-    widths = widths_svg(data["layer_widths"]["before"], data["layer_widths"]["after"])
+    widths = widths_svg(data["layer_widths"]["before"], data["layer_widths"]["after"],
+                        hidden=data["layer_widths"].get("hidden"))
     if widths:
         out["widths"] = widths
     fid = [f for f in data["fidelity"] if f.get("top1_agreement") is not None]
