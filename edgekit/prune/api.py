@@ -158,9 +158,18 @@ def prune_model(model_dir: Path, out: Path, cfg: PruneConfig, log=print) -> dict
         info["cut_search_loss"] = mean_loss(pruned, search)
         log(f"prune: refitting o_proj/down_proj on {len(calib)} calibration sequences")
         t1 = time.perf_counter()
+        cut_state = {k: v.clone() for k, v in pruned.state_dict().items() if k.endswith(("o_proj.weight",
+                                                                                          "down_proj.weight"))}
         info["reconstruction"] = reconstruct(model, pruned, ad, plan.hidden, batches(calib, cfg.batch_size),
                                              cfg.reconstruct_damp)
         info["reconstruction"]["seconds"] = round(time.perf_counter() - t1, 2)
+        refit_loss = mean_loss(pruned, search)
+        # the search sequences are held out from the fit: a refit that overfits the calibration text is undone
+        info["reconstruction"]["kept"] = refit_loss <= info["cut_search_loss"]
+        if not info["reconstruction"]["kept"]:
+            log(f"prune: the refit raised the held-out calibration loss ({info['cut_search_loss']:.4f} -> "
+                f"{refit_loss:.4f}); keeping the plain cut (more calibration text usually helps the refit)")
+            pruned.load_state_dict(cut_state, strict=False)
 
     report = {
         "source": str(model_dir),
