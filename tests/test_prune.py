@@ -3,6 +3,7 @@ GQA correctness, planted-neuron survival, alignment, budget, and bad inputs."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -341,9 +342,30 @@ def test_calibration_from_user_jsonl_and_txt(tiny_models, tmp_path):
         calibration_sequences(tok, tmp_path / "short.txt", 256, 4)
 
 
-def test_cli_prune_output_folder_is_checked_before_any_work(cli, tiny_models, tmp_path):
-    """-o never destroys the input or files edgekit did not write, a bad -o fails at once with one line, a rerun
-    replaces an earlier prune's folder, leftovers of a killed run are cleaned, and outputs get ordinary modes."""
+def test_output_folder_is_checked_before_any_work(tmp_path):
+    """-o may not be, hold or sit inside an input, be a file, or replace a non-empty folder edgekit did not write
+    (unless forced); an unwritable -o fails at once."""
+    from edgekit.errors import EdgekitError
+    from edgekit.fsutil import check_output
+
+    src = tmp_path / "parent" / "model"
+    src.mkdir(parents=True)
+    (tmp_path / "afile").write_text("keep me")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("keep me")
+    for out, msg in ((src, "overlaps the input"), (src.parent, "overlaps the input"), (src / "sub", "overlaps"),
+                     (tmp_path / "afile", "is a file"), (mine, "not written by edgekit"),
+                     (Path("/proc/edgekit-out"), "cannot write")):
+        with pytest.raises(EdgekitError, match=msg):
+            check_output(out, [src], "edgekit-prune.json")
+    assert check_output(mine, [src], "edgekit-prune.json", force=True) == mine
+    (mine / "edgekit-prune.json").write_text("{}")  # an earlier prune's folder: replaced without --force
+    assert check_output(mine, [src], "edgekit-prune.json") == mine
+    assert not (src / "sub").exists() and (mine / "thesis.tex").exists()
+
+
+def test_cli_prune_export_distill_refuse_to_overwrite_and_write_ordinary_folders(cli, tiny_models, tmp_path):
     import os
     import stat
 
@@ -352,22 +374,12 @@ def test_cli_prune_output_folder_is_checked_before_any_work(cli, tiny_models, tm
     (src / "dense_backup.pt").write_bytes(b"not a model file")  # unrelated files are not copied into the output
     config = (src / "config.json").read_text()
     args = ("prune", src, "--ratio", "0.25", "--samples", "4")
-    for out, msg in ((src, "overlaps the input"), (src.parent, "overlaps the input"), (src / "sub", "overlaps"),
-                     (src / "config.json", "overlaps"), ("/proc/edgekit-out", "cannot write")):
-        p = cli(*args, "-o", out, check=2)
-        assert msg in p.stderr and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
-    # export and distill write their -o through the same check
+    p = cli(*args, "-o", src.parent, check=2)
+    assert "overlaps the input" in p.stderr and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert "overlaps the input" in cli("export", src, "-b", "onnxruntime", "-o", src / "art", check=2).stderr
     assert "overlaps the input" in cli("distill", "--teacher", src, "--student", src, "--steps", "1", "-o",
                                        src.parent, check=2).stderr
-    assert (src / "config.json").read_text() == config and not (src / "sub").exists()
-    (tmp_path / "afile").write_text("keep me")
-    assert "is a file" in cli(*args, "-o", tmp_path / "afile", check=2).stderr
-    mine = tmp_path / "mine"
-    mine.mkdir()
-    (mine / "thesis.tex").write_text("keep me")
-    assert "not written by edgekit" in cli(*args, "-o", mine, check=2).stderr
-    assert (mine / "thesis.tex").read_text() == "keep me"
+    assert (src / "config.json").read_text() == config
     out = tmp_path / "o"
     (tmp_path / ".o.tmp-killed").mkdir()  # what a SIGKILL inside atomic_dir leaves
     cli(*args, "-o", out, check=0)
@@ -377,29 +389,31 @@ def test_cli_prune_output_folder_is_checked_before_any_work(cli, tiny_models, tm
     if os.umask(0o022) == 0o022:
         assert stat.S_IMODE(out.stat().st_mode) == 0o755
         assert stat.S_IMODE((out / "edgekit-prune.json").stat().st_mode) == 0o644
-    cli(*args, "-o", mine, "--force", check=0)
-    assert not (mine / "thesis.tex").exists() and (mine / "edgekit-prune.json").exists()
 
 
-def test_cli_prune_bad_inputs_fail_with_one_line(cli, tiny_models, tmp_path):
+def test_prune_bad_inputs_fail_before_any_work(cli, tiny_models, tmp_path):
+    from edgekit.errors import EdgekitError
+    from edgekit.prune import Budget, PruneConfig, prune_model
+
     m = tiny_models["llama"]
     bad = tmp_path / "bad"
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 400)
+    cases = (
+        (dict(protected_layers=(0,)), "only apply to per-layer widths"),
+        (dict(non_uniform=True, protected_layers=(7,)), "protected layer 7 does not exist"),
+        (dict(non_uniform=True, protected_layers=(0, 1)), "every layer is protected"),
+        (dict(calibration=tmp_path / "latin1.txt"), "is not UTF-8 text"),
+        (dict(seq_len=1024), "longer than the model's context"),
+    )
+    for kw, msg in cases:
+        with pytest.raises(EdgekitError, match=msg):
+            prune_model(m, bad, PruneConfig(Budget(ratio=0.3), **kw), log=lambda s: None)
+    with pytest.raises(EdgekitError, match="bytes per parameter must be a positive number"):
+        prune_model(m, bad, PruneConfig(Budget(bytes=100_000, bytes_per_param=0.0)), log=lambda s: None)
     broken = tmp_path / "broken"
     shutil.copytree(m, broken)
     w = broken / "model.safetensors"
     w.write_bytes(w.read_bytes()[:100])
-    cases = (
-        (("--ratio", "0.3", "--protect", "0"), "only apply to per-layer widths"),
-        (("--ratio", "0.3", "--non-uniform", "--protect", "7"), "protected layer 7 does not exist"),
-        (("--ratio", "0.3", "--non-uniform", "--protect", "0,1"), "every layer is protected"),
-        (("--ratio", "0.3", "--calibration", tmp_path / "latin1.txt"), "is not UTF-8 text"),
-        (("--bytes", "100000", "--bytes-per-param", "0"), "bytes per parameter must be a positive number"),
-        (("--ratio", "0.3", "--seq-len", "1024"), "longer than the model's context"),
-    )
-    for extra, msg in cases:
-        p = cli("prune", m, *extra, "-o", bad, check=2)
-        assert msg in p.stderr and "Traceback" not in p.stderr, p.stderr
     p = cli("prune", broken, "--ratio", "0.3", "-o", bad, check=2)
     assert "cannot load the model" in p.stderr and "Traceback" not in p.stderr
     assert not bad.exists()
