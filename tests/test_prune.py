@@ -379,6 +379,7 @@ def test_cli_prune_export_distill_refuse_to_overwrite_and_write_ordinary_folders
     assert "overlaps the input" in cli("export", src, "-b", "onnxruntime", "-o", src / "art", check=2).stderr
     assert "overlaps the input" in cli("distill", "--teacher", src, "--student", src, "--steps", "1", "-o",
                                        src.parent, check=2).stderr
+    assert "overlaps the input" in cli("build", "--target", "x86-cpu", src, "-o", src / "build", check=2).stderr
     assert (src / "config.json").read_text() == config
     out = tmp_path / "o"
     (tmp_path / ".o.tmp-killed").mkdir()  # what a SIGKILL inside atomic_dir leaves

@@ -58,6 +58,13 @@ def run(a) -> int:
     _check_options(opts, target)
     model = resolve_model(a.model)
     out = a.out or Path("edgekit-build") / target.name
+    if not a.dry_run:
+        from edgekit.fsutil import check_output
+        from edgekit.pipeline import MANIFEST
+
+        # stage folders go inside the build directory (it is never wiped, so other files there are safe), but not
+        # inside the model: that would change the model's hash and with it every resume decision
+        check_output(out, [model.path], MANIFEST, force=True)
     ctx = BuildContext(target=target, model=model, options=opts, build_dir=out, log=log)
     if a.dry_run:
         from edgekit.fsutil import sha256_tree
