@@ -106,8 +106,8 @@ def config_from_args(a):
 def run(a) -> int:
     from edgekit.distill import distill
     from edgekit.distill.train import REPORT
-    from edgekit.fsutil import check_output
     from edgekit.errors import EdgekitError
+    from edgekit.fsutil import check_output
     from edgekit.models import resolve_model
     from edgekit.ui import log, print_json, table
 

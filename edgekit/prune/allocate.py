@@ -175,16 +175,23 @@ def search_uniform(scores, base: Geometry, keep_params: int, align: int, hidden_
         (v for v in tried.values() if v["intermediate"]), key=lambda v: v["loss"])
 
 
+def check_protected(protected, num_layers: int) -> None:
+    bad = [p for p in protected if not 0 <= p < num_layers]
+    if bad:
+        raise EdgekitError(f"protected layer {bad[0]} does not exist (the model has {num_layers} layers: "
+                           f"0..{num_layers - 1})", "pass layer indices within range")
+    if protected and len(set(protected)) == num_layers:
+        raise EdgekitError("every layer is protected, so no layer can be narrowed",
+                           "protect fewer layers (--protect), or prune only the hidden width with --hidden-keep")
+
+
 def nonuniform_plan(scores, costs, base: Geometry, D: int, keep_params: int, attn_weight: float = 1.0,
                     protected: tuple = ()) -> Plan:
     """Greedy global removal at hidden width D: repeatedly take the move with the least predicted loss per parameter
     saved (costs: sensitivity.LayerCosts) among every layer's narrower MLP widths and smaller aligned attention shapes.
     Scores still pick which units a layer keeps; the costs decide how many (their widths are already aligned)."""
     L = len(base.layers)
-    for p in protected:
-        if not 0 <= p < L:
-            raise EdgekitError(f"protected layer {p} does not exist (the model has {L} layers: 0..{L - 1})",
-                               "pass layer indices within range")
+    check_protected(protected, L)
     geo = base.with_(hidden_size=D)
     w0 = base.layers[0]
     K, G = w0.num_key_value_heads, w0.num_attention_heads // w0.num_key_value_heads

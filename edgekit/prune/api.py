@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from edgekit.errors import EdgekitError
+from edgekit.prune import allocate
 from edgekit.prune.arch import WIDTHS_KEY, Geometry, get_adapter
 from edgekit.prune.config import PruneConfig
 
@@ -25,16 +26,6 @@ def score_model(model, ad, cfg: PruneConfig, seqs) -> tuple:
     with RssSampler(interval=0.05) as rss:
         scores = fn(model, ad, batches(seqs, cfg.batch_size))
     return scores, {"seconds": round(time.perf_counter() - t0, 2), "peak_rss_mb": rss.summary()["peak_rss_mb"]}
-
-
-def check_protected(protected, num_layers: int) -> None:
-    bad = [p for p in protected if not 0 <= p < num_layers]
-    if bad:
-        raise EdgekitError(f"protected layer {bad[0]} does not exist (the model has {num_layers} layers: "
-                           f"0..{num_layers - 1})", "pass layer indices within range")
-    if protected and len(set(protected)) == num_layers:
-        raise EdgekitError("every layer is protected, so no layer can be narrowed",
-                           "protect fewer layers (--protect), or prune only the hidden width with --hidden-keep")
 
 
 def calibration_split(tok, cfg: PruneConfig, log=print) -> tuple[list, list]:
@@ -56,7 +47,6 @@ def calibration_split(tok, cfg: PruneConfig, log=print) -> tuple[list, list]:
 def plan_pruning(model, tok, cfg: PruneConfig, log=print, scores=None, split=None) -> tuple:
     """(Plan, info) for a loaded dense model: score, allocate, and (uniform) search the split on calibration loss.
     `split`: calibration_split(tok, cfg) when the caller already has it."""
-    from edgekit.prune import allocate
     from edgekit.prune.apply import build_model, norm_scales, pruned_config, pruned_state
     from edgekit.prune.calib import mean_loss
 
@@ -93,8 +83,7 @@ def plan_pruning(model, tok, cfg: PruneConfig, log=print, scores=None, split=Non
                                           at_most=cfg.budget.ratio is None)
     info["candidates"] = tried
     D_kept = len(plan.hidden)
-    hidden_alone = base.with_(hidden_size=D_kept).params() <= keep
-    if cfg.non_uniform and hidden_alone:
+    if cfg.non_uniform and base.with_(hidden_size=D_kept).params() <= keep:
         log(f"prune: narrowing the hidden width to {D_kept} already meets the budget, so every layer keeps the "
             "same widths (nothing left for the non-uniform allocation to share out)")
         info["non_uniform_skipped"] = f"hidden width {D_kept} alone meets the budget"
@@ -135,16 +124,16 @@ def prune_model(model_dir: Path, out: Path, cfg: PruneConfig, log=print) -> dict
     cfg.check()
     base = Geometry.from_config(mcfg)
     cfg.budget.removed(base.params())  # reject a bad budget before loading anything
-    check_protected(cfg.protected_layers, len(base.layers))
+    allocate.check_protected(cfg.protected_layers, len(base.layers))
+    seq_max = mcfg.get("max_position_embeddings")
+    if seq_max and cfg.seq_len > seq_max:
+        raise EdgekitError(f"--seq-len {cfg.seq_len} is longer than the model's context ({seq_max} positions)",
+                           f"pass --seq-len {min(256, seq_max)} or less")
     t0 = time.perf_counter()
     model, tok = load_torch_model(model_dir)
     if tok is None:
         raise EdgekitError(f"{model_dir} has no tokenizer.json; calibration needs the model's tokenizer",
                            "save the tokenizer next to the model (tokenizer.save_pretrained)")
-    seq_max = mcfg.get("max_position_embeddings")
-    if seq_max and cfg.seq_len > seq_max:
-        raise EdgekitError(f"--seq-len {cfg.seq_len} is longer than the model's context ({seq_max} positions)",
-                           f"pass --seq-len {min(256, seq_max)} or less")
     calib, search = calibration_split(tok, cfg, log)
     plan, info = plan_pruning(model, tok, cfg, log=log, split=(calib, search))
     new_cfg = pruned_config(model, plan)
@@ -163,13 +152,16 @@ def prune_model(model_dir: Path, out: Path, cfg: PruneConfig, log=print) -> dict
         info["reconstruction"] = reconstruct(model, pruned, ad, plan.hidden, batches(calib, cfg.batch_size),
                                              cfg.reconstruct_damp)
         info["reconstruction"]["seconds"] = round(time.perf_counter() - t1, 2)
-        refit_loss = mean_loss(pruned, search)
+        final_loss = mean_loss(pruned, search)
         # the search sequences are held out from the fit: a refit that overfits the calibration text is undone
-        info["reconstruction"]["kept"] = refit_loss <= info["cut_search_loss"]
+        info["reconstruction"]["kept"] = final_loss <= info["cut_search_loss"]
         if not info["reconstruction"]["kept"]:
             log(f"prune: the refit raised the held-out calibration loss ({info['cut_search_loss']:.4f} -> "
-                f"{refit_loss:.4f}); keeping the plain cut (more calibration text usually helps the refit)")
+                f"{final_loss:.4f}); keeping the plain cut (more calibration text usually helps the refit)")
             pruned.load_state_dict(cut_state, strict=False)
+            final_loss = info["cut_search_loss"]
+    else:
+        final_loss = mean_loss(pruned, search)
 
     report = {
         "source": str(model_dir),
@@ -183,7 +175,7 @@ def prune_model(model_dir: Path, out: Path, cfg: PruneConfig, log=print) -> dict
         "layers": layer_report(base, after),
         **{k: v for k, v in info.items() if k not in ("params_before",)},
     }
-    report["pruned_search_loss"] = mean_loss(pruned, search)
+    report["pruned_search_loss"] = final_loss
     report["seconds"] = round(time.perf_counter() - t0, 2)
     from edgekit.report import widths_svg
 
