@@ -446,3 +446,121 @@ def test_a_refit_that_raises_the_held_out_loss_is_undone(tiny_models, tmp_path):
         if not seen[ns]:
             assert rep["pruned_search_loss"] == rep["cut_search_loss"]  # the cut's weights, restored exactly
     assert seen == {4: True, 8: False}
+
+
+# An embedding-heavy model (small LMs keep most weights in the embedding: Gemma 3 270M ~60%): 3 layers of hidden 96
+# beside an 8192-entry untied vocabulary, so the embedding holds 92% of the parameters. The layers are too small to
+# make up what a hidden step leaves (hidden 72 with the narrowest layers removes 29.5%; hidden 64 alone 33.3%).
+EMBEDDING_HEAVY = dict(vocab_size=8192, hidden_size=96, num_hidden_layers=3, intermediate_size=64,
+                       num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module")
+def embedding_heavy(tmp_path_factory):
+    from edgekit.testing import make_tiny_model
+
+    return make_tiny_model("llama", tmp_path_factory.mktemp("embedding_heavy") / "m", seed=7, **EMBEDDING_HEAVY)
+
+
+def _prune_flags() -> set:
+    import argparse
+
+    from edgekit.commands.prune import register
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    register(sub)
+    return {o for a in sub.choices["prune"]._actions for o in a.option_strings}
+
+
+@pytest.mark.parametrize("ratio", (0.3, 0.33, 0.4))
+def test_embedding_heavy_model_prunes_at_ratios_only_the_hidden_width_can_meet(ratio, embedding_heavy, tmp_path):
+    """No aligned intermediate size lands on these budgets at any hidden width: the search falls back to the closest
+    uniform cut within the budget (the hidden cut alone) instead of failing, and says why."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgekit.prune import Budget, PruneConfig, prune_model
+
+    logs = []
+    rep = prune_model(embedding_heavy, tmp_path / "o", PruneConfig(Budget(ratio=ratio), num_samples=4, seq_len=64),
+                      log=logs.append)
+    assert any("the embedding holds 92% of the parameters; only the hidden width can remove much of it" in s
+               for s in logs), logs
+    assert rep["uniform"] and rep["hidden_size"]["after"] == (56 if ratio == 0.4 else 64)
+    assert abs(rep["removed_fraction"] - ratio) < 0.05 and rep["params_after"] <= rep["params_target"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "o", dtype=torch.float32)
+    assert sum(p.numel() for p in model.parameters()) == rep["params_after"]
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()
+
+
+def test_a_budget_no_uniform_cut_meets_names_the_limit_and_a_fix_that_works(embedding_heavy, tmp_path):
+    import re
+
+    from edgekit.errors import EdgekitError
+    from edgekit.prune import Budget, PruneConfig, prune_model
+
+    with pytest.raises(EdgekitError) as e:
+        prune_model(embedding_heavy, tmp_path / "o", PruneConfig(Budget(ratio=0.95), num_samples=4, seq_len=64),
+                    log=lambda s: None)
+    line = e.value.line()
+    assert "\n" not in line and "left with nothing" in line, line
+    limit = float(re.search(r"a uniform cut removes at most (0\.\d+) of the parameters", line).group(1))
+    assert f"--ratio {limit:g} or less" in e.value.fix and "smaller --align" in e.value.fix
+    assert set(re.findall(r"--[a-z][a-z-]*", line)) <= _prune_flags(), line
+    rep = prune_model(embedding_heavy, tmp_path / "o", PruneConfig(Budget(ratio=limit), num_samples=4, seq_len=64),
+                      log=lambda s: None)  # the fix works: the most a uniform cut can remove
+    assert rep["uniform"] and rep["hidden_size"]["after"] == 8 and abs(rep["removed_fraction"] - limit) < 0.05
+
+
+def test_uniform_search_covers_every_aligned_hidden_width_with_few_evaluations():
+    """search_uniform on parameter arithmetic alone (evaluate is a stand-in loss): the embedding-heavy geometry finds
+    widths for every ratio the hidden width can reach, a normal geometry keeps the evaluation count small, and a
+    --hidden-keep that cannot meet the ratio says which ratios it can."""
+    import types
+
+    import torch
+
+    from edgekit.errors import EdgekitError
+    from edgekit.prune import allocate
+    from edgekit.prune.arch import Geometry, LayerWidths
+
+    def geo(V, D, hd, L, I, H, K, tied=False):
+        return Geometry(V, D, hd, tied, False, False, False, (LayerWidths(I, H, K),) * L)
+
+    def search(g, ratio, hidden_keep=None, at_most=False):
+        w, L = g.layers[0], len(g.layers)
+        torch.manual_seed(0)
+        s = types.SimpleNamespace(hidden=torch.rand(g.hidden_size), heads=[torch.rand(w.num_attention_heads)] * L,
+                                  kv=[torch.rand(w.num_key_value_heads)] * L, mlp=[torch.rand(w.intermediate_size)] * L)
+        calls = []
+
+        def evaluate(plan):  # hidden channels cost the most, then MLP neurons, then heads
+            lp = plan.layers[0]
+            calls.append(len(plan.hidden))
+            return (2 * (1 - len(plan.hidden) / g.hidden_size) ** 2 + (1 - len(lp.mlp) / w.intermediate_size) ** 2
+                    + 0.5 * (1 - len(lp.heads) / w.num_attention_heads) ** 2)
+
+        total = g.params()
+        keep = total - round(ratio * total)
+        plan, tried = allocate.search_uniform(s, g, keep, 8, hidden_keep, evaluate, log=lambda m: None,
+                                              at_most=at_most)
+        after = plan.geometry(g).params()
+        return 1 - after / total, len(plan.hidden), len(calls), after <= keep
+
+    heavy = geo(8192, 96, 24, 3, 64, 4, 2)
+    assert allocate.hidden_options(96, 8, None) == list(range(96, 0, -8))
+    for ratio, hidden in ((0.3, 64), (0.33, 64), (0.4, 56), (0.5, 48), (0.7, 24)):
+        for at_most in (False, True):
+            removed, d, n, within = search(heavy, ratio, at_most=at_most)
+            assert d == hidden and within and 0 <= removed - ratio < 0.06 and n <= 2, (ratio, removed, d, n)
+    removed, d, n, _ = search(heavy, 0.35)  # hidden 64 plus narrower layers lands on it
+    assert d == 64 and abs(removed - 0.35) < 0.005
+    smol = geo(49152, 576, 64, 30, 1536, 9, 3, tied=True)  # SmolLM2-135M
+    for ratio in (0.1, 0.25, 0.5, 0.7):
+        removed, d, n, _ = search(smol, ratio)
+        assert abs(removed - ratio) < 0.01 and d % 8 == 0 and n <= 25, (ratio, removed, d, n)
+    with pytest.raises(EdgekitError, match=r"with --hidden-keep 0.66: at hidden width 64 of 96 a uniform cut removes "
+                                           r"between 0.334 and 0.373 .* asks for 0.300") as e:
+        search(heavy, 0.3, hidden_keep=0.66)
+    assert "--ratio between 0.334 and 0.373, or drop --hidden-keep" in e.value.fix
+    assert search(heavy, 0.334, hidden_keep=0.66)[1] == search(heavy, 0.373, hidden_keep=0.66)[1] == 64  # it works

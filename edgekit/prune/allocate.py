@@ -3,6 +3,9 @@
 Uniform: every layer keeps the same widths (a plain HF config). The split between hidden / attention / MLP is either
 given (hidden_keep) or searched: candidate splits that meet the budget are scored by calibration loss and the best
 wins (coarse-to-fine: hidden width first, then attention, then hidden again), so no hand-tuned split per model.
+Every aligned hidden width down to the narrowest is a candidate. When the layers are too small to land on the budget
+at any hidden width (an embedding-heavy model: the hidden width is the only big lever), the closest cut within the
+budget is taken (the hidden cut alone, at the widest width that meets it) and the log says so.
 Non-uniform: hidden width as in the uniform plan; MLP neurons and attention are removed greedily across all layers,
 cheapest first, by the loss each layer's narrower widths are predicted to cost (sensitivity.py) per parameter saved,
 at least one aligned unit left per layer, protected layers untouched.
@@ -87,7 +90,9 @@ def uniform_plan(scores, base: Geometry, D: int, k: int, g: int, inter: int) -> 
 def solve_intermediate(base: Geometry, D: int, H: int, K: int, keep_params: int, align: int,
                        at_most: bool = False) -> int | None:
     """The aligned intermediate size that brings the uniform model closest to keep_params, or (at_most: a size or
-    byte budget) the widest one that does not exceed it (None: infeasible)."""
+    byte budget) the widest one that does not exceed it (None: no aligned size lands on the budget at these widths;
+    in particular when even the dense MLP leaves the model smaller than the budget by more than half a unit, which
+    search_uniform's fallback handles)."""
     L = len(base.layers)
     I0 = base.layers[0].intermediate_size
     g0 = base.with_(hidden_size=D, layers=(LayerWidths(0, H, K),) * L)
@@ -95,31 +100,76 @@ def solve_intermediate(base: Geometry, D: int, H: int, K: int, keep_params: int,
     exact = (keep_params - g0.params()) / per_neuron
     if exact >= I0:
         return I0 if exact - I0 < align / 2 else None
-    inter = (math.floor(exact / align) if at_most else int(round(exact / align))) * align
-    return inter if align <= inter < I0 else None
+    inter = min((math.floor(exact / align) if at_most else int(round(exact / align))) * align, I0)
+    return inter if align <= inter <= I0 else None  # (rounding up to I0 is the closest size too)
+
+
+MAX_HIDDEN_WIDTHS = 64  # hidden_options lists at most about this many widths (api.py measures norm scales for each)
+COARSE = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)  # first pass of the hidden search
 
 
 def hidden_options(D: int, align: int, given: float | None) -> list[int]:
-    fracs = [given] if given is not None else [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6]
-    out = []
-    for f in fracs:
-        d = D if f >= 1 else max(align, int(round(D * f / align)) * align)
-        if d <= D and d not in out and aligned(d, D, align):
-            out.append(d)
+    """Hidden widths the uniform search may try, widest first: the one given (hidden_keep), else D and every multiple
+    of align below it, down to align (a coarser multiple of align past MAX_HIDDEN_WIDTHS widths)."""
+    if given is not None:
+        d = D if given >= 1 else max(align, int(round(D * given / align)) * align)
+        return [d] if d <= D and aligned(d, D, align) else []
+    step = align * max(1, math.ceil(((D - 1) // align) / MAX_HIDDEN_WIDTHS))
+    out = [D] + list(range((D - 1) // step * step, 0, -step))
+    if align < D and align not in out:
+        out.append(align)
     return out
+
+
+def _uniform(base: Geometry, d: int, k: int, g: int, inter: int) -> Geometry:
+    return base.with_(hidden_size=d, layers=(LayerWidths(inter, k * g, k),) * len(base.layers))
+
+
+def smallest_uniform(base: Geometry, align: int) -> tuple[int, int, tuple[int, int], int]:
+    """(parameters, hidden, (kv groups, heads per group), intermediate) of the smallest model edgekit may produce:
+    one aligned unit of each structure per layer (the narrowest aligned attention shape)."""
+    w0 = base.layers[0]
+    d = min(base.hidden_size, align)
+    inter = min(w0.intermediate_size, align)
+    opts = attention_options(w0.num_attention_heads, w0.num_key_value_heads, base.head_dim, align)
+    kg = min(opts, key=lambda kg: _uniform(base, d, kg[0], kg[1], inter).params())
+    return _uniform(base, d, kg[0], kg[1], inter).params(), d, kg, inter
+
+
+def _max_ratio(total: int, keep_min: int) -> float:
+    """The largest ratio (3 decimals, rounded down) whose budget keeps at least keep_min parameters."""
+    return math.floor((1 - keep_min / total) * 1000) / 1000
+
+
+def _embedding(base: Geometry) -> int:
+    return base.vocab_size * base.hidden_size * (1 if base.tied else 2)
 
 
 def search_uniform(scores, base: Geometry, keep_params: int, align: int, hidden_keep: float | None,
                    evaluate, log=print, at_most: bool = False) -> tuple[Plan, list[dict]]:
     """Pick (hidden, kv groups, heads/group, intermediate) meeting the budget with the lowest evaluate(plan) loss.
 
-    evaluate(plan) -> float; called on a few candidates only (coarse-to-fine), each a real pruned model."""
+    evaluate(plan) -> float; called on a few candidates only (coarse-to-fine), each a real pruned model: the hidden
+    widths near COARSE fractions of every aligned width that can meet the budget, then attention, then the coarse and
+    the aligned neighbours of the best hidden width. When no aligned intermediate size lands on the budget at any
+    width (an embedding-heavy model: the layers are too small to make up the rest), the closest cuts that stay within
+    it are tried instead, the narrowest hidden cut with every layer dense among them."""
     D = base.hidden_size
     w0 = base.layers[0]
-    K = w0.num_key_value_heads
-    attn = attention_options(w0.num_attention_heads, K, base.head_dim, align)
-    hid = hidden_options(D, align, hidden_keep)
+    total = base.params()
+    attn = attention_options(w0.num_attention_heads, w0.num_key_value_heads, base.head_dim, align)
+    grid = hidden_options(D, align, hidden_keep)
+    emb = _embedding(base)
+    if emb > total / 2:
+        log(f"prune: the embedding holds {emb / total:.0%} of the parameters; only the hidden width can remove much "
+            f"of it (the layers hold {1 - (emb + D) / total:.0%})")
     tried: dict[tuple, dict] = {}
+
+    def record(d, k, g, inter, plan):
+        loss = evaluate(plan)
+        tried[(d, k, g)] = {"hidden": d, "kv_heads": k, "heads": k * g, "intermediate": inter, "loss": loss}
+        log(f"prune: candidate hidden {d} heads {k * g}/{k} kv intermediate {inter}: loss {loss:.4f}")
+        return loss
 
     def trial(d, k, g):
         key = (d, k, g)
@@ -128,51 +178,117 @@ def search_uniform(scores, base: Geometry, keep_params: int, align: int, hidden_
             if inter is None:
                 tried[key] = {"hidden": d, "kv_heads": k, "heads": k * g, "intermediate": None, "loss": math.inf}
             else:
-                loss = evaluate(uniform_plan(scores, base, d, k, g, inter))
-                tried[key] = {"hidden": d, "kv_heads": k, "heads": k * g, "intermediate": inter, "loss": loss}
-                log(f"prune: candidate hidden {d} heads {k * g}/{k} kv intermediate {inter}: loss {loss:.4f}")
+                record(d, k, g, inter, uniform_plan(scores, base, d, k, g, inter))
         return tried[key]["loss"]
 
-    # 1) hidden width, attention dense (or, if that cannot meet the budget, the least-pruned feasible attention)
     def first_feasible_attn(d):
         for k, g in attn:
             if solve_intermediate(base, d, k * g, k, keep_params, align, at_most) is not None:
                 return k, g
         return None
 
+    feasible = {d: kg for d in grid if (kg := first_feasible_attn(d))}
+    if not feasible:
+        return _closest_within_budget(scores, base, keep_params, align, hidden_keep, grid, attn, at_most, log,
+                                      record, tried)
+    fd = sorted(feasible, reverse=True)
+
+    def near(t):  # the feasible width nearest t (the wider one on a tie)
+        return min(fd, key=lambda d: (abs(d - t), -d))
+
+    coarse = sorted({near(D if f >= 1 else max(align, int(round(D * f / align)) * align)) for f in COARSE}
+                    | {fd[-1]}, reverse=True) if hidden_keep is None else fd
+    # 1) hidden width, attention dense (or, if that cannot meet the budget, the least-pruned feasible attention)
     best, worse = None, 0
-    for d in hid:  # narrower hidden widths only get worse once they start to: stop after two misses in a row
-        kg = first_feasible_attn(d)
-        if not kg:
-            continue
-        if best is None or trial(d, *kg) < trial(*best):
-            best, worse = (d, *kg), 0
+    for d in coarse:  # narrower hidden widths only get worse once they start to: stop after two misses in a row
+        if best is None or trial(d, *feasible[d]) < trial(*best):
+            best, worse = (d, *feasible[d]), 0
         else:
             worse += 1
             if worse == 2:
                 break
-    if best is None:
-        if hidden_keep is not None:
-            raise EdgekitError(f"no uniform widths meet this budget with --hidden-keep {hidden_keep} (hidden width "
-                               f"{hid[0] if hid else D}): the hidden cut alone removes more than the budget asks, "
-                               "or the rest cannot remove enough", "change --hidden-keep, or drop it so edgekit "
-                               "searches the hidden width")
-        raise EdgekitError(f"no uniform widths meet this budget: the search narrows the hidden width to at most "
-                           f"{hid[-1]} of {D} channels", "ask for a smaller ratio, or pass a smaller --hidden-keep "
-                           "(e.g. 0.4) to allow a narrower hidden width")
     # 2) attention at that hidden width
     for k, g in attn:
         if trial(best[0], k, g) < trial(*best):
             best = (best[0], k, g)
-    # 3) hidden neighbours at that attention
-    i = hid.index(best[0])
-    for d in hid[max(0, i - 1):i + 2]:
-        if trial(d, best[1], best[2]) < trial(*best):
-            best = (d, best[1], best[2])
+    # 3) coarse hidden neighbours at that attention, then 4) the aligned ones
+    for ws in (coarse, grid):
+        i = ws.index(best[0])
+        for d in ws[max(0, i - 1):i + 2]:
+            if trial(d, best[1], best[2]) < trial(*best):
+                best = (d, best[1], best[2])
     d, k, g = best
     inter = tried[best]["intermediate"]
-    return uniform_plan(scores, base, d, k, g, inter), sorted(
-        (v for v in tried.values() if v["intermediate"]), key=lambda v: v["loss"])
+    return uniform_plan(scores, base, d, k, g, inter), _ranked(tried)
+
+
+def _ranked(tried: dict) -> list[dict]:
+    return sorted((v for v in tried.values() if v["intermediate"]), key=lambda v: v["loss"])
+
+
+def _closest_within_budget(scores, base, keep_params, align, hidden_keep, grid, attn, at_most, log, record, tried):
+    """No aligned intermediate size lands on the budget at any hidden width. Every dense-MLP shape (hidden width,
+    attention) that stays within the budget removes more than asked; the hidden cut alone at the widest width that
+    meets the budget and the within-budget shape that keeps the most parameters are evaluated (often the same one)."""
+    w0 = base.layers[0]
+    K, G, I0 = w0.num_key_value_heads, w0.num_attention_heads // w0.num_key_value_heads, w0.intermediate_size
+    total = base.params()
+    ratio = 1 - keep_params / total
+    under = [(p, d, k, g) for d in grid for k, g in attn if (p := _uniform(base, d, k, g, I0).params()) <= keep_params]
+    hidden_only = [c for c in under if c[2:] == (K, G)]
+    if hidden_keep is not None and not at_most:
+        under = []  # a ratio with an explicit hidden width: removing more than asked is the user's conflict to fix
+    if not under:
+        raise _no_uniform_error(base, keep_params, align, hidden_keep, grid, attn)
+    cands = ([max(hidden_only, key=lambda c: (c[0], c[1]))] if hidden_only else []) + [max(under)]
+    wider = [d for d in grid if d > max(c[1] for c in cands)]
+    reach = ""
+    if wider:
+        dw = min(wider)
+        lo = min(_uniform(base, dw, k, g, min(I0, align)).params() for k, g in attn)
+        reach = f" (at hidden width {dw} the narrowest layers remove only {1 - lo / total:.1%}" + (
+            "; a smaller --align allows finer hidden widths)" if align > 1 else ")")
+    log(f"prune: no uniform widths remove {ratio:.1%} at --align {align}{reach}; trying the closest cuts within "
+        f"the budget: " + ", ".join(f"hidden {d} heads {k * g}/{k} kv intermediate {I0} ({1 - p / total:.1%} "
+                                    "removed)" for p, d, k, g in dict.fromkeys(cands)))
+    best = None
+    for p, d, k, g in dict.fromkeys(cands):
+        if (d, k, g) not in tried:
+            record(d, k, g, I0, uniform_plan(scores, base, d, k, g, I0))
+        if best is None or tried[(d, k, g)]["loss"] < tried[best]["loss"]:
+            best = (d, k, g)
+    return uniform_plan(scores, base, best[0], best[1], best[2], I0), _ranked(tried)
+
+
+def _too_small(base: Geometry, keep_params: int, align: int) -> EdgekitError:
+    """keep_params is below the smallest model at this alignment: the error names the most a cut can remove."""
+    p, d, (k, g), inter = smallest_uniform(base, align)
+    r = _max_ratio(base.params(), p)
+    smaller = f", or a smaller --align than {align}" if align > 1 else ""
+    fix = (f"ask for --ratio {r:g} or less (or --params {p} or more){smaller}" if r > 0 else
+           f"pass a smaller --align (at --align {align} no structure of this model can be narrowed)")
+    return EdgekitError(f"this budget keeps {keep_params:,} of {base.params():,} parameters, but the smallest model at "
+                        f"--align {align} (hidden {d}, heads {k * g}/{k} kv, intermediate {inter} in every layer) "
+                        f"already has {p:,}, so a layer would be left with nothing: a uniform cut removes at most "
+                        f"{r:g} of the parameters", fix)
+
+
+def _no_uniform_error(base, keep_params, align, hidden_keep, grid, attn) -> EdgekitError:
+    if hidden_keep is None or not grid:
+        if hidden_keep is not None:
+            return EdgekitError(f"--hidden-keep {hidden_keep} gives no aligned hidden width at --align {align}",
+                                "pass a larger --hidden-keep, or drop it so edgekit searches the hidden width")
+        return _too_small(base, keep_params, align)  # (with no hidden_keep, nothing at all fits the budget)
+    D, d, total = base.hidden_size, grid[0], base.params()
+    w0 = base.layers[0]
+    I0 = w0.intermediate_size
+    dense = _uniform(base, d, w0.num_key_value_heads, w0.num_attention_heads // w0.num_key_value_heads, I0).params()
+    least = min(_uniform(base, d, k, g, min(I0, align)).params() for k, g in attn)
+    lo, hi = math.ceil((1 - dense / total) * 1000) / 1000, _max_ratio(total, least)
+    return EdgekitError(f"no uniform widths meet this budget with --hidden-keep {hidden_keep}: at hidden width {d} "
+                        f"of {D} a uniform cut removes between {lo:g} and {hi:g} of the parameters, and this budget "
+                        f"asks for {1 - keep_params / total:.3f}", f"ask for --ratio between {lo:g} and {hi:g}, "
+                        "or drop --hidden-keep so edgekit searches the hidden width")
 
 
 def check_protected(protected, num_layers: int) -> None:
@@ -246,14 +362,5 @@ def nonuniform_plan(scores, costs, base: Geometry, D: int, keep_params: int, att
 
 def check_ratio_feasible(base: Geometry, keep_params: int, align: int) -> None:
     """The smallest model edgekit may produce keeps one aligned unit of each structure per layer."""
-    w0 = base.layers[0]
-    d_min = min(base.hidden_size, align)
-    step = head_step(base.head_dim, align)
-    k_min = min(w0.num_key_value_heads, max(1, step))
-    heads_min = w0.num_attention_heads if step > w0.num_attention_heads else max(step, 1)
-    smallest = base.with_(hidden_size=d_min, layers=(LayerWidths(min(w0.intermediate_size, align),
-                                                                 heads_min, k_min),) * len(base.layers)).params()
-    if keep_params < smallest:
-        raise EdgekitError(f"this budget keeps {keep_params:,} parameters, but a model with one aligned unit of "
-                           f"every structure per layer already has {smallest:,}: a layer would be left with nothing",
-                           "ask for a smaller ratio or a smaller --align")
+    if keep_params < smallest_uniform(base, align)[0]:
+        raise _too_small(base, keep_params, align)
