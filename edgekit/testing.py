@@ -8,22 +8,141 @@ TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_la
             num_key_value_heads=2, max_position_embeddings=512)
 
 
-def make_tokenizer(out: Path, vocab_size: int = 512):
-    """A byte-level BPE trained on the shipped calibration text: real merges, real text, vocab_size ids."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+TOKENIZER_KINDS = ("bpe-bytelevel", "bpe-nfc", "spm-bpe")
+
+# Chat templates in the style of the families each tokenizer kind stands for (rendered by transformers' jinja).
+CHATML_TEMPLATE = (  # Qwen2 / Qwen2.5: ChatML, a default system turn
+    "{%- for message in messages %}"
+    "{%- if loop.first and message['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+LLAMA2_TEMPLATE = (  # Llama 2 chat: [INST] turns, an optional <<SYS>> block in the first one, bos per turn
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set system = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}"
+    "{%- set messages = messages[1:] %}"
+    "{%- else %}{%- set system = '' %}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif %}"
+    "{%- if message['role'] == 'user' %}"
+    "{{- bos_token + '[INST] ' + (system if loop.first else '') + message['content'].strip() + ' [/INST]' }}"
+    "{%- else %}{{- ' ' + message['content'].strip() + ' ' + eos_token }}{%- endif %}"
+    "{%- endfor %}"
+)
+
+
+def make_tokenizer(out: Path, vocab_size: int = 512, kind: str = "bpe-bytelevel"):
+    """A BPE tokenizer trained on the shipped calibration text (real merges, real text, exactly vocab_size ids),
+    saved with save_pretrained so AutoTokenizer.from_pretrained(out) loads it. kind:
+
+    - "bpe-bytelevel": GPT-2 / SmolLM style byte-level BPE, <|endoftext|> as bos and eos, no chat template.
+    - "bpe-nfc": Qwen2 style: NFC normalizer, Qwen2's Split regex then ByteLevel(use_regex=False), special tokens
+      <|endoftext|> <|im_start|> <|im_end|> after the BPE ids, a ChatML template.
+    - "spm-bpe": Llama 2 / Phi-3 style SentencePiece BPE: <unk> <s> </s> then the 256 <0xXX> byte tokens first,
+      byte_fallback, spaces as "▁" through the Prepend("▁") + Replace(" ", "▁") normalizer (Llama 2's
+      tokenizer.json), no pre-tokenizer, <s> added in front, a Llama 2 chat template. Trained SentencePiece-style
+      (words start with "▁", lines are sentences, so newline and rare characters fall back to bytes), and the merges
+      are then listed the way transformers converts a SentencePiece model: every split of every token into two
+      tokens, ordered by the merged token's id.
+    """
+    if kind not in TOKENIZER_KINDS:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; one of {', '.join(TOKENIZER_KINDS)}")
+    if kind == "spm-bpe":
+        return _make_spm_tokenizer(Path(out), vocab_size)
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import trainers
     from transformers import PreTrainedTokenizerFast
 
     from edgekit.data import calibration_text
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if kind == "bpe-bytelevel":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        tok.train_from_iterator([calibration_text()], trainer)
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+        fast.save_pretrained(out)
+        return fast
+    from transformers import Qwen2TokenizerFast
+
+    from edgekit.exporters.gguf_vocab import QWEN2_SPLIT
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(specials), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([calibration_text()], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    _check_size(tok, vocab_size)
+    fast = Qwen2TokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>",
+                              unk_token="<|endoftext|>", pad_token="<|endoftext|>", chat_template=CHATML_TEMPLATE,
+                              errors="replace", split_special_tokens=False)
     fast.save_pretrained(out)
     return fast
+
+
+def _check_size(tok, vocab_size: int) -> None:
+    n = tok.get_vocab_size(with_added_tokens=True)
+    if n != vocab_size:
+        raise ValueError(f"trained {n} tokens for vocab_size {vocab_size}: the calibration text is too small for it")
+
+
+def _make_spm_tokenizer(out: Path, vocab_size: int):
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import LlamaTokenizerFast
+
+    from edgekit.data import calibration_text
+
+    specials = ["<unk>", "<s>", "</s>"]
+    fixed = specials + [f"<0x{b:02X}>" for b in range(256)]
+    if vocab_size < len(fixed) + 64:
+        raise ValueError(f"spm-bpe needs vocab_size >= {len(fixed) + 64} (specials, 256 byte tokens, characters)")
+    # SentencePiece trains on sentences split into words that start with "▁"; characters past the most frequent
+    # ones are left to byte fallback, as SentencePiece's character_coverage does
+    trainer_tok = Tokenizer(models.BPE())
+    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    trainable = vocab_size - len(fixed)
+    trainer = trainers.BpeTrainer(vocab_size=trainable, limit_alphabet=min(96, trainable // 2), show_progress=False)
+    trainer_tok.train_from_iterator(calibration_text().splitlines(), trainer)
+    learned = sorted(trainer_tok.get_vocab().items(), key=lambda kv: kv[1])
+    vocab = {t: i for i, t in enumerate(fixed)}
+    for t, _ in learned:
+        vocab.setdefault(t, len(vocab))
+    # transformers' SentencePiece -> tokenizer.json conversion lists, for each piece in id order, every split into
+    # two pieces of the vocab: llama.cpp's SPM merge loop (any adjacent pair whose concatenation is a token, the
+    # highest-scoring first) then makes the same choices as the BPE merges.
+    merges = []
+    for t, i in sorted(vocab.items(), key=lambda kv: kv[1]):
+        if i < len(fixed) or len(t) < 2:
+            continue
+        splits = [(t[:k], t[k:]) for k in range(1, len(t)) if t[:k] in vocab and t[k:] in vocab]
+        merges += sorted(splits, key=lambda ab: (vocab[ab[0]], vocab[ab[1]]))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    _check_size(tok, vocab_size)
+    fast = LlamaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                              pad_token="</s>", chat_template=LLAMA2_TEMPLATE, add_bos_token=True, add_eos_token=False,
+                              clean_up_tokenization_spaces=False, legacy=True)
+    fast.save_pretrained(out)
+    return fast
+
 
 
 def make_tiny_model(arch: str, out: Path, seed: int = 0, tokenizer: bool = True, **overrides) -> Path:

@@ -5,8 +5,10 @@ the one llama.cpp architecture that builds each layer with its own n_ff / n_head
 per-layer arrays but builds every layer with layer 0's widths), `qwen2` (biases on q/k/v, NEOX rotary so no permute).
 f32/f16 files are written directly; q8_0 and q4_k_m are made from an f32 GGUF by `llama_model_quantize`, the C
 quantizer behind llama.cpp's llama-quantize, so K-quants and their per-tensor type mix are exactly upstream's.
-The tokenizer is embedded from tokenizer.json and checked: llama.cpp must tokenize the held-out text to the same ids
-as the Hugging Face tokenizer, or the export fails.
+The tokenizer is embedded from tokenizer.json (gguf_vocab.py: byte-level BPE as llama.cpp's `gpt2` model,
+SentencePiece-style BPE with byte fallback as its SPM `llama` model) and checked: llama.cpp must tokenize held-out and
+mixed text, and chat-template text with special tokens, to the same ids as the Hugging Face tokenizer, or the export
+fails. An NFC normalizer (Qwen2) is the one recorded exception: llama.cpp has none, so text NFC changes is reported.
 """
 
 from __future__ import annotations
@@ -22,13 +24,17 @@ from pathlib import Path
 import numpy as np
 
 from edgekit.errors import EdgekitError, GateFailed
+# The tokenizer (llama.cpp's `gpt2` model for byte-level BPE, its SPM `llama` model for SentencePiece-style BPE) and
+# its parity check live in gguf_vocab.py; re-exported under the names callers and tests know.
+from edgekit.exporters.gguf_vocab import (  # noqa: F401
+    _LLAMA3_SPLIT, _QWEN2_SPLIT, KNOWN_PRE, PARITY_CHARS, add_tokenizer, pre_tokenizer_signature, tokenizer_fields,
+    tokenizer_parity)
 
 LIBRARIES = ("gguf", "llama-cpp-python", "safetensors", "tokenizers")
 ENTRY = "model.gguf"
 FTYPES = {"q8_0": 7, "q4_k_m": 15}  # llama.cpp's LLAMA_FTYPE_MOSTLY_Q8_0 / _Q4_K_M
 BLOCK = 32  # Q8_0 and every K-quant fallback type (Q5_0, Q5_1, Q8_0) pack a row in blocks of 32
 K_BLOCK = 256  # K-quant super-block: rows of other widths silently fall back to a 32-block type
-PARITY_CHARS = 60_000  # held-out text tokenized by both tokenizers at export
 
 
 @dataclass(frozen=True)
@@ -198,94 +204,7 @@ def gguf_tensors(model_dir: Path, p: GgufPlan):
         yield target, np.ascontiguousarray(w)
 
 
-# -- tokenizer --------------------------------------------------------------------------------------------------
-
-# The pre-tokenizer regexes of known tokenizer families (data from their tokenizer.json files), keyed to the name
-# llama.cpp implements the same splitting under.
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-                r"|\s+(?!\S)|\s+")
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-KNOWN_PRE = {
-    ("bytelevel+gpt2",): "gpt-2",
-    ("digits", "bytelevel+gpt2"): "smollm",  # SmolLM/StarCoder: single digits, then the GPT-2 regex
-    ("split:" + _QWEN2_SPLIT, "bytelevel"): "qwen2",
-    ("split:" + _LLAMA3_SPLIT, "bytelevel"): "llama-bpe",
-}
-
-
-def pre_tokenizer_signature(pt: dict | None) -> tuple[str, ...]:
-    steps = [] if pt is None else pt.get("pretokenizers", []) if pt.get("type") == "Sequence" else [pt]
-    sig = []
-    for s in steps:
-        t = s.get("type")
-        if t == "ByteLevel" and not s.get("add_prefix_space", False):
-            sig.append("bytelevel+gpt2" if s.get("use_regex", True) else "bytelevel")
-        elif t == "Digits" and s.get("individual_digits"):
-            sig.append("digits")
-        elif t == "Split" and s.get("behavior") == "Isolated" and not s.get("invert"):
-            sig.append("split:" + (s["pattern"].get("Regex") or s["pattern"].get("String", "")))
-        else:
-            sig.append(json.dumps(s, sort_keys=True))
-    return tuple(sig)
-
-
-def tokenizer_fields(model_dir: Path, vocab_size: int) -> dict:
-    """Tokens, token types and the pre-tokenizer name of a GPT-2-style byte-level BPE tokenizer.json."""
-    import gguf
-
-    path = Path(model_dir) / "tokenizer.json"
-    if not path.is_file():
-        raise EdgekitError(f"{model_dir} has no tokenizer.json; a GGUF must embed its tokenizer",
-                           "save the tokenizer next to the model (tokenizer.save_pretrained)")
-    tj = json.loads(path.read_text())
-    model = tj.get("model", {})
-    if model.get("type") != "BPE":
-        raise EdgekitError(f"{path} is a {model.get('type')} tokenizer; edgekit embeds GPT-2-style byte-level BPE "
-                           "tokenizers", "use a byte-level BPE tokenizer")
-    # A byte_fallback flag (transformers' GGUF loader sets one) cannot act on real text: byte-level BPE maps every
-    # byte of valid UTF-8 to a symbol of the vocab. The parity check at export confirms it on the held-out text.
-    norm = tj.get("normalizer")
-    if norm and not (norm.get("type") == "Sequence" and not norm.get("normalizers")):
-        raise EdgekitError(f"{path} normalizes text ({norm.get('type')}), which llama.cpp's BPE does not",
-                           "use a tokenizer without a normalizer")
-    sig = pre_tokenizer_signature(tj.get("pre_tokenizer"))
-    if sig not in KNOWN_PRE:
-        raise EdgekitError(f"{path}'s pre-tokenizer {list(sig)} is not one llama.cpp is known to reproduce",
-                           "use a tokenizer of the GPT-2, SmolLM, Qwen2 or Llama-3 families")
-    tokens: list[str | None] = [None] * vocab_size
-    types = [gguf.TokenType.NORMAL] * vocab_size
-    for tok, i in model["vocab"].items():
-        if i >= vocab_size:
-            raise EdgekitError(f"token {tok!r} has id {i} >= vocab_size {vocab_size}", "fix config.json vocab_size")
-        tokens[i] = tok
-    for a in tj.get("added_tokens", []):
-        if a["id"] >= vocab_size:
-            raise EdgekitError(f"added token {a['content']!r} has id {a['id']} >= vocab_size {vocab_size}",
-                               "fix config.json vocab_size")
-        tokens[a["id"]] = a["content"]
-        types[a["id"]] = gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED
-    for i, t in enumerate(tokens):  # embedding rows the tokenizer never produces
-        if t is None:
-            tokens[i], types[i] = f"[PAD{i}]", gguf.TokenType.UNUSED
-    return {"tokens": tokens, "types": types, "pre": KNOWN_PRE[sig]}
-
-
-def tokenizer_parity(gguf_path: Path, model_dir: Path, text: str) -> dict:
-    """Token ids of `text` from llama.cpp (vocab only) and from the Hugging Face tokenizer.json."""
-    from llama_cpp import Llama
-    from tokenizers import Tokenizer
-
-    ref = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json")).encode(text, add_special_tokens=False).ids
-    with captured_stderr():
-        llm = Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
-    got = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
-    del llm
-    n = min(len(ref), len(got))
-    diff = next((i for i in range(n) if ref[i] != got[i]), None if len(ref) == len(got) else n)
-    return {"chars": len(text), "hf_tokens": len(ref), "llamacpp_tokens": len(got), "identical": diff is None,
-            "first_difference": diff}
-
+# -- tokenizer: see gguf_vocab.py --------------------------------------------------------------------------------
 
 @contextlib.contextmanager
 def captured_stderr():
@@ -308,9 +227,9 @@ def captured_stderr():
 
 # -- writing ----------------------------------------------------------------------------------------------------
 
-def write_gguf(model_dir: Path, path: Path, p: GgufPlan, dtype: str, tensors: bool = True) -> str:
-    """An f32 or f16 GGUF (norms and biases always f32); returns the pre-tokenizer name. tensors=False writes
-    metadata and vocab only (enough for llama.cpp's vocab_only loading)."""
+def write_gguf(model_dir: Path, path: Path, p: GgufPlan, dtype: str, tensors: bool = True) -> dict:
+    """An f32 or f16 GGUF (norms and biases always f32); returns the tokenizer's info (for artifact.json).
+    tensors=False writes metadata and vocab only (enough for llama.cpp's vocab_only loading)."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), p.arch)
@@ -332,12 +251,7 @@ def write_gguf(model_dir: Path, path: Path, p: GgufPlan, dtype: str, tensors: bo
         w.add_rope_scaling_factor(p.rope_scaling[1])
     w.add_layer_norm_rms_eps(p.rms_eps)
     w.add_vocab_size(p.vocab_size)
-    tok = tokenizer_fields(model_dir, p.vocab_size)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(tok["pre"])
-    w.add_token_list(tok["tokens"])
-    w.add_token_types(tok["types"])
-    gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=p.vocab_size).add_to_gguf(w, quiet=True)
+    tok = add_tokenizer(w, model_dir, p.vocab_size)  # tokens, scores/merges, special ids, chat template
     if tensors:
         for name, arr in gguf_tensors(model_dir, p):
             if dtype == "f16" and arr.ndim == 2:
@@ -347,7 +261,7 @@ def write_gguf(model_dir: Path, path: Path, p: GgufPlan, dtype: str, tensors: bo
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return tok["pre"]
+    return tok
 
 
 def quantize(src: Path, dst: Path, precision: str, threads: int | None = None) -> None:
@@ -396,18 +310,18 @@ def export(model_dir: Path, out: Path, cfg) -> dict:
     check_quantizable(p, cfg.precision)
     final = out / ENTRY
     if cfg.precision in ("f32", "f16"):
-        pre = write_gguf(model_dir, final, p, cfg.precision)
+        tok = write_gguf(model_dir, final, p, cfg.precision)
     else:
         with tempfile.TemporaryDirectory(dir=out) as tmp:
             src = Path(tmp) / "f32.gguf"
-            pre = write_gguf(model_dir, src, p, "f32")
+            tok = write_gguf(model_dir, src, p, "f32")
             quantize(src, final, cfg.precision, cfg.threads)
-    from edgekit.data import heldout_text
-
-    parity = tokenizer_parity(final, model_dir, heldout_text()[:PARITY_CHARS])
+    parity = tokenizer_parity(final, model_dir)  # held-out + mixed text, and chat-template text with specials
     if not parity["identical"] and not cfg.accept_gate_failure:
-        raise GateFailed(f"llama.cpp tokenizes the held-out text differently from the Hugging Face tokenizer "
-                         f"(first difference at token {parity['first_difference']})",
+        part, at = (("held-out text", parity["first_difference"]) if parity["first_difference"] is not None else
+                    ("chat-template text with special tokens", parity["special"]["first_difference"]))
+        raise GateFailed(f"llama.cpp tokenizes the {part} differently from the Hugging Face tokenizer (first "
+                         f"difference at token {at})",
                          "report the tokenizer; pass --accept-gate-failure to keep the file anyway")
     rep = quant_report(tensor_types(final), cfg.precision)
     if rep.get("k_quant_fallbacks"):
@@ -424,6 +338,6 @@ def export(model_dir: Path, out: Path, cfg) -> dict:
         # f32/f16 files are gated (and run) with an f32 KV cache: llama.cpp's default f16 cache alone moves logits
         # by ~1.5e-3, more than an f32 file's own error.
         "kv_cache": "f32" if cfg.precision in ("f32", "f16") else "f16",
-        "tokenizer": {"pre": pre, **parity},
+        "tokenizer": {**tok, **parity},
         **rep,
     }
