@@ -154,7 +154,7 @@ def stamp(target) -> dict:
 def export(model_dir: Path, out: Path, cfg) -> dict:
     import onnx
 
-    from edgekit.exporters.onnxruntime import OPSET, to_onnx
+    from edgekit.exporters.onnxruntime import EXTERNAL_DATA, OPSET, save_onnx, to_onnx
     from edgekit.export import model_summary
 
     target = getattr(cfg, "target", None)
@@ -177,9 +177,7 @@ def export(model_dir: Path, out: Path, cfg) -> dict:
         graph = onnx.load(str(src))  # external weights, if any, are read in
         fixed = make_fp16_safe(graph)
         inputs = [i.name for i in graph.graph.input]
-        big = graph.ByteSize() > 1_800_000_000  # protobuf's 2 GB limit: keep weights beside the graph
-        onnx.save(graph, str(out / "model.onnx"), save_as_external_data=big,
-                  location="model.onnx.data" if big else None)
+        written = save_onnx(graph, out / "model.onnx")  # past protobuf's 2 GB: weights in model.onnx.data beside it
     tok = Path(model_dir) / "tokenizer.json"
     if tok.exists():
         shutil.copy(tok, out / "tokenizer.json")
@@ -191,4 +189,5 @@ def export(model_dir: Path, out: Path, cfg) -> dict:
     (out / PLAN_FILE).write_text(json.dumps(plan, indent=2) + "\n")
     return {"entry": "model.onnx", "opset": OPSET, "tensorrt": {k: plan[k] for k in (
                 "target", "tensorrt_version", "gpu_sm", "jetpack", "l4t", "context_length", "workspace_mb")},
-            "gate_runtime": "onnxruntime (fp32 ONNX, the engine's source); the engine is checked on the device"}
+            "gate_runtime": "onnxruntime (fp32 ONNX, the engine's source); the engine is checked on the device"} | (
+        {"external_data": EXTERNAL_DATA} if EXTERNAL_DATA in written else {})

@@ -93,3 +93,133 @@ def test_smollm2_fp32_export_gate(smollm2, tmp_path):
     g = meta["gate"]
     assert g["passed"] and g["greedy_match"] and g["top1_agreement"] == 1.0 and g["max_abs_logit_delta"] < 1e-3
     assert meta["model"]["num_layers"] == 30 and meta["model"]["num_kv_heads"] == 3
+
+
+def _synthetic_model():
+    """y = (x @ w + b) * c, with an If whose branch holds its own initializer: tensors as raw_data (numpy), as typed
+    fields, in a Constant node and in a subgraph. Returns the model and its tensors' bytes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((256, 64)).astype(np.float32), "w")  # raw_data, 65536 bytes
+    b = helper.make_tensor("b", TensorProto.FLOAT, [64], rng.standard_normal(64).tolist())  # float_data, 256
+    shift = helper.make_tensor("shift", TensorProto.INT64, [2], [-1, 1])  # int64_data, <= 10 bytes each
+    c = helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.full(64, 0.5, np.float16)))  # 128
+    branch = helper.make_graph([helper.make_node("Identity", ["k"], ["o"])], "branch", [],
+                               [helper.make_tensor_value_info("o", TensorProto.FLOAT, [64])],
+                               [numpy_helper.from_array(np.ones(64, np.float32), "k")])  # 256 in each branch
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["xwb"]), c,
+             helper.make_node("Cast", ["c"], ["c32"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["xwb", "c32"], ["y0"]),
+             helper.make_node("ReduceSum", ["shift"], ["s"], keepdims=0),
+             helper.make_node("Equal", ["s", "zero"], ["cond"]),
+             helper.make_node("If", ["cond"], ["one"], then_branch=branch, else_branch=branch),
+             helper.make_node("Mul", ["y0", "one"], ["y"])]
+    zero = numpy_helper.from_array(np.array(0, np.int64), "zero")  # 8
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 256])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 64])], [w, b, shift, zero])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    return m, 65536 + 256 + 2 * 10 + 128 + 2 * 256 + 8
+
+
+def test_size_helper_never_serializes_and_decides_on_both_sides(monkeypatch, tmp_path):
+    """The >2 GB decision comes from the tensors' sizes alone: past 2 GB, ByteSize() and SerializeToString() raise
+    (protobuf's EncodeError), so the helper must not touch them; one byte either side of the limit flips it."""
+    import onnx
+    import onnxruntime as ort
+
+    from edgekit.exporters import onnxruntime as ox
+
+    m, want = _synthetic_model()
+    x = np.random.default_rng(1).standard_normal((3, 256)).astype(np.float32)
+    expect = ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0]
+    calls = []
+    for cls in (onnx.ModelProto, onnx.GraphProto, onnx.NodeProto, onnx.TensorProto, onnx.AttributeProto):
+        for meth in ("ByteSize", "SerializeToString", "SerializePartialToString"):
+            monkeypatch.setattr(cls, meth, lambda self, _n=f"{cls.__name__}.{meth}": calls.append(_n) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # the trap is live
+        m.graph.initializer[0].ByteSize()
+    calls.clear()
+    assert ox.tensor_bytes(m) == want
+    monkeypatch.setattr(ox, "PROTOBUF_LIMIT", ox.MARGIN + want)
+    assert not ox.needs_external_data(m)  # exactly at the limit: one file
+    monkeypatch.setattr(ox, "PROTOBUF_LIMIT", ox.MARGIN + want - 1)
+    assert ox.needs_external_data(m)
+    assert calls == []
+    monkeypatch.undo()  # onnx.save serializes: the protobuf methods are back
+
+    monkeypatch.setattr(ox, "PROTOBUF_LIMIT", ox.MARGIN + want)
+    one = tmp_path / "one"
+    one.mkdir()
+    assert ox.save_onnx(m, one / "model.onnx") == ["model.onnx"] and [p.name for p in one.iterdir()] == ["model.onnx"]
+    monkeypatch.setattr(ox, "PROTOBUF_LIMIT", ox.MARGIN + want - 1)
+    two = tmp_path / "two"
+    two.mkdir()
+    assert ox.save_onnx(m, two / "model.onnx") == ["model.onnx", ox.EXTERNAL_DATA]
+    graph = onnx.load(str(two / "model.onnx"), load_external_data=False)
+    external = {t.name for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    assert external == {"w"}  # onnx keeps tensors under 1 KB inline
+    assert (two / ox.EXTERNAL_DATA).stat().st_size == 65536
+    for folder in (one, two):  # onnxruntime reads the data file beside the graph
+        got = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+        np.testing.assert_array_equal(got[0], expect)
+
+
+@pytest.mark.slow
+def test_real_graph_over_2gb_saves_as_external_data_and_runs(tmp_path):
+    """A real 2.25 GiB graph (nine 256 MiB initializers): protobuf can't size it, the helper still decides (in well
+    under a second), and the saved pair runs in onnxruntime. About 30 s and 3 GB of memory at peak."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from edgekit.exporters import onnxruntime as ox
+
+    n, count = 64 << 20, 9  # float32: 256 MiB each
+    nodes, acc = [], "x"
+    for i in range(count):
+        nodes += [helper.make_node("ReduceMax", [f"w{i}"], [f"m{i}"], keepdims=0),
+                  helper.make_node("Add", [acc, f"m{i}"], [f"a{i}"])]
+        acc = f"a{i}"
+    nodes.append(helper.make_node("Identity", [acc], ["y"]))
+    m = helper.make_model(helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])]),
+                          opset_imports=[helper.make_opsetid("", 17)])
+    for i in range(count):  # written in place: make_graph and numpy_helper.from_array would copy each tensor twice
+        t = m.graph.initializer.add()
+        t.name, t.data_type, t.raw_data = f"w{i}", TensorProto.FLOAT, np.full(n, i + 1, np.float32).tobytes()
+        t.dims.append(n)
+    # m.ByteSize() here raises protobuf's EncodeError (the user's traceback), after ~8 s and 3.3 GB more memory.
+    assert ox.tensor_bytes(m) == count * n * 4 > ox.PROTOBUF_LIMIT and ox.needs_external_data(m)
+    assert ox.save_onnx(m, tmp_path / "model.onnx") == ["model.onnx", ox.EXTERNAL_DATA]
+    del m
+    assert (tmp_path / ox.EXTERNAL_DATA).stat().st_size == count * n * 4
+    assert (tmp_path / "model.onnx").stat().st_size < 1 << 20
+    x = np.array([0.5, -1.0], np.float32)
+    got = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_array_equal(got[0], x + sum(range(1, count + 1)))
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+def test_export_past_the_protobuf_limit_writes_external_data(tiny_models, tmp_path, monkeypatch, precision):
+    """With the limit pretended tiny, the weights go to model.onnx.data beside model.onnx: hashed in artifact.json,
+    read by onnxruntime (the gate passes), and the artifact reloads torch-free with its hashes checked."""
+    import onnx
+
+    from edgekit.exporters import onnxruntime as ox
+
+    monkeypatch.setattr(ox, "PROTOBUF_LIMIT", ox.MARGIN + 1024)
+    out = tmp_path / "art"
+    meta = export_model(tiny_models["qwen2"], out, ExportConfig(precision=precision), log=lambda m: None)
+    g = meta["gate"]
+    assert g["passed"] and g["top1_agreement"] >= (1.0 if precision == "fp32" else 0.85), g
+    assert meta["external_data"] == "model.onnx.data"
+    assert set(meta["files"]) == {"model.onnx", "model.onnx.data", "tokenizer.json"}
+    assert json.loads((out / "artifact.json").read_text())["files"] == meta["files"]
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    places = {e.value for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+              for e in t.external_data if e.key == "location"}
+    assert places == {"model.onnx.data"}
+    assert not [t.name for t in graph.graph.initializer if len(t.raw_data) >= 1024]  # onnx keeps < 1 KB inline
+    assert (out / "model.onnx.data").stat().st_mode == (out / "model.onnx").stat().st_mode
+    r = open_artifact(out)  # verify_files, then onnxruntime from the folder
+    assert len(greedy(r, np.arange(1, 6, dtype=np.int64), 4)) == 4

@@ -322,3 +322,47 @@ def test_jetson_build_completes_on_the_workstation(tiny_models, cli, tmp_path):
     assert m["stages"]["bench"]["status"] == "passed-through"
     assert "--device" in m["stages"]["bench"]["result"]["reason"]
     assert json.loads((out / "04-export/artifact/trt.json").read_text())["gpu_sm"] == "8.7"
+
+
+def test_graph_past_the_protobuf_limit_ships_external_data(tiny_models, monkeypatch, tmp_path):
+    """With the limit pretended tiny, the engine's source graph keeps its weights in model.onnx.data (no ByteSize,
+    which raises past 2 GB): artifact.json hashes it, the gate reads it, a bundle carries it, and trtexec (the
+    stand-in, which reads the graph with ONNX Runtime from the artifact folder as the real one does) finds it next
+    to model.onnx on the device."""
+    import sys
+
+    import onnx
+
+    from edgekit.agent.bundle import extract_bundle, make_bundle
+    from edgekit.export import ExportConfig, export_model
+    from edgekit.exporters import onnxruntime as ox
+    from edgekit.runtime import tensorrt as rt
+    from edgekit.target import get_target
+
+    monkeypatch.setattr(ox, "PROTOBUF_LIMIT", ox.MARGIN + 1024)
+    out = tmp_path / "art"
+    meta = export_model(tiny_models["qwen2"], out, ExportConfig(backend="tensorrt", precision="fp16",
+                                                                context_length=64, target=get_target("jetson-orin")),
+                        log=lambda m: None)
+    assert meta["gate"]["passed"] and meta["gate"]["top1_agreement"] == 1.0, meta["gate"]
+    assert meta["external_data"] == "model.onnx.data"
+    assert {"model.onnx", "model.onnx.data", "trt.json"} <= set(meta["files"])
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert {e.value for t in graph.graph.initializer for e in t.external_data if e.key == "location"} == {
+        "model.onnx.data"}
+    assert "--onnx=model.onnx" in json.loads((out / "trt.json").read_text())["build_command"]
+
+    manifest = make_bundle(out, tmp_path / "b.tar")
+    assert "artifact/model.onnx.data" in manifest["members"]
+    job = tmp_path / "job"
+    extract_bundle(tmp_path / "b.tar", job, max_bytes=1 << 30)
+    device_art = job / "artifact"
+    assert rt.host_check(device_art)["passed"]  # hashes include the data file; ONNX Runtime reads it
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "trtexec"
+    fake.write_text(f"#!{sys.executable}\n" + (Path(__file__).parent / "fake_trtexec.py").read_text())
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    res = rt.check_reference(device_art)  # builds the engine in the artifact folder, then runs it
+    assert res["passed"], res["failures"]
