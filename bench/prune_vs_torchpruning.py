@@ -47,7 +47,7 @@ def main() -> None:
     from edgekit.prune import Budget, PruneConfig, plan_pruning, score_model
     from edgekit.prune import allocate
     from edgekit.prune.apply import build_model, norm_scales, pruned_config, pruned_state
-    from edgekit.prune.arch import Geometry, get_adapter
+    from edgekit.arch import geometry, get_family
     from edgekit.prune.calib import batches, calibration_sequences, perplexity
     from edgekit.prune.reconstruct import reconstruct
     from edgekit.prune.sensitivity import layer_costs
@@ -55,8 +55,8 @@ def main() -> None:
     torch.manual_seed(0)
     path = resolve_model(None).path
     model, tok = load_torch_model(path)
-    ad = get_adapter("llama")
-    base = Geometry.from_config(model.config.to_dict())
+    ad = get_family("llama")
+    base = geometry(model.config.to_dict())
     total = base.params()
     held = heldout_text()
     cfg0 = PruneConfig(Budget(ratio=0.5), num_samples=a.samples, seq_len=a.seq_len, search_samples=a.search_samples)

@@ -44,20 +44,26 @@ class ExportConfig:
 
 
 def model_summary(config: dict) -> dict:
-    """The shape facts every runtime and the planner need, read from a Hugging Face config."""
+    """The shape facts every runtime and the planner need, read from a Hugging Face config through its family."""
+    from edgekit.arch import WIDTHS_KEY, get_family
+
+    fam = get_family(config.get("model_type"))
     heads = config["num_attention_heads"]
-    widths = {"layer_widths": config["edgekit_layer_widths"]} if config.get("edgekit_layer_widths") else {}
+    widths = {"layer_widths": config[WIDTHS_KEY]} if config.get(WIDTHS_KEY) else {}
     return {
         "arch": config["model_type"],
+        "family": fam.name,
         "vocab_size": config["vocab_size"],
         "hidden_size": config["hidden_size"],
         "num_layers": config["num_hidden_layers"],
         "num_heads": heads,
         "num_kv_heads": config.get("num_key_value_heads") or heads,
-        "head_dim": config.get("head_dim") or config["hidden_size"] // heads,
+        "head_dim": fam.head_dim(config),
         "intermediate_size": config["intermediate_size"],
         "max_position_embeddings": config.get("max_position_embeddings", 2048),
-        "tie_word_embeddings": config.get("tie_word_embeddings", False),
+        "tie_word_embeddings": fam.tied(config),
+        "params": fam.geometry(config).params(),
+        "sliding_window": fam.sliding_window(config),
         **widths,  # non-uniform pruned model: per-layer intermediate_size / num_attention_heads / num_key_value_heads
     }
 

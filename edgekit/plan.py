@@ -98,28 +98,35 @@ def default_context(target: Target, cfg: dict) -> int:
 
 
 def shape(cfg: dict) -> dict:
-    heads = cfg["num_attention_heads"]
-    return {"layers": cfg["num_hidden_layers"], "hidden": cfg["hidden_size"], "heads": heads,
-            "kv_heads": cfg.get("num_key_value_heads") or heads,
-            "head_dim": cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            "inter": cfg["intermediate_size"], "vocab": cfg["vocab_size"],
-            "tied": bool(cfg.get("tie_word_embeddings", False))}
+    """The shape facts the memory model needs, from the family's geometry (per-layer widths: the widest layer)."""
+    from edgekit.arch import get_family
+
+    fam = get_family(cfg.get("model_type"))
+    g = fam.geometry(cfg)
+    types = fam.layer_types({**cfg, "num_hidden_layers": len(g.layers)})
+    return {"layers": len(g.layers), "hidden": g.hidden_size, "head_dim": g.head_dim,
+            "heads": max(w.num_attention_heads for w in g.layers),
+            "kv_heads": max(w.num_key_value_heads for w in g.layers),
+            "kv_per_layer": [w.num_key_value_heads for w in g.layers],
+            "inter": max(w.intermediate_size for w in g.layers), "vocab": g.vocab_size, "tied": g.tied,
+            "sliding": [t == "sliding_attention" for t in types], "window": fam.sliding_window(cfg),
+            "gguf_swa": fam.gguf_arch in ("gemma3",)}
 
 
 def count_params(cfg: dict) -> int:
-    """Parameters of a Llama-family model (per-layer widths honoured when a non-uniform pruned config has them)."""
-    s = shape(cfg)
-    h = s["hidden"]
-    layers = cfg.get("edgekit_layer_widths") or [
-        {"intermediate_size": s["inter"], "num_attention_heads": s["heads"], "num_key_value_heads": s["kv_heads"]}
-    ] * s["layers"]
+    """Parameters of any registered family (per-layer widths honoured), from the family's one counter."""
+    from edgekit.arch import geometry
+
+    return geometry(cfg).params()
+
+
+def kv_elements(s: dict, context: int, backend: str) -> int:
+    """K and V elements of the cache at `context` tokens. llama.cpp keeps only the window for sliding layers."""
     total = 0
-    for w in layers:
-        q, kv = w["num_attention_heads"] * s["head_dim"], w["num_key_value_heads"] * s["head_dim"]
-        total += h * q * 2 + h * kv * 2 + 3 * h * w["intermediate_size"] + 2 * h
-        if cfg.get("attention_bias") or cfg.get("model_type") == "qwen2":
-            total += q + 2 * kv
-    return total + s["vocab"] * h * (1 if s["tied"] else 2) + h
+    for kv, sliding in zip(s["kv_per_layer"], s["sliding"]):
+        n = min(context, s["window"]) if sliding and s["window"] and backend == "gguf" and s["gguf_swa"] else context
+        total += kv * s["head_dim"] * n * 2
+    return total
 
 
 def memory(cfg: dict, backend: str, precision: str, req: PlanRequest, prune_ratio: float = 0.0) -> dict:
@@ -134,7 +141,7 @@ def memory(cfg: dict, backend: str, precision: str, req: PlanRequest, prune_rati
     else:
         weights = params * bpw
     kv_bytes = 4 if backend == "gguf" and precision in ("f32", "f16") else rt.kv_bytes
-    kv = s["layers"] * s["kv_heads"] * s["head_dim"] * req.context * 2 * kv_bytes * req.batch
+    kv = kv_elements(s, req.context, backend) * kv_bytes * req.batch
     chunk = min(req.prefill_chunk, req.context)
     # One prefill chunk, fp32: logits, attention scores against the whole context, MLP and residual activations.
     act = 4 * req.batch * chunk * ((s["vocab"] if rt.logits_per_chunk else 0) + rt.attn_buffers * s["heads"] *

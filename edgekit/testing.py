@@ -144,13 +144,45 @@ def _make_spm_tokenizer(out: Path, vocab_size: int):
     return fast
 
 
+# Each registered family's real config quirks at tiny size (the meta-test builds one of each). Keys are config.json
+# keys; the tokenizer kind is the family's (edgekit.arch Family.tokenizer).
+FAMILY_QUIRKS: dict[str, dict] = {
+    # Llama 3.x: llama3 rope scaling (an original context short enough that all three frequency bands occur at
+    # test lengths), tied embeddings as in Llama 3.2 1B/3B
+    "llama": dict(tie_word_embeddings=True, rope_theta=10000.0,
+                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "mistral": dict(sliding_window=4096, rope_theta=1e6),
+    # Qwen2.5 small: q/k/v biases, tied embeddings, rope 1e6, the sliding-window keys present but off
+    "qwen2": dict(tie_word_embeddings=True, rope_theta=1e6, use_sliding_window=False, sliding_window=4096,
+                  max_window_layers=2),
+    # Qwen3: head_dim not hidden/heads, q/k norms, tied
+    "qwen3": dict(head_dim=32, tie_word_embeddings=True, rope_theta=1e6, attention_bias=False),
+    # Gemma 3 (270M-like): head_dim 32 != 64/4, query_pre_attn_scalar = head_dim, sliding layers interleaved with a
+    # global one and a window shorter than the fidelity gate's 64 tokens, local rope base, tied, GELU-tanh
+    "gemma3_text": dict(num_hidden_layers=3, head_dim=32, query_pre_attn_scalar=32, sliding_window=16,
+                        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                        rope_theta=1e6, rope_local_base_freq=10000.0, tie_word_embeddings=True,
+                        hidden_activation="gelu_pytorch_tanh"),
+    # Phi-4-mini: fused qkv_proj / gate_up_proj, 3/4 of each head rotary, tied
+    "phi3": dict(partial_rotary_factor=0.75, tie_word_embeddings=True, sliding_window=None, rope_theta=10000.0,
+                 pad_token_id=None, bos_token_id=1, eos_token_id=2),
+}
 
-def make_tiny_model(arch: str, out: Path, seed: int = 0, tokenizer: bool = True, **overrides) -> Path:
-    """Save a random `arch` (llama | qwen2 | mistral) causal LM with GQA (4 heads, 2 KV heads) into `out`."""
+
+def make_tiny_model(arch: str, out: Path, seed: int = 0, tokenizer: bool = True, quirks: bool = False,
+                    dtype: str = "float32", **overrides) -> Path:
+    """Save a random `arch` causal LM (any registered family) with GQA (4 heads, 2 KV heads) into `out`.
+
+    quirks=True adds the family's real config quirks (FAMILY_QUIRKS) and a tokenizer of the family's kind;
+    dtype="bfloat16" saves the weights as a bf16 checkpoint (how most real checkpoints ship)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kw = {**TINY, **overrides}
+    from edgekit.arch import get_family
+
+    fam = get_family(arch)
+    kw = {**TINY, **(FAMILY_QUIRKS.get(arch, {}) if quirks else {}), **overrides}
     if arch == "mistral":
         kw.setdefault("sliding_window", None)
     cfg = AutoConfig.for_model(arch, **kw)
@@ -161,7 +193,9 @@ def make_tiny_model(arch: str, out: Path, seed: int = 0, tokenizer: bool = True,
             if p.dim() == 2:
                 p.normal_(0, 0.08)
     out = Path(out)
+    if dtype != "float32":
+        model = model.to(getattr(torch, dtype))
     model.save_pretrained(out, safe_serialization=True)
     if tokenizer:
-        make_tokenizer(out, kw["vocab_size"])
+        make_tokenizer(out, kw["vocab_size"], **({"kind": fam.tokenizer} if quirks else {}))
     return out

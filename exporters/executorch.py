@@ -59,9 +59,15 @@ class StaticCacheLM(torch.nn.Module):
 
     def __init__(self, model, max_context: int):
         super().__init__()
+        from edgekit.arch import get_family
+
         self.model = model
         self.max_context = max_context
         self.layers = layer_caches(model)
+        cfg = model.config.to_dict()
+        fam = get_family(cfg.get("model_type"))
+        self.window = fam.sliding_window(cfg)
+        self.kinds = sorted(set(fam.layer_types(cfg))) if self.window else ["full_attention"]
         for i, lc in enumerate(self.layers):  # per layer, so pruned models with per-layer widths fit too
             shape = (1, lc.kv_heads, max_context, lc.head_dim)
             self.register_buffer(f"k_{i}", torch.zeros(shape), persistent=False)
@@ -71,31 +77,33 @@ class StaticCacheLM(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         n = len(self.layers)
         cache = _BufferCache([getattr(self, f"k_{i}") for i in range(n)], [getattr(self, f"v_{i}") for i in range(n)])
-        # A query at position p sees cache slots 0..p: the already written past and itself.
-        mask = (self.slots[None, :] <= input_pos[:, None])[None, None]
+        # A query at position p sees cache slots 0..p: the already written past and itself; a sliding layer only the
+        # last `window` of them. Models with both kinds take one mask per kind.
+        full = (self.slots[None, :] <= input_pos[:, None])[None, None]
+        masks = {"full_attention": full}
+        if self.window:
+            masks["sliding_attention"] = full & (self.slots[None, :] > input_pos[:, None] - self.window)[None, None]
+        mask = masks if len(self.kinds) > 1 else masks[self.kinds[0]]
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=input_pos[None],
                          cache_position=input_pos, past_key_values=cache, use_cache=True)
         return out.logits
 
 
 def layer_caches(model) -> list[LayerCache]:
+    from edgekit.arch import get_family
+
+    fam = get_family(model.config.model_type)
     out = []
-    for layer in model.model.layers:
-        attn = layer.self_attn
-        head_dim = int(attn.head_dim)
-        out.append(LayerCache(kv_heads=attn.k_proj.out_features // head_dim, head_dim=head_dim))
+    for layer in fam.layers(model):
+        head_dim = int(layer.self_attn.head_dim)
+        out.append(LayerCache(kv_heads=fam.widths_of(layer, head_dim).num_key_value_heads, head_dim=head_dim))
     return out
 
 
 def cache_length(requested: int, config) -> int:
-    """The .pte's context: what the user asked, within the model's positions and MAX_CONTEXT."""
-    n = min(requested, getattr(config, "max_position_embeddings", requested) or requested, MAX_CONTEXT)
-    window = getattr(config, "sliding_window", None)
-    if window and window < n:
-        raise EdgekitError(f"this model uses sliding-window attention ({window} tokens) narrower than the requested "
-                           f"context ({n}); the ExecuTorch exporter's static cache serves full attention only",
-                           f"pass --context {window} or less")
-    return n
+    """The .pte's context: what the user asked, within the model's positions and MAX_CONTEXT. Sliding-window layers
+    keep a full-length cache and mask to their window (simple and exact; a ring buffer would save their memory)."""
+    return min(requested, getattr(config, "max_position_embeddings", requested) or requested, MAX_CONTEXT)
 
 
 # --- 8da4w -----------------------------------------------------------------------------------------------------

@@ -1,8 +1,13 @@
 """GGUF for llama.cpp, written with gguf-py, quantized by llama.cpp's own quantizer.
 
-Architecture choice: `llama` (Llama and Mistral, uniform widths), `deci` (Llama/Mistral with per-layer widths: it is
-the one llama.cpp architecture that builds each layer with its own n_ff / n_head / n_head_kv; `llama` reads
-per-layer arrays but builds every layer with layer 0's widths), `qwen2` (biases on q/k/v, NEOX rotary so no permute).
+The model family (edgekit/arch) picks llama.cpp's architecture: its own for uniform widths (llama, qwen2, qwen3,
+gemma3, phi3), and `deci` for per-layer widths: it is the one llama.cpp architecture that builds each layer with its
+own n_ff / n_head / n_head_kv (`llama` reads per-layer arrays but builds every layer with layer 0's widths). `deci`
+has the Llama layout only, so families with q/k norms or four norms per layer (Qwen3, Gemma 3) export per-layer
+widths elsewhere. Tensor names come from gguf-py's own HF -> GGUF map for the architecture; q/k rows are permuted
+into llama.cpp's interleaved rotary layout where the architecture rotates adjacent pairs (llama, deci), partial
+rotary included; fused projections are split where the architecture wants them split; Gemma's (1 + w) norms are
+stored as 1 + w.
 f32/f16 files are written directly; q8_0 and q4_k_m are made from an f32 GGUF by `llama_model_quantize`, the C
 quantizer behind llama.cpp's llama-quantize, so K-quants and their per-tensor type mix are exactly upstream's.
 The tokenizer is embedded from tokenizer.json (gguf_vocab.py: byte-level BPE as llama.cpp's `gpt2` model,
@@ -15,14 +20,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from edgekit.arch import WIDTHS_KEY, Family, LayerWidths, family_of
 from edgekit.errors import EdgekitError, GateFailed
 # The tokenizer (llama.cpp's `gpt2` model for byte-level BPE, its SPM `llama` model for SentencePiece-style BPE) and
 # its parity check live in gguf_vocab.py; re-exported under the names callers and tests know.
@@ -35,30 +42,30 @@ ENTRY = "model.gguf"
 FTYPES = {"q8_0": 7, "q4_k_m": 15}  # llama.cpp's LLAMA_FTYPE_MOSTLY_Q8_0 / _Q4_K_M
 BLOCK = 32  # Q8_0 and every K-quant fallback type (Q5_0, Q5_1, Q8_0) pack a row in blocks of 32
 K_BLOCK = 256  # K-quant super-block: rows of other widths silently fall back to a 32-block type
-
-
-@dataclass(frozen=True)
-class LayerWidths:
-    intermediate_size: int  # field names are the `edgekit_layer_widths` contract's
-    num_attention_heads: int
-    num_key_value_heads: int
+INTERLEAVED_ROPE = ("llama", "deci")  # llama.cpp archs that rotate adjacent pairs (HF rotates halves)
+SWA_ARCHS = ("gemma3",)
+Q_IS_HIDDEN = ("qwen2", "phi3")  # llama.cpp archs that assume heads x head_dim == hidden  # llama.cpp archs that apply a sliding window (per-layer pattern)
 
 
 @dataclass(frozen=True)
 class GgufPlan:
     """Everything the writer needs, decided (and validated) from config.json before any tensor is read."""
 
-    arch: str  # gguf architecture: llama | deci | qwen2
+    arch: str  # gguf architecture
+    family: Family
     hidden: int
     head_dim: int
+    rotary_dim: int
     vocab_size: int
     context_length: int
     rms_eps: float
     rope_theta: float
-    rope_scaling: tuple[str, float] | None
+    rope_scaling: dict | None
     tied: bool
-    permute_qk: bool  # HF Llama keeps each head's rotary halves apart; llama.cpp's llama/deci rope pairs neighbours
+    permute_qk: bool  # HF keeps each head's rotary halves apart; llama.cpp's llama/deci rope pairs neighbours
+    split_fused: bool  # write fused qkv / gate_up as separate tensors (deci)
     layers: tuple[LayerWidths, ...]
+    swa: dict = field(default_factory=dict)  # sliding window, per-layer pattern, local rope base
 
     @property
     def uniform(self) -> bool:
@@ -70,7 +77,7 @@ def layer_widths(config: dict) -> tuple[LayerWidths, ...]:
     n = config["num_hidden_layers"]
     heads = config["num_attention_heads"]
     kv = config.get("num_key_value_heads") or heads
-    per = config.get("edgekit_layer_widths")
+    per = config.get(WIDTHS_KEY)
     if per is None:
         return tuple(LayerWidths(config["intermediate_size"], heads, kv) for _ in range(n))
     if not isinstance(per, list) or len(per) != n:
@@ -93,43 +100,70 @@ def layer_widths(config: dict) -> tuple[LayerWidths, ...]:
     return tuple(out)
 
 
+def _arch(fam: Family, config: dict, layers, head_dim: int) -> str:
+    arch = _pick_arch(fam, config, layers, head_dim)
+    rot = fam.rotary_dim(config)
+    if arch in INTERLEAVED_ROPE and rot != head_dim:
+        raise EdgekitError(f"this {fam.name} model rotates {rot} of each head's {head_dim} channels; its pruned "
+                           f"widths need llama.cpp's {arch} architecture, which rotates whole heads",
+                           "for GGUF, prune only MLP neurons (keep every head and the hidden width: heads x "
+                           "head_dim must stay equal to hidden), or export the pruned model with --backend "
+                           "executorch or onnxruntime")
+    return arch
+
+
+def _pick_arch(fam: Family, config: dict, layers, head_dim: int) -> str:
+    if len(set(layers)) > 1:
+        if not fam.gguf_nonuniform:
+            raise EdgekitError(f"this {fam.name} model has per-layer widths, but llama.cpp builds per-layer widths "
+                               f"only for its `deci` architecture, which lacks {fam.name}'s layout "
+                               f"({', '.join(fam.notes[:2])})", "prune with uniform widths for GGUF, or export the "
+                               "per-layer model with --backend executorch")
+        return "deci"
+    if fam.gguf_arch in Q_IS_HIDDEN and layers[0].num_attention_heads * head_dim != config["hidden_size"]:
+        # llama.cpp's qwen2 and phi3 size q/o as hidden x hidden: a head-pruned one is written as llama (which takes
+        # q/k/v biases and split projections; permuting q/k turns their rotate-half rope into llama's)
+        return "llama"
+    return fam.gguf_arch
+
+
 def plan(config: dict, cfg) -> GgufPlan:
-    model_type = config.get("model_type")
+    fam = family_of(config)
     layers = layer_widths(config)
-    uniform = len(set(layers)) == 1
     hidden = config["hidden_size"]
-    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
-    if model_type == "qwen2" and uniform and layers[0].num_attention_heads * head_dim == hidden:
-        arch, permute = "qwen2", False
-    elif model_type == "qwen2":
-        # llama.cpp's qwen2 sizes q/o as hidden x hidden, and has no per-layer widths: write pruned Qwen2 as
-        # llama/deci instead, which take q/k/v biases; permuting q/k turns its rotate-half rope into theirs.
-        arch, permute = ("llama" if uniform else "deci"), True
-    elif model_type in ("llama", "mistral"):
-        arch, permute = ("llama" if uniform else "deci"), True
-        window = config.get("sliding_window")
-        if model_type == "mistral" and window and window < cfg.context_length:
-            raise EdgekitError(f"this Mistral uses a {window}-token sliding window, which llama.cpp's llama "
-                               f"architecture does not apply; context {cfg.context_length} would exceed it",
-                               f"export with --context {window} or less")
-    else:
-        raise EdgekitError(f"GGUF export supports llama, mistral and qwen2 models, not {model_type!r}",
-                           "use another backend for this architecture")
+    head_dim = fam.head_dim(config)
+    arch = _arch(fam, config, layers, head_dim)
+    window = fam.sliding_window(config)
+    swa = {}
+    if window and arch in SWA_ARCHS:
+        types = fam.layer_types(config)
+        swa = {"window": int(window), "pattern": [t == "sliding_attention" for t in types],
+               "local_base": float(config.get("rope_local_base_freq") or 1e4)}
+    elif window and window < cfg.context_length:
+        raise EdgekitError(f"this {fam.name} model uses a {window}-token sliding window, which llama.cpp's {arch} "
+                           f"architecture does not apply; context {cfg.context_length} would exceed it",
+                           f"export with --context {window} or less")
     rs = config.get("rope_scaling")
     if rs:
         kind = rs.get("rope_type") or rs.get("type")
-        if kind not in ("linear", "default"):
+        if kind not in ("linear", "default", "llama3"):
             raise EdgekitError(f"rope_scaling {kind!r} is not supported by edgekit's GGUF exporter",
-                               "use a model without rope scaling (or with linear scaling)")
-        rs = ("linear", float(rs["factor"])) if kind == "linear" else None
-    if permute and head_dim % 2:
-        raise EdgekitError(f"head_dim {head_dim} is odd; rotary embeddings need an even head size",
+                               "use a model without rope scaling (or with linear or llama3 scaling)")
+        rs = None if kind == "default" else {**rs, "rope_type": kind}
+    if arch == "gemma3" and float(config.get("query_pre_attn_scalar") or head_dim) != head_dim:
+        raise EdgekitError(f"query_pre_attn_scalar {config['query_pre_attn_scalar']} differs from head_dim "
+                           f"{head_dim}; llama.cpp's gemma3 scales attention by head_dim", "use another backend")
+    rot = fam.rotary_dim(config)
+    permute = arch in INTERLEAVED_ROPE
+    if permute and rot % 2:
+        raise EdgekitError(f"rotary dimension {rot} is odd; rotary embeddings need an even size",
                            "check the model's config.json")
-    return GgufPlan(arch=arch, hidden=hidden, head_dim=head_dim, vocab_size=config["vocab_size"],
+    return GgufPlan(arch=arch, family=fam, hidden=hidden, head_dim=head_dim, rotary_dim=rot,
+                    vocab_size=config["vocab_size"],
                     context_length=config.get("max_position_embeddings", cfg.context_length),
                     rms_eps=float(config.get("rms_norm_eps", 1e-6)), rope_theta=float(config.get("rope_theta", 1e4)),
-                    rope_scaling=rs, tied=bool(config.get("tie_word_embeddings", False)), permute_qk=permute,
-                    layers=layers)
+                    rope_scaling=rs, tied=fam.tied(config), permute_qk=permute,
+                    split_fused=arch in INTERLEAVED_ROPE, layers=layers, swa=swa)
 
 
 def check_quantizable(p: GgufPlan, precision: str) -> None:
@@ -148,14 +182,19 @@ def check_quantizable(p: GgufPlan, precision: str) -> None:
 
 # -- tensors ----------------------------------------------------------------------------------------------------
 
-def rotary_to_interleaved(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Reorder q/k rows per head from HF's [first halves | second halves] to llama.cpp's adjacent rotary pairs."""
-    half = w.shape[0] // n_heads // 2
-    return w.reshape(n_heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+def rotary_to_interleaved(w: np.ndarray, n_heads: int, rotary_dim: int | None = None) -> np.ndarray:
+    """Reorder q/k rows per head from HF's [first halves | second halves] of the rotated channels to llama.cpp's
+    adjacent rotary pairs; channels past rotary_dim (partial rotary) stay where they are."""
+    hd = w.shape[0] // n_heads
+    rot = rotary_dim or hd
+    heads = w.reshape(n_heads, hd, *w.shape[1:])
+    r = heads[:, :rot].reshape(n_heads, 2, rot // 2, *w.shape[1:]).swapaxes(1, 2).reshape(n_heads, rot,
+                                                                                           *w.shape[1:])
+    return np.concatenate([r, heads[:, rot:]], axis=1).reshape(w.shape)
 
 
 def _read_tensors(model_dir: Path):
-    """(name, float32 array) for every tensor of the folder's safetensors files, one at a time."""
+    """(name, float32 array) for every tensor of the folder's safetensors files (shards included), one at a time."""
     from safetensors import safe_open
 
     files = sorted(Path(model_dir).glob("*.safetensors"))
@@ -167,13 +206,45 @@ def _read_tensors(model_dir: Path):
                 yield name, st.get_tensor(name).float().numpy()
 
 
-def _expected_shape(p: GgufPlan, kind: str, lw: LayerWidths) -> tuple[int, ...] | None:
-    h, d = p.hidden, p.head_dim
-    return {"q_proj.weight": (lw.num_attention_heads * d, h), "k_proj.weight": (lw.num_key_value_heads * d, h),
-            "v_proj.weight": (lw.num_key_value_heads * d, h), "o_proj.weight": (h, lw.num_attention_heads * d),
-            "q_proj.bias": (lw.num_attention_heads * d,), "k_proj.bias": (lw.num_key_value_heads * d,),
-            "v_proj.bias": (lw.num_key_value_heads * d,), "gate_proj.weight": (lw.intermediate_size, h),
-            "up_proj.weight": (lw.intermediate_size, h), "down_proj.weight": (h, lw.intermediate_size)}.get(kind)
+def _expected_rows(p: GgufPlan, kind: str, lw: LayerWidths) -> int | None:
+    q, kv, ff = lw.num_attention_heads * p.head_dim, lw.num_key_value_heads * p.head_dim, lw.intermediate_size
+    return {"q_proj": q, "k_proj": kv, "v_proj": kv, "qkv_proj": q + 2 * kv, "gate_proj": ff, "up_proj": ff,
+            "gate_up_proj": 2 * ff, "o_proj": p.hidden, "down_proj": p.hidden}.get(kind)
+
+
+def _split(name: str, w: np.ndarray, p: GgufPlan, lw: LayerWidths):
+    """Fused projections as their parts, for architectures that read them apart."""
+    if not p.split_fused:
+        return [(name, w)]
+    q, kv = lw.num_attention_heads * p.head_dim, lw.num_key_value_heads * p.head_dim
+    if ".qkv_proj." in name:
+        return [(name.replace("qkv_proj", "q_proj"), w[:q]), (name.replace("qkv_proj", "k_proj"), w[q:q + kv]),
+                (name.replace("qkv_proj", "v_proj"), w[q + kv:])]
+    if ".gate_up_proj." in name:
+        half = w.shape[0] // 2
+        return [(name.replace("gate_up_proj", "gate_proj"), w[:half]),
+                (name.replace("gate_up_proj", "up_proj"), w[half:])]
+    return [(name, w)]
+
+
+def llama3_rope_factors(p: GgufPlan) -> np.ndarray:
+    """Per rotary frequency, the factor llama3 rope scaling divides it by (llama.cpp reads them as rope_freqs)."""
+    rs = p.rope_scaling
+    factor, lo, hi = float(rs.get("factor", 8.0)), float(rs.get("low_freq_factor", 1.0)), float(
+        rs.get("high_freq_factor", 4.0))
+    old = float(rs.get("original_max_position_embeddings", 8192))
+    freqs = 1.0 / (p.rope_theta ** (np.arange(0, p.rotary_dim, 2, dtype=np.float64) / p.rotary_dim))
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < old / hi:
+            out.append(1.0)
+        elif wavelen > old / lo:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - lo) / (hi - lo)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
 
 
 def gguf_tensors(model_dir: Path, p: GgufPlan):
@@ -181,27 +252,32 @@ def gguf_tensors(model_dir: Path, p: GgufPlan):
     import gguf
 
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, p.arch.upper()), len(p.layers))
-    for name, w in _read_tensors(model_dir):
-        if name.endswith("rotary_emb.inv_freq") or (p.tied and name == "lm_head.weight"):
+    if p.rope_scaling and p.rope_scaling["rope_type"] == "llama3":
+        yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(p)
+    for src, w0 in _read_tensors(model_dir):
+        if src.endswith("rotary_emb.inv_freq") or (p.tied and src == "lm_head.weight"):
             continue
-        target = names.get_name(name, try_suffixes=(".weight", ".bias"))
-        if target is None:
-            raise EdgekitError(f"tensor {name!r} has no GGUF counterpart for arch {p.arch}",
-                               "export a standard Hugging Face Llama/Mistral/Qwen2 checkpoint")
-        if name.startswith("model.layers."):
-            layer = int(name.split(".")[2])
-            lw = p.layers[layer]
-            kind = ".".join(name.split(".")[-2:])
-            want = _expected_shape(p, kind, lw)
-            if want is not None and tuple(w.shape) != want:
-                raise EdgekitError(f"tensor {name} has shape {tuple(w.shape)} but the config's widths for layer "
-                                   f"{layer} ({asdict(lw)}) need {want}",
+        layer = int(src.split(".")[2]) if src.startswith("model.layers.") else None
+        lw = p.layers[layer] if layer is not None else None
+        if lw is not None:
+            kind = src.split(".")[-2]
+            rows = _expected_rows(p, kind, lw)
+            if rows is not None and w0.shape[0] != rows:
+                raise EdgekitError(f"tensor {src} has shape {tuple(w0.shape)} but the config's widths for layer "
+                                   f"{layer} ({asdict(lw)}) need {rows} rows",
                                    "make config.json (edgekit_layer_widths for per-layer widths) match the weights")
-            if p.permute_qk and kind.startswith("q_proj."):
-                w = rotary_to_interleaved(w, lw.num_attention_heads)
-            elif p.permute_qk and kind.startswith("k_proj."):
-                w = rotary_to_interleaved(w, lw.num_key_value_heads)
-        yield target, np.ascontiguousarray(w)
+        for name, w in (_split(src, w0, p, lw) if lw is not None else [(src, w0)]):
+            target = names.get_name(name, try_suffixes=(".weight", ".bias"))
+            if target is None:
+                raise EdgekitError(f"tensor {name!r} has no GGUF counterpart for arch {p.arch}",
+                                   f"export a standard Hugging Face {p.family.name} checkpoint")
+            if p.family.norm_offset and name.endswith("norm.weight"):
+                w = w + p.family.norm_offset  # llama.cpp multiplies by the stored weight
+            if p.permute_qk and lw is not None and ".q_proj." in name:
+                w = rotary_to_interleaved(w, lw.num_attention_heads, p.rotary_dim)
+            elif p.permute_qk and lw is not None and ".k_proj." in name:
+                w = rotary_to_interleaved(w, lw.num_key_value_heads, p.rotary_dim)
+            yield target, np.ascontiguousarray(w)
 
 
 # -- tokenizer: see gguf_vocab.py --------------------------------------------------------------------------------
@@ -227,13 +303,31 @@ def captured_stderr():
 
 # -- writing ----------------------------------------------------------------------------------------------------
 
+# llama.cpp sets token attributes by general.name: a name containing "phi3"/"phi-3" makes it look up these tokens
+# with no fallback, and loading aborts (unordered_map::at) when the vocabulary lacks one of them.
+_NAME_NEEDS = {("phi3", "phi-3"): ("<unk>", "<s>", "</s>", "<|endoftext|>")}
+
+
+def safe_model_name(name: str, model_dir: Path) -> str:
+    import re
+
+    tj = json.loads((Path(model_dir) / "tokenizer.json").read_text()) if (Path(model_dir) / "tokenizer.json").is_file() \
+        else {}
+    vocab = tj.get("model", {}).get("vocab", {})  # a dict for BPE/WordPiece, [piece, score] pairs for Unigram
+    have = {v if isinstance(v, str) else v[0] for v in vocab} | {a["content"] for a in tj.get("added_tokens", [])}
+    for keys, needed in _NAME_NEEDS.items():
+        if not have.issuperset(needed):
+            name = re.sub("|".join(map(re.escape, keys)), "phi_3", name, flags=re.IGNORECASE)
+    return name
+
+
 def write_gguf(model_dir: Path, path: Path, p: GgufPlan, dtype: str, tensors: bool = True) -> dict:
     """An f32 or f16 GGUF (norms and biases always f32); returns the tokenizer's info (for artifact.json).
     tensors=False writes metadata and vocab only (enough for llama.cpp's vocab_only loading)."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), p.arch)
-    w.add_name(Path(model_dir).name)
+    w.add_name(safe_model_name(Path(model_dir).name, model_dir))
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
     w.add_context_length(p.context_length)
     w.add_embedding_length(p.hidden)
@@ -244,11 +338,15 @@ def write_gguf(model_dir: Path, path: Path, p: GgufPlan, dtype: str, tensors: bo
     w.add_head_count_kv([lw.num_key_value_heads for lw in p.layers] if per_layer else p.layers[0].num_key_value_heads)
     w.add_key_length(p.head_dim)  # explicit: llama.cpp would otherwise derive it from layer 0's head count
     w.add_value_length(p.head_dim)
-    w.add_rope_dimension_count(p.head_dim)
+    w.add_rope_dimension_count(p.rotary_dim)
     w.add_rope_freq_base(p.rope_theta)
-    if p.rope_scaling:
+    if p.rope_scaling and p.rope_scaling["rope_type"] == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(p.rope_scaling[1])
+        w.add_rope_scaling_factor(float(p.rope_scaling["factor"]))
+    if p.swa:
+        w.add_sliding_window(p.swa["window"])
+        w.add_sliding_window_pattern(p.swa["pattern"])
+        w.add_rope_freq_base_swa(p.swa["local_base"])
     w.add_layer_norm_rms_eps(p.rms_eps)
     w.add_vocab_size(p.vocab_size)
     tok = add_tokenizer(w, model_dir, p.vocab_size)  # tokens, scores/merges, special ids, chat template

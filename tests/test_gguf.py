@@ -182,7 +182,7 @@ def test_gate_catches_a_missing_rotary_permutation(tiny_models, tmp_path, monkey
     """The gate is what makes a conversion bug visible: skip the q/k permutation and the f32 gate must fail."""
     import edgekit.exporters.gguf as g
 
-    monkeypatch.setattr(g, "rotary_to_interleaved", lambda w, n: w)
+    monkeypatch.setattr(g, "rotary_to_interleaved", lambda w, *a: w)
     with pytest.raises(GateFailed, match="fidelity gate"):
         _export(tiny_models["llama"], tmp_path / "a", "f32")
     assert not (tmp_path / "a").exists()  # nothing half-written is left
@@ -337,3 +337,17 @@ def test_runner_rechecks_an_artifact_without_torch(tiny_models, tmp_path):
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert res["passed"] and res["delta"] < 0.1
     assert not res["torch"] and not res["transformers"]
+
+
+def test_partial_rotary_permutation_moves_only_rotated_channels():
+    """Phi-4-mini rotates 3/4 of each head: only those channels are reordered into llama.cpp's adjacent pairs."""
+    from edgekit.exporters.gguf import rotary_to_interleaved
+
+    heads, hd, rot = 2, 8, 6
+    w = np.arange(heads * hd, dtype=np.float32)[:, None]
+    got = rotary_to_interleaved(w, heads, rot)[:, 0].reshape(heads, hd)
+    for h in range(heads):
+        base = h * hd
+        assert list(got[h]) == [base + i for i in (0, 3, 1, 4, 2, 5)] + [base + 6, base + 7]
+    full = rotary_to_interleaved(w, heads)[:, 0].reshape(heads, hd)
+    assert list(full[0]) == [0, 4, 1, 5, 2, 6, 3, 7]

@@ -3,7 +3,8 @@ import json
 import pytest
 
 from edgekit.errors import EdgekitError
-from edgekit.models import SUPPORTED_ARCHS, default_gguf, resolve_model
+from edgekit.arch import FAMILIES
+from edgekit.models import default_gguf, resolve_model
 
 
 def test_missing_path():
@@ -16,11 +17,45 @@ def test_folder_without_config(tmp_path):
         resolve_model(str(tmp_path))
 
 
-def test_unsupported_arch_names_supported_ones(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+@pytest.mark.parametrize("model_type", ["bert", "mixtral", "qwen2_moe"])  # encoder-only, mixtures of experts
+def test_unsupported_family_names_supported_ones(tmp_path, model_type):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
     with pytest.raises(EdgekitError) as e:
         resolve_model(str(tmp_path))
-    assert "unsupported architecture 'bert'" in str(e.value) and "Llama, Qwen2, Mistral" in str(e.value)
+    msg = str(e.value)
+    assert f"unsupported model family {model_type!r}" in msg and "\n" not in msg
+    for fam in FAMILIES.values():
+        assert fam.model_type in msg
+
+
+def test_unsupported_gguf_family_is_refused_from_its_header(tmp_path, monkeypatch):
+    """The architecture is read from the GGUF header: refused in milliseconds, before any dequantization."""
+    import time
+
+    gguf = pytest.importorskip("gguf")
+    import edgekit.models as models
+
+    monkeypatch.setenv("EDGEKIT_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "encoder.gguf"
+    w = gguf.GGUFWriter(str(path), "bert")
+    w.add_block_count(2)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    monkeypatch.setattr(models, "sha256_file", lambda p: pytest.fail("hashed/dequantized before the family check"))
+    t0 = time.perf_counter()
+    with pytest.raises(EdgekitError, match="llama.cpp architecture 'bert', which edgekit does not support"):
+        resolve_model(str(path))
+    assert time.perf_counter() - t0 < 1.0
+    assert models.gguf_architecture(path) == "bert"
+
+
+def test_cli_refuses_an_unsupported_family_in_one_line(tmp_path, cli):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    p = cli("plan", "-t", "x86-cpu", tmp_path, check=2)
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) <= 2, p.stderr
+    assert "unsupported model family 'bert'" in p.stderr
 
 
 def test_config_without_weights(tmp_path):
@@ -46,7 +81,7 @@ def test_corrupt_gguf(tmp_path):
 def test_tiny_models_resolve(tiny_models):
     for arch, path in tiny_models.items():
         ref = resolve_model(str(path))
-        assert ref.arch == arch and arch in SUPPORTED_ARCHS
+        assert ref.arch == arch and arch in FAMILIES
 
 
 @pytest.mark.smollm2

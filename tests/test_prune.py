@@ -41,7 +41,7 @@ def test_uniform_roundtrips_through_from_pretrained(arch, pruned_uniform, tiny_m
     import torch
     from transformers import AutoModelForCausalLM
 
-    from edgekit.prune.arch import Geometry
+    from edgekit.arch import geometry
 
     folder, report = pruned_uniform[arch]
     cfg = json.loads((folder / "config.json").read_text())
@@ -52,7 +52,7 @@ def test_uniform_roundtrips_through_from_pretrained(arch, pruned_uniform, tiny_m
     assert "hidden width 64 -&gt; 48" in svg and "KV groups, pruned" in svg
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)  # no custom code
     n = sum(p.numel() for p in model.parameters())  # tied weights counted once
-    assert n == report["params_after"] == Geometry.from_config(cfg).params()
+    assert n == report["params_after"] == geometry(cfg).params()
     L0 = report["layers"][0]
     a = model.model.layers[0].self_attn
     assert a.q_proj.weight.shape == (L0["heads"][1] * 16, 48)
@@ -110,7 +110,7 @@ def test_removing_a_kv_group_removes_exactly_its_query_heads(arch, tiny_models, 
 
     from edgekit.prune import allocate
     from edgekit.prune.apply import build_model, pruned_config, pruned_state
-    from edgekit.prune.arch import Geometry, get_adapter
+    from edgekit.arch import geometry, get_family
     from edgekit.prune.calib import calibration_sequences
     from edgekit.prune.criteria import activation
 
@@ -118,10 +118,10 @@ def test_removing_a_kv_group_removes_exactly_its_query_heads(arch, tiny_models, 
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight[:, 32:64] = 0
-    ad = get_adapter(arch)
+    ad = get_family(arch)
     seqs = calibration_sequences(tok, None, 64, 4)
     scores = activation(model, ad, iter([torch.stack(seqs)]))
-    base = Geometry.from_config(model.config.to_dict())
+    base = geometry(model.config.to_dict())
     plan = allocate.uniform_plan(scores, base, D=64, k=1, g=2, inter=128)
     for lp in plan.layers:
         assert lp.kv == [0] and lp.heads == [0, 1]
@@ -170,17 +170,17 @@ def test_reconstruction_brings_the_cut_model_back_towards_the_dense_one(arch, hi
 
     from edgekit.prune import allocate
     from edgekit.prune.apply import build_model, norm_scales, pruned_config, pruned_state
-    from edgekit.prune.arch import Geometry, get_adapter
+    from edgekit.arch import geometry, get_family
     from edgekit.prune.calib import batches, calibration_sequences
     from edgekit.prune.criteria import activation
     from edgekit.prune.reconstruct import reconstruct
 
     model, tok = _load_dense(tiny_models[arch])
-    ad = get_adapter(arch)
+    ad = get_family(arch)
     seqs = calibration_sequences(tok, None, 64, 24)
     calib, held = seqs[:16], torch.stack(seqs[16:])
     scores = activation(model, ad, batches(calib, 4))
-    plan = allocate.uniform_plan(scores, Geometry.from_config(model.config.to_dict()), D=hidden, k=2, g=1, inter=64)
+    plan = allocate.uniform_plan(scores, geometry(model.config.to_dict()), D=hidden, k=2, g=1, inter=64)
     if hidden < 64:
         plan.norm_scales = norm_scales(model, ad, calib, {hidden: plan.hidden})[hidden]
     pruned = build_model(pruned_config(model, plan), pruned_state(model, ad, plan))
@@ -522,7 +522,7 @@ def test_uniform_search_covers_every_aligned_hidden_width_with_few_evaluations()
 
     from edgekit.errors import EdgekitError
     from edgekit.prune import allocate
-    from edgekit.prune.arch import Geometry, LayerWidths
+    from edgekit.arch import Geometry, LayerWidths
 
     def geo(V, D, hd, L, I, H, K, tied=False):
         return Geometry(V, D, hd, tied, False, False, False, (LayerWidths(I, H, K),) * L)
@@ -564,3 +564,89 @@ def test_uniform_search_covers_every_aligned_hidden_width_with_few_evaluations()
         search(heavy, 0.3, hidden_keep=0.66)
     assert "--ratio between 0.334 and 0.373, or drop --hidden-keep" in e.value.fix
     assert search(heavy, 0.334, hidden_keep=0.66)[1] == search(heavy, 0.373, hidden_keep=0.66)[1] == 64  # it works
+
+
+def test_norm_scales_all_widths_in_one_pass_match_the_per_set_formula(tmp_path):
+    """Nested kept sets (top-d by one score, as the search passes them) are computed together from one cumulative sum
+    of x^2; they must match the per-set mean of rms(x_kept) / rms(x), as must a non-nested pair (computed per set),
+    and 30 widths must cost about what one does."""
+    import time
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from edgekit.arch import get_family
+    from edgekit.models import load_torch_model
+    from edgekit.prune.allocate import _top
+    from edgekit.prune.apply import norm_scales
+    from edgekit.testing import make_tiny_model
+
+    model, _ = load_torch_model(make_tiny_model("llama", tmp_path / "m", seed=11, tokenizer=False))
+    ad = get_family("llama")
+    H = model.config.hidden_size
+    torch.manual_seed(0)
+    seqs = list(torch.randint(0, model.config.vocab_size, (12, 32)))
+
+    def reference(sets):
+        norms = ad.norms(model)
+        sums = {k: [0.0] * len(norms) for k in sets}
+        n = [0]
+
+        def hook(j):
+            def f(mod, inputs):
+                x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+                full = x.pow(2).mean(1).sqrt().clamp_min(1e-12)
+                for k, v in sets.items():
+                    sums[k][j] += (x[:, torch.tensor(v)].pow(2).mean(1).sqrt() / full).sum().item()
+                n[0] += x.shape[0] if j == 0 else 0
+            return f
+
+        hooks = [nm.register_forward_pre_hook(hook(j)) for j, nm in enumerate(norms)]
+        with torch.inference_mode():
+            for i in range(0, len(seqs), 4):
+                model(input_ids=torch.stack(seqs[i:i + 4]), use_cache=False)
+        for h in hooks:
+            h.remove()
+        return {k: [s / n[0] for s in v] for k, v in sums.items()}
+
+    def close(got, want):
+        assert list(got) == list(want)
+        for k in want:
+            assert len(got[k]) == len(ad.norms(model)) == 2 * model.config.num_hidden_layers + 1
+            for a, b in zip(got[k], want[k]):
+                assert abs(a - b) <= 1e-9 * abs(b), (k, a, b)
+
+    scores = torch.rand(H)
+    nested = {d: _top(scores, d) for d in (H, 56, 40, 33, 24, 8, 1)}  # includes the full width and a single channel
+    close(norm_scales(model, ad, seqs, nested), reference(nested))
+    assert all(abs(s - 1) < 1e-12 for s in norm_scales(model, ad, seqs, nested)[H])
+    crossing = {16: list(range(16)), 24: list(range(8, 32))}  # not nested: falls back to one set at a time
+    close(norm_scales(model, ad, seqs, crossing), reference(crossing))
+
+    one, many = {32: _top(scores, 32)}, {d: _top(scores, d) for d in range(2, 62, 2)}
+
+    class Ops(TorchDispatchMode):  # counts the torch ops run: deterministic, unlike a clock on a shared machine
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    def ops(sets):
+        with Ops() as c:
+            norm_scales(model, ad, seqs, sets)
+        return c.n
+
+    assert ops(many) <= ops(one) * 1.05, (ops(one), ops(many))  # the per-set loop ran ~6x the ops here
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # no spinning thread pool competing with the other processes on the machine
+    try:
+        times = {1: [], 30: []}
+        for _ in range(5):  # interleaved, best of 5: a busy spell slows both sides alike
+            for n, sets in ((1, one), (30, many)):
+                t = time.perf_counter()
+                norm_scales(model, ad, seqs, sets)
+                times[n].append(time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(threads)
+    assert min(times[30]) < 3 * min(times[1]), times

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 
 from edgekit.errors import EdgekitError
-from edgekit.prune.arch import Geometry, LayerWidths
+from edgekit.arch import Geometry, LayerWidths
 
 
 @dataclass

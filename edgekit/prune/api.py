@@ -8,7 +8,7 @@ from pathlib import Path
 
 from edgekit.errors import EdgekitError
 from edgekit.prune import allocate
-from edgekit.prune.arch import WIDTHS_KEY, Geometry, get_adapter
+from edgekit.arch import WIDTHS_KEY, family_of
 from edgekit.prune.config import PruneConfig
 
 REPORT_FILE = "edgekit-prune.json"
@@ -52,8 +52,8 @@ def plan_pruning(model, tok, cfg: PruneConfig, log=print, scores=None, split=Non
 
     cfg.check()
     mcfg = model.config.to_dict()
-    ad = get_adapter(mcfg.get("model_type", ""))
-    base = Geometry.from_config(mcfg)
+    ad = family_of(mcfg)
+    base = ad.geometry(mcfg)
     total = base.params()
     keep = total - cfg.budget.removed(total)
     allocate.check_ratio_feasible(base, keep, cfg.align)
@@ -117,12 +117,12 @@ def prune_model(model_dir: Path, out: Path, cfg: PruneConfig, log=print) -> dict
 
     model_dir = Path(model_dir)
     mcfg = json.loads((model_dir / "config.json").read_text())
-    ad = get_adapter(mcfg.get("model_type", ""))
+    ad = family_of(mcfg)
     if mcfg.get(WIDTHS_KEY):
         raise EdgekitError(f"{model_dir} is already pruned with per-layer widths",
                            "prune the original model (or a uniformly pruned one) instead")
     cfg.check()
-    base = Geometry.from_config(mcfg)
+    base = ad.geometry(mcfg)
     cfg.budget.removed(base.params())  # reject a bad budget before loading anything
     allocate.check_protected(cfg.protected_layers, len(base.layers))
     seq_max = mcfg.get("max_position_embeddings")

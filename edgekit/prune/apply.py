@@ -10,7 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
-from edgekit.prune.arch import WIDTHS_KEY, get_adapter
+from edgekit.arch import WIDTHS_KEY, get_family
 
 
 def _head_rows(heads, hd):
@@ -26,38 +26,43 @@ def pruned_state(model, ad, plan) -> dict:
     cfg = model.config
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     hid = torch.tensor(plan.hidden, dtype=torch.long)
+    c = ad.embed_fixup(cfg.hidden_size, len(plan.hidden))
     sd = {}
 
     def put(name, t):
         sd[name] = t.detach().contiguous().clone()
 
     emb = model.get_input_embeddings().weight
-    put("model.embed_tokens.weight", emb[:, hid])
+    put("model.embed_tokens.weight", emb[:, hid] * c)
     head = model.get_output_embeddings().weight
     if not cfg.tie_word_embeddings:
         put("lm_head.weight", head[:, hid])
-    scales = plan.norm_scales or [1.0] * len(ad.norms(model))
+    norms = ad.norms(model)
+    scales = plan.norm_scales or [1.0] * len(norms)
+    per_layer = len(ad.norm_names)
     for i, (layer, lp) in enumerate(zip(ad.layers(model), plan.layers)):
-        p = f"model.layers.{i}."
-        a, m = layer.self_attn, layer.mlp
         qr, kvr = _head_rows(lp.heads, hd), _head_rows(lp.kv, hd)
         mlp = torch.tensor(lp.mlp, dtype=torch.long)
-        for name, mod, rows in (("q_proj", a.q_proj, qr), ("k_proj", a.k_proj, kvr), ("v_proj", a.v_proj, kvr)):
-            put(f"{p}self_attn.{name}.weight", mod.weight[rows][:, hid])
+        (q, k, v), (g, u) = ad.qkv(layer), ad.gate_up(layer)
+        o, d = ad.o(layer), ad.down(layer)
+        t = {}
+        for name, proj, rows in (("q", q, qr), ("k", k, kvr), ("v", v, kvr), ("gate", g, mlp), ("up", u, mlp)):
+            t[f"{name}.weight"] = proj.weight[rows][:, hid]
+            if proj.bias is not None:
+                t[f"{name}.bias"] = proj.bias[rows]
+        t["o.weight"], t["down.weight"] = o.weight[hid][:, qr], d.weight[hid][:, mlp]
+        for name, mod in (("o", o), ("down", d)):
             if mod.bias is not None:
-                put(f"{p}self_attn.{name}.bias", mod.bias[rows])
-        put(f"{p}self_attn.o_proj.weight", a.o_proj.weight[hid][:, qr])
-        for name, mod in (("gate_proj", m.gate_proj), ("up_proj", m.up_proj)):
-            put(f"{p}mlp.{name}.weight", mod.weight[mlp][:, hid])
-            if mod.bias is not None:
-                put(f"{p}mlp.{name}.bias", mod.bias[mlp])
-        put(f"{p}mlp.down_proj.weight", m.down_proj.weight[hid][:, mlp])
-        for name, mod in (("self_attn.o_proj", a.o_proj), ("mlp.down_proj", m.down_proj)):
-            if mod.bias is not None:
-                put(f"{p}{name}.bias", mod.bias[hid])
-        put(f"{p}input_layernorm.weight", layer.input_layernorm.weight[hid] * scales[2 * i])
-        put(f"{p}post_attention_layernorm.weight", layer.post_attention_layernorm.weight[hid] * scales[2 * i + 1])
-    put("model.norm.weight", model.model.norm.weight[hid] * scales[-1])
+                t[f"{name}.bias"] = mod.bias[hid]
+        for j, (name, norm) in enumerate(zip(ad.norm_names, ad.layer_norms(layer))):
+            t[f"{name}.weight"] = ad.scale_norm(norm.weight[hid], scales[i * per_layer + j])
+        for name, norm in zip(("q_norm", "k_norm"), ad.qk_norms(layer)):
+            t[f"{name}.weight"] = norm.weight  # head_dim wide: heads are kept whole
+        for name, tensor in ad.layer_state(i, t).items():
+            put(name, tensor)
+    # a tied head reads the (rescaled) embedding: the final norm divides the rescale out again
+    final = ad.scale_norm(ad.final_norm(model).weight[hid], scales[-1] / (c if cfg.tie_word_embeddings else 1.0))
+    put("model.norm.weight", final)
     return sd
 
 
@@ -82,7 +87,7 @@ def build_model(cfg: dict, state: dict):
     import transformers
     from transformers.modeling_utils import no_init_weights
 
-    ad = get_adapter(cfg["model_type"])
+    ad = get_family(cfg["model_type"])
     config = getattr(transformers, ad.config_class).from_dict(dict(cfg))
     with no_init_weights():
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -90,34 +95,21 @@ def build_model(cfg: dict, state: dict):
     if widths:
         _reshape_layers(model, ad, cfg, widths)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    allowed = {"lm_head.weight"} if cfg.get("tie_word_embeddings") else set()
+    allowed = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if set(missing) - allowed or unexpected:
         raise ValueError(f"pruned checkpoint does not match its config: missing {sorted(set(missing) - allowed)}, "
                          f"unexpected {sorted(unexpected)}")
-    if cfg.get("tie_word_embeddings"):
+    if config.tie_word_embeddings:
         model.tie_weights()
     return model.eval()
 
 
 def _reshape_layers(model, ad, cfg, widths) -> None:
     """Give each decoder layer its own widths (projections sized per layer; GQA group size per layer)."""
-    from torch import nn
+    from edgekit.arch import LayerWidths
 
-    D, hd = cfg["hidden_size"], cfg["head_dim"]
     for layer, w in zip(ad.layers(model), widths):
-        a, m = layer.self_attn, layer.mlp
-        H, K, I = w["num_attention_heads"], w["num_key_value_heads"], w["intermediate_size"]
-
-        def lin(i, o, old):
-            return nn.Linear(i, o, bias=old.bias is not None)
-
-        a.q_proj, a.k_proj = lin(D, H * hd, a.q_proj), lin(D, K * hd, a.k_proj)
-        a.v_proj, a.o_proj = lin(D, K * hd, a.v_proj), lin(H * hd, D, a.o_proj)
-        a.num_key_value_groups = H // K
-        m.gate_proj, m.up_proj, m.down_proj = lin(D, I, m.gate_proj), lin(D, I, m.up_proj), lin(I, D, m.down_proj)
-        for n in ("num_heads", "num_attention_heads"):  # not read by current transformers; kept truthful anyway
-            if hasattr(a, n):
-                setattr(a, n, H)
+        ad.reshape_layer(layer, LayerWidths(**w), cfg["hidden_size"], cfg["head_dim"])
 
 
 def load_pruned(path: Path):
@@ -153,20 +145,54 @@ def norm_scales(model, ad, seqs, hidden_sets: dict) -> dict:
     """For each candidate kept-hidden set: per RMSNorm, the mean over tokens of rms(x_kept) / rms(x).
 
     RMSNorm divides by the RMS over the channels it sees; after cutting channels that RMS changes, so the kept
-    weights are multiplied by this ratio to give the kept channels the scale they had in the dense model."""
+    weights are multiplied by this ratio to give the kept channels the scale they had in the dense model.
+
+    The candidate sets are normally nested (each is the top-d channels by one score), so with the channels in that
+    ranking every set is a prefix and one cumulative sum of x^2 gives all widths at once; sets that are not nested
+    are computed one by one."""
     import torch
 
     norms = ad.norms(model)
-    idx = {k: torch.tensor(v, dtype=torch.long) for k, v in hidden_sets.items()}
-    sums = {k: [0.0] * len(norms) for k in idx}
+    keys = list(hidden_sets)
+    sets = [list(hidden_sets[k]) for k in keys]
+    if not keys:
+        return {}
+    order = None
+    if all(s and len(set(s)) == len(s) for s in sets):
+        seen = {}
+        for s in sets:
+            for c in s:
+                seen[c] = seen.get(c, 0) + 1
+        # channels in more sets rank higher; nested sets are then exactly the prefixes of this order
+        order = sorted(max(sets, key=len), key=lambda c: -seen[c])
+        if any(set(order[:len(s)]) != set(s) for s in sets):
+            order = None
+    sums = [None] * len(norms)  # per norm: float64 tensor of per-key sums over tokens
     count = [0]
+    on = {}  # index tensors per device
+
+    def index(device):
+        if device not in on:
+            if order is not None:
+                on[device] = (torch.tensor(order, dtype=torch.long, device=device),
+                              torch.tensor([len(s) - 1 for s in sets], dtype=torch.long, device=device),
+                              torch.tensor([len(s) for s in sets], dtype=torch.float64, device=device))
+            else:
+                on[device] = [torch.tensor(s, dtype=torch.long, device=device) for s in sets]
+        return on[device]
 
     def hook(j):
         def f(mod, inputs):
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
-            full = x.pow(2).mean(1).sqrt()
-            for k, ix in idx.items():
-                sums[k][j] += (x[:, ix].pow(2).mean(1).sqrt() / full.clamp_min(1e-12)).sum().item()
+            sq = x.pow(2)
+            full = sq.mean(1).sqrt().clamp_min(1e-12)
+            if order is not None:
+                ix, ends, widths = index(x.device)
+                kept = sq.index_select(1, ix).cumsum(1).index_select(1, ends) / widths
+            else:
+                kept = torch.stack([sq.index_select(1, ix).mean(1) for ix in index(x.device)], 1)
+            part = (kept.sqrt() / full[:, None]).sum(0)
+            sums[j] = part if sums[j] is None else sums[j] + part
             if j == 0:
                 count[0] += x.shape[0]
         return f
@@ -181,4 +207,5 @@ def norm_scales(model, ad, seqs, hidden_sets: dict) -> dict:
     finally:
         for h in hooks:
             h.remove()
-    return {k: [s / max(count[0], 1) for s in v] for k, v in sums.items()}
+    per_norm = [[0.0] * len(keys) if t is None else t.tolist() for t in sums]
+    return {k: [v[i] / max(count[0], 1) for v in per_norm] for i, k in enumerate(keys)}

@@ -25,11 +25,6 @@ class Scores:
     hidden: object  # tensor (hidden_size,)
 
 
-def _linears(layer):
-    a, m = layer.self_attn, layer.mlp
-    return a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj
-
-
 def _geom(model):
     cfg = model.config
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -48,22 +43,27 @@ def weight_saliency(model, ad, sal: Callable) -> Scores:
     def s(p):
         return sal(p).double()
 
+    def rows(proj, kind="weight"):  # saliency of a logical projection: the rows of its (maybe fused) parameter
+        p = getattr(proj.module, kind)
+        return None if p is None else s(p)[proj.rows]
+
     for layer in ad.layers(model):
-        q, k, v, o, g, u, d = _linears(layer)
+        (q, k, v), (g, u) = ad.qkv(layer), ad.gate_up(layer)
+        o, d = ad.o(layer), ad.down(layer)
         H, K = q.out_features // hd, k.out_features // hd
-        sq, sk, sv, so = s(q.weight), s(k.weight), s(v.weight), s(o.weight)
-        sg, su, sd = s(g.weight), s(u.weight), s(d.weight)
+        sq, sk, sv, so = rows(q), rows(k), rows(v), s(o.weight)
+        sg, su, sd = rows(g), rows(u), s(d.weight)
         n = sg.sum(1) + su.sum(1) + sd.sum(0)
         if g.bias is not None:
-            n += s(g.bias) + s(u.bias)
+            n += rows(g, "bias") + rows(u, "bias")
         mlp.append(n)
         h = sq.sum(1).view(H, hd).sum(1) + so.sum(0).view(H, hd).sum(1)
         if q.bias is not None:
-            h += s(q.bias).view(H, hd).sum(1)
+            h += rows(q, "bias").view(H, hd).sum(1)
         heads.append(h)
         g_kv = (sk.sum(1) + sv.sum(1)).view(K, hd).sum(1)
         if k.bias is not None:
-            g_kv += (s(k.bias) + s(v.bias)).view(K, hd).sum(1)
+            g_kv += (rows(k, "bias") + rows(v, "bias")).view(K, hd).sum(1)
         kv.append(g_kv)
         hidden += sq.sum(0) + sk.sum(0) + sv.sum(0) + sg.sum(0) + su.sum(0) + so.sum(1) + sd.sum(1)
         for b in (o.bias, d.bias):
@@ -139,11 +139,11 @@ def activation(model, ad, batches: Iterable) -> Scores:
 
     with torch.no_grad():
         for i, layer in enumerate(layers):
-            o = layer.self_attn.o_proj
+            o = ad.o(layer)
             H = o.in_features // hd
             w = o.weight.detach().double().view(D, H, hd)
             gram = torch.einsum("ohd,ohe->hde", w, w)
-            hooks.append(layer.mlp.down_proj.register_forward_pre_hook(mlp_hook(i)))
+            hooks.append(ad.down(layer).register_forward_pre_hook(mlp_hook(i)))
             hooks.append(o.register_forward_pre_hook(head_hook(i, gram)))
         for j, nm in enumerate(norms):
             hooks.append(nm.register_forward_hook(norm_hook(j)))
@@ -156,14 +156,20 @@ def activation(model, ad, batches: Iterable) -> Scores:
         n = max(tokens[0], 1)
         mlp, heads, kv = [], [], []
         hidden = torch.zeros(D, dtype=torch.float64)
+        roles = ad.norm_role_list(L)
+        per_layer = len(roles) // L if L else 0
         for i, layer in enumerate(layers):
-            q, k, v, o, g, u, d = _linears(layer)
-            mlp.append(mlp_sq[i] / n * d.weight.detach().double().pow(2).sum(0))
+            (q, k, v), (g, u) = ad.qkv(layer), ad.gate_up(layer)
+            mlp.append(mlp_sq[i] / n * ad.down(layer).weight.detach().double().pow(2).sum(0))
             heads.append(head_sq[i] / n)
             kv.append(torch.zeros(k.out_features // hd, dtype=torch.float64))
-            col_in = sum(m.weight.detach().double().pow(2).sum(0) for m in (q, k, v))
-            col_post = sum(m.weight.detach().double().pow(2).sum(0) for m in (g, u))
-            hidden += norm_sq[2 * i] / n * col_in + norm_sq[2 * i + 1] / n * col_post
+            # a channel's weight in what reads each norm's output: q/k/v or gate/up columns; a post norm's output
+            # joins the residual stream as it is
+            readers = {"attn_in": sum(m.weight.detach().double().pow(2).sum(0) for m in (q, k, v)),
+                       "mlp_in": sum(m.weight.detach().double().pow(2).sum(0) for m in (g, u))}
+            for j in range(per_layer):
+                idx = i * per_layer + j
+                hidden += norm_sq[idx] / n * readers.get(roles[idx], 1.0)
         hidden += norm_sq[-1] / n * model.get_output_embeddings().weight.detach().double().pow(2).sum(0)
     return Scores(mlp, heads, kv, hidden)
 

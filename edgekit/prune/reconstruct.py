@@ -22,16 +22,25 @@ class _Stop(Exception):
 
 
 def _layer_inputs(model, ad, batches) -> list:
-    """Per batch: (hidden states entering layer 0, the keyword arguments the model passes every layer)."""
+    """Per batch: (hidden states entering layer 0, per layer the keyword arguments the model passes it). Layers may
+    get different masks and rotary tables (Gemma 3's sliding and global layers), so each layer keeps its own."""
     caught = []
+    layers = ad.layers(model)
 
-    def grab(mod, args, kwargs):
-        kw = dict(kwargs)
-        x = args[0] if args else kw.pop("hidden_states")
-        caught.append((x.detach(), kw))
-        raise _Stop  # the rest of the model is not needed
+    def grab(i):
+        def f(mod, args, kwargs):
+            kw = dict(kwargs)
+            x = args[0] if args else kw.pop("hidden_states")
+            kw.pop("hidden_states", None)
+            if i == 0:
+                caught.append([x.detach(), []])
+            caught[-1][1].append(kw)
+            if i == len(layers) - 1:
+                raise _Stop  # the rest of the model is not needed
+            return None
+        return f
 
-    h = ad.layers(model)[0].register_forward_pre_hook(grab, with_kwargs=True)
+    hooks = [layer.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
         for ids in batches:
             try:
@@ -39,13 +48,14 @@ def _layer_inputs(model, ad, batches) -> list:
             except _Stop:
                 pass
     finally:
-        h.remove()
-    return caught
+        for h in hooks:
+            h.remove()
+    return [(x, kw) for x, kw in caught]
 
 
-def _run(layer, xs: list, *taps) -> tuple:
-    """Run a decoder layer over cached inputs. Each tap is (module, "in" | "out"); returns the layer outputs and,
-    per tap, what that module saw (its input or output, flattened to 2-D) batch by batch."""
+def _run(layer, xs: list, *taps, index: int = 0) -> tuple:
+    """Run decoder layer `index` over cached inputs. Each tap is (module, "in" | "out"); returns the layer outputs
+    and, per tap, what that module saw (its input or output, flattened to 2-D) batch by batch."""
     seen = [[] for _ in taps]
     hooks = []
     for (mod, what), store in zip(taps, seen):
@@ -57,8 +67,8 @@ def _run(layer, xs: list, *taps) -> tuple:
             hooks.append(mod.register_forward_hook(lambda m, a, o, k=keep: k(o)))
     outs = []
     try:
-        for x, kw in xs:
-            out = layer(x, **kw)
+        for x, kws in xs:
+            out = layer(x, **kws[index])
             outs.append(out[0] if isinstance(out, tuple) else out)
     finally:
         for h in hooks:
@@ -102,16 +112,16 @@ def reconstruct(dense, pruned, ad, hidden: list, batches, damp: float = 0.1) -> 
     with torch.no_grad():
         xs_p = _layer_inputs(pruned, ad, batches)
         xs_d = None if local else _layer_inputs(dense, ad, batches)
-        for ld, lp in zip(ad.layers(dense), ad.layers(pruned)):
+        for i, (ld, lp) in enumerate(zip(ad.layers(dense), ad.layers(pruned))):
             src = xs_p if local else xs_d
-            nxt_d, o_out, d_out = _run(ld, src, (ld.self_attn.o_proj, "out"), (ld.mlp.down_proj, "out"))
-            _, o_in = _run(lp, xs_p, (lp.self_attn.o_proj, "in"))
-            _refit(lp.self_attn.o_proj, o_in, [y[:, hid] for y in o_out], damp)
+            nxt_d, o_out, d_out = _run(ld, src, (ad.o(ld), "out"), (ad.down(ld), "out"), index=i)
+            _, o_in = _run(lp, xs_p, (ad.o(lp), "in"), index=i)
+            _refit(ad.o(lp), o_in, [y[:, hid] for y in o_out], damp)
             del o_in, o_out
-            outs, d_in = _run(lp, xs_p, (lp.mlp.down_proj, "in"))
-            old = lp.mlp.down_proj.weight.detach().clone()
-            _refit(lp.mlp.down_proj, d_in, [y[:, hid] for y in d_out], damp)
-            delta = lp.mlp.down_proj.weight.detach() - old
+            outs, d_in = _run(lp, xs_p, (ad.down(lp), "in"), index=i)
+            old = ad.down(lp).weight.detach().clone()
+            _refit(ad.down(lp), d_in, [y[:, hid] for y in d_out], damp)
+            delta = ad.down(lp).weight.detach() - old
             # the layer's new output differs from the one just computed only through the down_proj change
             xs_p = [(o + (a @ delta.T).reshape(o.shape), kw) for o, a, (_, kw) in zip(outs, d_in, xs_p)]
             if not local:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edgekit.prune.arch import Geometry
+from edgekit.arch import Geometry
 
 
 def layer_report(before: Geometry, after: Geometry) -> list[dict]:

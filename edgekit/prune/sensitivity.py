@@ -45,7 +45,7 @@ def stream_fisher(model, ad, seqs, batch_size: int) -> tuple[list, list]:
 
     hooks = [model.get_input_embeddings().register_forward_hook(lambda m, a, o: o.requires_grad_())]
     for i, layer in enumerate(layers):
-        hooks.append(layer.post_attention_layernorm.register_forward_pre_hook(
+        hooks.append(ad.mlp_input_norm(layer).register_forward_pre_hook(
             lambda m, a, s=mid[i]: keep(a[0], s)))
         hooks.append(layer.register_forward_hook(
             lambda m, a, o, s=out[i]: keep(o[0] if isinstance(o, tuple) else o, s)))
@@ -124,17 +124,17 @@ def layer_costs(model, ad, scores, seqs, batch_size: int, align: int, damp: floa
     with torch.no_grad():
         xs = _layer_inputs(model, ad, batches(seqs, batch_size))
         for l, layer in enumerate(layers):
-            outs, o_in, d_in = _run(layer, xs, (layer.self_attn.o_proj, "in"), (layer.mlp.down_proj, "in"))
+            outs, o_in, d_in = _run(layer, xs, (ad.o(layer), "in"), (ad.down(layer), "in"), index=l)
             xs = [(y, kw) for y, (_, kw) in zip(outs, xs)]
             n = sum(x.shape[0] for x in d_in)
             G_d = sum(x.double().T @ x.double() for x in d_in) / n
             G_o = sum(x.double().T @ x.double() for x in o_in) / n
             del o_in, d_in
-            W = layer.mlp.down_proj.weight.detach().double()
+            W = ad.down(layer).weight.detach().double()
             known = {w: refit_error_cost(W, G_d, _top(scores.mlp[l], w), f_out[l], damp, refit)
                      for w in _grid(widths, GRID_POINTS)}
             mlp.append(_interpolate(known, widths))
-            Wo = layer.self_attn.o_proj.weight.detach().double()
+            Wo = ad.o(layer).weight.detach().double()
             tab = {}
             for k, g in attention_options(H, K, hd, align):
                 _, heads, _ = select_attention(scores.heads[l], scores.kv[l], k, g)

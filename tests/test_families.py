@@ -1,0 +1,209 @@
+"""The family meta-test: every registered model family, as a tiny random model with its real config quirks and a
+tokenizer of its real kind, goes through every stage. A family added to edgekit/arch without working through any
+stage fails here (the parametrization is the registry itself, not a list kept in sync by hand)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edgekit.arch import FAMILIES, get_family
+from edgekit.testing import FAMILY_QUIRKS, make_tiny_model
+
+FAMS = sorted(FAMILIES)
+CONTEXT = 128
+
+
+def quiet(*a, **k):
+    pass
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return {f: make_tiny_model(f, root / f, seed=i, quirks=True) for i, f in enumerate(FAMS)}
+
+
+@pytest.fixture(scope="session")
+def family_pruned(family_models, tmp_path_factory):
+    """{family: (uniform folder, non-uniform folder)}, each pruned once per session (both reused below)."""
+    from edgekit.prune import PruneConfig, prune_model
+    from edgekit.prune.config import Budget
+
+    root = tmp_path_factory.mktemp("families-pruned")
+    out = {}
+    for f, src in family_models.items():
+        common = dict(budget=Budget(ratio=0.3), num_samples=4, search_samples=2, seq_len=64, align=32)
+        u = root / f"{f}-u"
+        prune_model(src, u, PruneConfig(**common), log=quiet)
+        nu = root / f"{f}-nu"  # layer 0 kept dense, so the widths really differ per layer
+        prune_model(src, nu, PruneConfig(budget=Budget(ratio=0.2), num_samples=4, search_samples=2, seq_len=64,
+                                         align=8, non_uniform=True, protected_layers=(0,)), log=quiet)
+        out[f] = (u, nu)
+    return out
+
+
+def test_every_family_has_quirks_and_a_tokenizer_kind():
+    for name, fam in FAMILIES.items():
+        assert name in FAMILY_QUIRKS, f"{name}: add its real config quirks to edgekit.testing.FAMILY_QUIRKS"
+        assert fam.tokenizer in ("bpe-bytelevel", "bpe-nfc", "spm-bpe")
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_geometry_counts_every_parameter(family_models, family):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgekit.plan import count_params
+
+    path = family_models[family]
+    cfg = json.loads((path / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert count_params(cfg) == sum(p.numel() for p in model.parameters())
+    assert cfg["model_type"] == family
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_prune_uniform_round_trips_through_from_pretrained(family_pruned, family_models, family):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgekit.plan import count_params
+
+    u, _ = family_pruned[family]
+    report = json.loads((u / "edgekit-prune.json").read_text())
+    cfg = json.loads((u / "config.json").read_text())
+    assert report["uniform"] and "edgekit_layer_widths" not in cfg
+    assert 0.2 < report["removed_fraction"] < 0.4, report["removed_fraction"]
+    model = AutoModelForCausalLM.from_pretrained(u, dtype=torch.float32)
+    assert sum(p.numel() for p in model.parameters()) == report["params_after"] == count_params(cfg)
+    ids = torch.arange(1, 33)[None]
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+    # the cut model still computes something close to the original on calibration text
+    assert report["pruned_search_loss"] < 2 * report["dense_search_loss"] + 1
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_prune_non_uniform_reloads_in_edgekit(family_pruned, family):
+    import torch
+
+    from edgekit.models import load_torch_model
+    from edgekit.plan import count_params
+
+    _, nu = family_pruned[family]
+    report = json.loads((nu / "edgekit-prune.json").read_text())
+    cfg = json.loads((nu / "config.json").read_text())
+    model, tok = load_torch_model(nu)
+    assert sum(p.numel() for p in model.parameters()) == report["params_after"] == count_params(cfg)
+    with torch.no_grad():
+        logits = model(torch.tensor([tok("The quick brown fox")["input_ids"]])).logits
+    assert torch.isfinite(logits).all() and logits.shape[-1] == cfg["vocab_size"]
+
+
+def _export(src, out, backend, precision, **kw):
+    from edgekit.export import ExportConfig, export_model
+
+    return export_model(src, out, ExportConfig(backend=backend, precision=precision, context_length=CONTEXT, **kw),
+                        log=quiet)
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_gguf_f16_and_q8_0_gates_pass(family_pruned, family_models, tmp_path, family):
+    """Dense f16 and pruned q8_0 through llama.cpp; tokenizer id-for-id; the chat template embedded."""
+    meta = _export(family_models[family], tmp_path / "f16", "gguf", "f16")
+    assert meta["gate"]["passed"], meta["gate"]["failures"]
+    assert meta["tokenizer"]["identical"], meta["tokenizer"]
+    assert meta["gguf_arch"] == get_family(family).gguf_arch
+    u, _ = family_pruned[family]
+    cfg = json.loads((u / "config.json").read_text())
+    fam = get_family(family)
+    if fam.rotary_dim(cfg) != fam.head_dim(cfg) and cfg["num_attention_heads"] * fam.head_dim(cfg) != cfg[
+            "hidden_size"]:
+        # partial rotary (Phi-4-mini): llama.cpp's phi3 needs heads x head_dim == hidden, its llama rotates whole
+        # heads: a head- or hidden-pruned model is refused with that reason, and the MLP-only cut exports
+        from edgekit.errors import EdgekitError
+
+        with pytest.raises(EdgekitError, match="rotates whole heads"):
+            _export(u, tmp_path / "q8", "gguf", "q8_0")
+        u = family_models[family]
+    meta = _export(u, tmp_path / "q8", "gguf", "q8_0")
+    assert meta["gate"]["passed"], meta["gate"]["failures"]
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_gguf_q4_k_m_runs_in_llama_cpp(family_models, tmp_path, family):
+    """Random tiny weights lose too much at 4 bits to pass the gate; the file must still load, run and say what
+    llama.cpp stored."""
+    meta = _export(family_models[family], tmp_path / "q4", "gguf", "q4_k_m", accept_gate_failure=True)
+    assert meta["gate"]["top1_agreement"] > 0.3, meta["gate"]
+    assert meta["tensor_types"], meta
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_gguf_non_uniform_is_deci_or_refused_with_the_reason(family_pruned, tmp_path, family):
+    from edgekit.errors import EdgekitError
+
+    _, nu = family_pruned[family]
+    fam = get_family(family)
+    cfg = json.loads((nu / "config.json").read_text())
+    assert len({json.dumps(w) for w in cfg["edgekit_layer_widths"]}) > 1
+    if fam.gguf_nonuniform and fam.rotary_dim(cfg) == fam.head_dim(cfg):
+        meta = _export(nu, tmp_path / "nu", "gguf", "f16")
+        assert meta["gguf_arch"] == "deci" and meta["gate"]["passed"], meta["gate"]
+    else:
+        with pytest.raises(EdgekitError, match="per-layer widths only for its `deci`|rotates whole heads"):
+            _export(nu, tmp_path / "nu", "gguf", "f16")
+        assert not (tmp_path / "nu").exists()
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_onnxruntime_fp32_gate_passes(family_pruned, tmp_path, family):
+    u, _ = family_pruned[family]
+    meta = _export(u, tmp_path / "ort", "onnxruntime", "fp32")
+    assert meta["gate"]["passed"] and meta["gate"]["greedy_match"], meta["gate"]
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_executorch_fp32_gate_passes(family_pruned, tmp_path, family):
+    _, nu = family_pruned[family]  # per-layer widths: ExecuTorch serves every family's non-uniform model
+    meta = _export(nu, tmp_path / "et", "executorch", "fp32")
+    assert meta["gate"]["passed"], meta["gate"]["failures"]
+    assert meta["max_context"] == CONTEXT
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_tensorrt_onnx_and_engine_command(family_models, tmp_path, family):
+    from edgekit.target import get_target
+
+    meta = _export(family_models[family], tmp_path / "trt", "tensorrt", "fp16", target=get_target("jetson-orin"))
+    assert meta["gate"]["passed"], meta["gate"]["failures"]
+    plan = json.loads((tmp_path / "trt" / "trt.json").read_text())
+    cmd = " ".join(plan["build_command"])
+    assert "--fp16" in cmd and "--minShapes=" in cmd and "--onnx=model.onnx" in cmd
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_plan_for_every_target(family_models, family):
+    from edgekit.plan import PlanRequest, make_plan
+    from edgekit.target import builtin_targets
+
+    cfg = json.loads((family_models[family] / "config.json").read_text())
+    for t in builtin_targets().values():
+        p = make_plan(cfg, t, PlanRequest(context=min(256, cfg["max_position_embeddings"])))
+        assert p.chosen["fits_memory"] and p.params == get_family(family).geometry(cfg).params()
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_distill_a_few_steps_lowers_the_loss(family_pruned, family_models, tmp_path, family):
+    from edgekit.distill import DataConfig, DistillConfig, OptimConfig, distill
+
+    u, _ = family_pruned[family]
+    cfg = DistillConfig(steps=8, batch_size=2, micro_batch_size=2, log_every=1, checkpoint_every=0,
+                        data=DataConfig(block_size=64, max_eval_blocks=4), optim=OptimConfig(lr=1e-3))
+    rep = distill(family_models[family], u, tmp_path / "kd", cfg, progress=False)
+    loss = [h[1] for h in rep["history"]]
+    assert np.isfinite(loss[-1]) and min(loss[-3:]) < loss[0], loss
+    assert rep["heldout_perplexity"]["after"] < rep["heldout_perplexity"]["before"]
