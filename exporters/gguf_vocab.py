@@ -355,7 +355,13 @@ def parity_text() -> str:
 
 CHAT = [{"role": "user", "content": "Hello! Can you tokenize   this: naïve café, 東京 😀 and 12345?"},
         {"role": "assistant", "content": "Sure.\tTabs, CRLF\r\nand  double spaces too."},
-        {"role": "user", "content": "Thanks. Now the </s> and <|im_end|> strings, typed as text."}]
+        {"role": "user", "content": "Thanks. Now the <|im_end|> string, typed as text."}]
+# Token texts llama.cpp's vocab loader forces to CONTROL when it finds them, whatever type the file gives (its EOG/EOT
+# detection): where a tokenizer keeps one as an ordinary BPE token (Qwen2.5 has "</s>" at id 128247), llama.cpp with
+# special parsing reads that text typed by a user as the control token. Upstream GGUFs behave the same; the parity
+# text leaves these out and the artifact lists them.
+LLAMACPP_FORCED_CONTROL = ("</s>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>",
+                           "<|end_of_text|>", "<EOT>")
 
 
 def special_text(model_dir: Path, tj: dict) -> tuple[str, str]:
@@ -427,6 +433,12 @@ def tokenizer_parity(gguf_path: Path, model_dir: Path, text: str | None = None) 
         out = both(plain_text, False)
         chat, template = special_text(model_dir, tj)
         out["special"] = {**both(chat, True), "chat_template": template}
+        special_ids = {a["id"] for a in tj.get("added_tokens", []) if a.get("special")}
+        vocab = tj.get("model", {}).get("vocab", {})
+        vocab = vocab if isinstance(vocab, dict) else {}
+        forced = [t for t in LLAMACPP_FORCED_CONTROL if t in vocab and vocab[t] not in special_ids]
+        if forced:
+            out["special"]["llamacpp_forced_control"] = forced
         if nfc:
             out["nfc_changed"] = {**both(changed_text, False), "lines": n_changed, "gated": False, "note": NFC_NOTE}
         out["identical"] = out["identical"] and out["special"]["identical"]
