@@ -171,11 +171,12 @@ FAMILY_QUIRKS: dict[str, dict] = {
 
 
 def make_tiny_model(arch: str, out: Path, seed: int = 0, tokenizer: bool = True, quirks: bool = False,
-                    dtype: str = "float32", **overrides) -> Path:
+                    dtype: str = "float32", shard_size: str | None = None, **overrides) -> Path:
     """Save a random `arch` causal LM (any registered family) with GQA (4 heads, 2 KV heads) into `out`.
 
     quirks=True adds the family's real config quirks (FAMILY_QUIRKS) and a tokenizer of the family's kind;
-    dtype="bfloat16" saves the weights as a bf16 checkpoint (how most real checkpoints ship)."""
+    dtype="bfloat16" saves the weights as a bf16 checkpoint (how most real checkpoints ship); shard_size (e.g.
+    "40KB") splits them into shards with a model.safetensors.index.json, as large checkpoints are published."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -195,7 +196,8 @@ def make_tiny_model(arch: str, out: Path, seed: int = 0, tokenizer: bool = True,
     out = Path(out)
     if dtype != "float32":
         model = model.to(getattr(torch, dtype))
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True, **({"max_shard_size": shard_size} if shard_size else {}))
+    model.generation_config.save_pretrained(out)
     if tokenizer:
         make_tokenizer(out, kw["vocab_size"], **({"kind": fam.tokenizer} if quirks else {}))
     return out

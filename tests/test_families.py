@@ -207,3 +207,30 @@ def test_distill_a_few_steps_lowers_the_loss(family_pruned, family_models, tmp_p
     loss = [h[1] for h in rep["history"]]
     assert np.isfinite(loss[-1]) and min(loss[-3:]) < loss[0], loss
     assert rep["heldout_perplexity"]["after"] < rep["heldout_perplexity"]["before"]
+
+
+def test_bf16_sharded_checkpoint_prunes_and_exports(tmp_path):
+    """The form real checkpoints ship in: bf16 safetensors split into shards with an index, untied head, a
+    generation_config. Pruned output is a plain HF folder; GGUF and ONNX Runtime read every shard."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgekit.models import resolve_model
+    from edgekit.prune import PruneConfig, prune_model
+    from edgekit.prune.config import Budget
+
+    src = make_tiny_model("qwen2", tmp_path / "m", quirks=True, dtype="bfloat16", shard_size="40KB",
+                          tie_word_embeddings=False)
+    assert len(list(src.glob("*.safetensors"))) > 1 and (src / "model.safetensors.index.json").is_file()
+    assert resolve_model(str(src)).arch == "qwen2"
+    out = tmp_path / "p"
+    report = prune_model(src, out, PruneConfig(budget=Budget(ratio=0.25), num_samples=4, search_samples=2,
+                                               seq_len=64, align=32), log=quiet)
+    assert (out / "generation_config.json").is_file() and not (out / "model.safetensors.index.json").exists() or \
+        len(list(out.glob("*.safetensors"))) >= 1
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert sum(p.numel() for p in model.parameters()) == report["params_after"]
+    assert model.lm_head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
+    for backend, precision in (("gguf", "f16"), ("onnxruntime", "fp32")):
+        meta = _export(src, tmp_path / backend, backend, precision)
+        assert meta["gate"]["passed"], (backend, meta["gate"])
