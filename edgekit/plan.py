@@ -32,13 +32,18 @@ class RuntimeMemory:
     attn_buffers: int = 1  # score-sized (heads x chunk x context) fp32 buffers alive during a prefill chunk
     logits_per_chunk: bool = False  # the graph emits every position's logits, not just the last
     fp32_embedding: bool = False  # ONNX Runtime: the Gather table stays fp32, and a tied LM head is a transposed copy
+    tied_stored_twice: bool = False  # ExecuTorch: the .pte holds the embedding table and the LM head apart
+    weight_factor: float = 1.0  # resident bytes per stored weight byte (ExecuTorch: program data + XNNPACK's packing)
 
 
 RUNTIMES = {
     "onnxruntime": RuntimeMemory(overhead_mb=90, kv_bytes=4, kv_copies=2, attn_buffers=3, logits_per_chunk=True,
                                  fp32_embedding=True),
     "gguf": RuntimeMemory(overhead_mb=40, kv_bytes=2),  # f16 cache; f32/f16 artifacts are gated with an f32 one
-    "executorch": RuntimeMemory(overhead_mb=80, kv_bytes=4, attn_buffers=2, logits_per_chunk=True),
+    # fitted on SmolLM2-135M (tied, 1517 MB at 2048) and Qwen2.5-Coder-0.5B (untied, 3976 MB at 1024): the Python
+    # runtime imports torch (~400 MB) and resident weights are ~1.33x the .pte's (bench/plan_calibration.py)
+    "executorch": RuntimeMemory(overhead_mb=400, kv_bytes=4, attn_buffers=2, logits_per_chunk=True,
+                                tied_stored_twice=True, weight_factor=1.33),
     "tensorrt": RuntimeMemory(overhead_mb=700, kv_bytes=2, attn_buffers=2, logits_per_chunk=True),
 }
 # Fraction of the target's DRAM bandwidth a decode step achieves (measured on x86 by bench/gguf_decode.py).
@@ -139,7 +144,9 @@ def memory(cfg: dict, backend: str, precision: str, req: PlanRequest, prune_rati
         body = params - emb * (1 if s["tied"] else 2)
         weights = body * bpw + emb * 4 + emb * (4 if s["tied"] else bpw)
     else:
-        weights = params * bpw
+        weights = params * bpw + (emb * bpw if rt.tied_stored_twice and s["tied"] else 0)
+    stored = weights  # what a decode step reads
+    weights *= rt.weight_factor
     kv_bytes = 4 if backend == "gguf" and precision in ("f32", "f16") else rt.kv_bytes
     kv = kv_elements(s, req.context, backend) * kv_bytes * req.batch
     chunk = min(req.prefill_chunk, req.context)
@@ -149,7 +156,7 @@ def memory(cfg: dict, backend: str, precision: str, req: PlanRequest, prune_rati
     overhead = rt.overhead_mb * MiB
     return {"weights_bytes": int(weights), "kv_cache_bytes": int(kv * rt.kv_copies), "activations_bytes": int(act),
             "runtime_overhead_bytes": int(overhead), "total_bytes": int(weights + kv * rt.kv_copies + act + overhead),
-            "bytes_per_token": int(weights + kv / 2)}
+            "bytes_per_token": int(stored + kv / 2)}
 
 
 def _candidate(cfg, target, backend, precision, req, ratio, budget) -> Candidate:
