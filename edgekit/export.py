@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,6 +20,11 @@ from edgekit.fsutil import atomic_dir, atomic_write_json, sha256_file
 from edgekit.runtime.base import ARTIFACT_FILE, REFERENCE_FILE
 
 SCHEMA = 1
+# Beside every backend's files: the tokenizer with its chat template, and the model's config and generation
+# settings, so peer tools open the artifact as they open a Hugging Face folder (optimum's ORTModelForCausalLM reads
+# config.json and generation_config.json; transformers' AutoTokenizer the tokenizer files).
+COMPANIONS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+              "generation_config.json", "config.json")
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,9 @@ def export_model(model_dir: Path, out: Path, cfg: ExportConfig, log=print) -> di
     with atomic_dir(out) as tmp:
         log(f"export: converting to {cfg.backend} {cfg.precision}")
         extra = backend.export(Path(model_dir), tmp, cfg)
+        for name in COMPANIONS:
+            if (Path(model_dir) / name).is_file() and not (tmp / name).exists():
+                shutil.copy(Path(model_dir) / name, tmp / name)
         t_convert = time.perf_counter() - t0
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         meta = {

@@ -176,7 +176,6 @@ def lower(wrapper: StaticCacheLM):
 
 
 def export(model_dir: Path, out: Path, cfg) -> dict:
-    import shutil
     import warnings
 
     from edgekit.fsutil import atomic_write_bytes
@@ -193,8 +192,5 @@ def export(model_dir: Path, out: Path, cfg) -> dict:
             warnings.simplefilter("ignore")
             prog, summary = lower(StaticCacheLM(model, n_ctx))
     atomic_write_bytes(out / ENTRY, prog.buffer)
-    tok = Path(model_dir) / "tokenizer.json"
-    if tok.exists():
-        shutil.copy(tok, out / "tokenizer.json")
     return {"entry": ENTRY, "max_context": n_ctx, "size_bytes": (out / ENTRY).stat().st_size,
             **summary, **info}

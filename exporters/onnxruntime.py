@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -139,9 +138,6 @@ def export(model_dir: Path, out: Path, cfg) -> dict:
                 q.process()
             q.model.topological_sort()  # what ONNXModel.save_model_to_file does before writing
             written = save_onnx(q.model.model, out / "model.onnx")
-    tok = Path(model_dir) / "tokenizer.json"
-    if tok.exists():
-        shutil.copy(tok, out / "tokenizer.json")
     return {"entry": "model.onnx", "opset": OPSET} | (
         {"external_data": EXTERNAL_DATA} if EXTERNAL_DATA in written else {}) | (
         {"quantization": f"weight-only int8, MatMulNBits block {BLOCK}"} if cfg.precision == "int8" else {})

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -178,9 +177,6 @@ def export(model_dir: Path, out: Path, cfg) -> dict:
         fixed = make_fp16_safe(graph)
         inputs = [i.name for i in graph.graph.input]
         written = save_onnx(graph, out / "model.onnx")  # past protobuf's 2 GB: weights in model.onnx.data beside it
-    tok = Path(model_dir) / "tokenizer.json"
-    if tok.exists():
-        shutil.copy(tok, out / "tokenizer.json")
     plan = {**stamp(target), "precision": cfg.precision, "context_length": context, "inputs": inputs,
             "profile": optimization_profile(inputs, model, context),
             "workspace_mb": workspace_mb(target.memory.usable_bytes), "engine": ENGINE_FILE,

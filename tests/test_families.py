@@ -106,8 +106,23 @@ def test_prune_non_uniform_reloads_in_edgekit(family_pruned, family):
 def _export(src, out, backend, precision, **kw):
     from edgekit.export import ExportConfig, export_model
 
-    return export_model(src, out, ExportConfig(backend=backend, precision=precision, context_length=CONTEXT, **kw),
+    meta = export_model(src, out, ExportConfig(backend=backend, precision=precision, context_length=CONTEXT, **kw),
                         log=quiet)
+    _check_chat_template(src, out)
+    return meta
+
+
+def _check_chat_template(src, art):
+    """The tokenizer and its chat template travel into every artifact (and into the GGUF's metadata)."""
+    from transformers import AutoTokenizer
+
+    want = AutoTokenizer.from_pretrained(src).chat_template
+    assert AutoTokenizer.from_pretrained(art).chat_template == want
+    if (art / "model.gguf").is_file() and want:
+        from gguf import GGUFReader
+
+        f = GGUFReader(str(art / "model.gguf")).fields["tokenizer.chat_template"]
+        assert bytes(f.parts[f.data[0]]).decode() == want
 
 
 @pytest.mark.parametrize("family", FAMS)

@@ -223,3 +223,20 @@ def test_export_past_the_protobuf_limit_writes_external_data(tiny_models, tmp_pa
     assert (out / "model.onnx.data").stat().st_mode == (out / "model.onnx").stat().st_mode
     r = open_artifact(out)  # verify_files, then onnxruntime from the folder
     assert len(greedy(r, np.arange(1, 6, dtype=np.int64), 4)) == 4
+
+
+def test_optimum_opens_the_artifact_and_generates(artifacts, tiny_models):
+    """Peer tools open the artifact folder as they open a Hugging Face export: optimum's ORTModelForCausalLM loads it
+    (config.json and generation_config.json travel with it) and greedy generate() matches PyTorch."""
+    import torch
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    art = artifacts[("llama", "fp32")]
+    tok = AutoTokenizer.from_pretrained(art)
+    ids = tok("The quick brown fox", return_tensors="pt").input_ids
+    ort = ORTModelForCausalLM.from_pretrained(art)
+    got = ort.generate(ids, max_new_tokens=8, do_sample=False)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32).generate(
+        ids, max_new_tokens=8, do_sample=False)
+    assert got.tolist() == ref.tolist()
