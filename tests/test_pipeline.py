@@ -92,7 +92,7 @@ def test_bad_inputs(cli, tiny_models, tmp_path):
     gpt2.mkdir()
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
     (gpt2 / "model.safetensors").write_bytes(b"")
-    _one_error_line(cli("build", "--target", "x86-cpu", gpt2, "-o", out), "unsupported architecture 'gpt2'")
+    _one_error_line(cli("build", "--target", "x86-cpu", gpt2, "-o", out), "unsupported model family 'gpt2'")
     _one_error_line(cli("build", "--target", "x86-cpu", tiny_models["llama"], "-o", out, "--precision", "q4_k_m"),
                     "cannot produce precision 'q4_k_m'")
     _one_error_line(cli("build", "--target", "x86-cpu", tiny_models["llama"], "-o", out, "--prune-ratio", "1.5"),

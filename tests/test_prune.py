@@ -301,15 +301,15 @@ def test_cli_prune_and_bad_inputs(cli, tiny_models, tmp_path):
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     (gpt2 / "model.safetensors").write_bytes(b"")
     p = cli("prune", gpt2, "--ratio", "0.3", "-o", tmp_path / "bad", check=2)
-    assert "unsupported architecture 'gpt2'" in p.stderr
+    assert "unsupported model family 'gpt2'" in p.stderr
 
 
 def test_unsupported_arch_in_prune_api(tmp_path):
     from edgekit.errors import EdgekitError
     from edgekit.prune import Budget, PruneConfig, prune_model
 
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "phi3"}))
-    with pytest.raises(EdgekitError, match="pruning does not support architecture 'phi3'"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mixtral"}))  # mixture of experts
+    with pytest.raises(EdgekitError, match="unsupported model family 'mixtral'.*Phi-3"):
         prune_model(tmp_path, tmp_path / "o", PruneConfig(Budget(ratio=0.3)))
 
 
