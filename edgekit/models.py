@@ -13,7 +13,7 @@ from pathlib import Path
 
 from edgekit.arch import GGUF_ARCHS, family_of, supported
 from edgekit.errors import EdgekitError
-from edgekit.fsutil import atomic_dir, sha256_file
+from edgekit.fsutil import atomic_dir, atomic_write_text, sha256_file
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -159,6 +159,11 @@ def gguf_to_hf(gguf: Path) -> Path:
     digest = sha256_file(gguf)[:12]
     out = cache_dir() / "models" / f"{gguf.stem}-{digest}"
     if (out / "config.json").is_file():
+        src = out / "edgekit-source.json"
+        info = json.loads(src.read_text()) if src.is_file() else {}
+        if "tokenizer" not in info:  # converted before edgekit rebuilt SentencePiece tokenizers itself
+            info["tokenizer"] = _gguf_tokenizer(gguf, out)
+            atomic_write_text(src, json.dumps(info) + "\n")
         return out
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -178,8 +183,18 @@ def gguf_to_hf(gguf: Path) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "tokenizer.model").unlink(missing_ok=True)  # a 98 MB copy of the GGUF; tokenizer.json suffices
-        (tmp / "edgekit-source.json").write_text(json.dumps({"gguf": str(gguf), "sha256_12": digest}) + "\n")
+        (tmp / "edgekit-source.json").write_text(json.dumps({"gguf": str(gguf), "sha256_12": digest,
+                                                             "tokenizer": _gguf_tokenizer(gguf, tmp)}) + "\n")
     return out
+
+
+def _gguf_tokenizer(gguf: Path, folder: Path) -> str:
+    """SentencePiece GGUFs (Gemma, Llama 2, Mistral, Phi-3) get a BPE tokenizer.json built from the GGUF's tokens and
+    scores, which tokenizes as llama.cpp does; transformers writes a Unigram for them that does not (Gemma 3 270M:
+    27,880 tokens where llama.cpp has 16,563). Byte-level BPE GGUFs keep what transformers wrote."""
+    from edgekit.gguf_tokenizer import write_spm_tokenizer
+
+    return "edgekit-spm-bpe" if write_spm_tokenizer(gguf, folder) else "transformers"
 
 
 def load_torch_model(path: Path):
