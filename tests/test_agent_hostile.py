@@ -1,0 +1,553 @@
+"""The agent under hostile bundles and failing devices (issue #18): real agents on loopback, real artifacts.
+
+Every request gets an HTTP answer and the log no traceback; a full disk fails a job, never the worker; a timeout
+kills the job's whole process tree; bundle-declared sizes are bounded by the device; numbers on the command line are
+finite and in range."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from agent_helpers import (FAST_BENCH, Agent, artifact_files, bundle_bytes, device_test_files, processes_with,
+                           write_bundle)
+
+TRACEBACK = "Traceback (most recent call last)"
+
+
+@pytest.fixture(scope="module")
+def ort_artifact(tiny_models, tmp_path_factory):
+    from edgekit.export import ExportConfig, export_model
+
+    art = tmp_path_factory.mktemp("hostile-art") / "artifact"
+    export_model(tiny_models["llama"], art, ExportConfig(backend="onnxruntime", context_length=128), log=lambda m: None)
+    return art
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile-agent")
+    a = Agent(root / "data", root / "token", args=["--min-free-mb", 1])
+    yield a
+    a.stop()
+
+
+def no_tracebacks(agent: Agent) -> None:
+    logs = agent.logs()
+    assert TRACEBACK not in logs and "BrokenPipe" not in logs and "ConnectionReset" not in logs, logs[-3000:]
+
+
+def _fake_artifact_files(extra_meta: dict | None = None) -> dict[str, bytes]:
+    meta = {"schema": 1, "backend": "onnxruntime", "precision": "fp32", "files": {}, "max_context": 64,
+            "model": {"num_layers": 1, "num_heads": 1, "num_kv_heads": 1, "head_dim": 8, "hidden_size": 8}}
+    return {"artifact/artifact.json": json.dumps({**meta, **(extra_meta or {})}).encode()}
+
+
+# -- every request gets an answer --------------------------------------------------------------------------------
+
+def test_malformed_headers_get_4xx_not_a_dropped_connection(agent):
+    t = agent.token
+    cases = {  # raw request -> the status it must get
+        "POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: \u00b2\r\n\r\n": 400,  # '²'.isdigit() is True
+        "POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n": 400,
+        "POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999999\r\n\r\n": 400,
+        "POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd": 400,
+        f"POST /jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\nContent-Length: \u0663\r\n\r\n": 400,
+        f"POST /jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n":
+            411,
+        f"POST /jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\nContent-Length: 4\r\n"
+        "X-Bundle-Sha256: \u00e9\u00e9\u00e9\r\n\r\nabcd": 400,
+        f"POST /jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\nContent-Length: 4\r\n"
+        f"X-Bundle-Sha256: {'g' * 64}\r\n\r\nabcd": 400,
+        "GET /jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \u00ff\u00fe\r\n\r\n": 401,
+        "GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: \u00b2\r\n\r\n": 400,
+        "GARBAGE\r\n\r\n": 400,
+        "GET /\r\n\r\n": 401,  # an HTTP/0.9-style line still gets a status line
+        "BREW /pot HTTP/1.1\r\nHost: x\r\n\r\n": 501,
+        f"GET /{'a' * 70000} HTTP/1.1\r\n\r\n": 414,
+        "GET /health HTTP/1.1\r\n" + "X-A: b\r\n" * 120 + "\r\n": 431,
+        f"DELETE /jobs/nope HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\n\r\n": 404,
+    }
+    for raw, want in cases.items():
+        answer = agent.raw(raw.encode("utf-8"))
+        assert answer.startswith(b"HTTP/1."), (raw[:80], answer[:200])
+        status = int(answer.split(b" ", 2)[1])
+        assert status == want, (raw[:80], answer[:300])
+        body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+        assert body["error"] and "\n" not in body["error"]
+    assert agent.request("GET", "/health", token=None)[0] == 200
+    no_tracebacks(agent)
+
+
+def test_server_header_has_no_python_version(agent):
+    answer = agent.raw(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").decode()
+    server = next(line for line in answer.split("\r\n") if line.lower().startswith("server:"))
+    assert server == "Server: edgekit-agent", server
+    assert "Python" not in answer and sys.version.split()[0] not in answer
+
+
+@pytest.mark.parametrize("case", ["manifest-list", "manifest-nan", "job-list", "bench-list", "bench-nan",
+                                  "bench-inf", "bench-negative-threads", "budget-nan", "long-name", "file-folder",
+                                  "dot-alias", "double-slash", "self-listed", "backend-object", "members-list"])
+def test_hostile_manifests_are_refused_with_400(agent, case):
+    files = _fake_artifact_files()
+    job = None
+    manifest = None
+    members = None
+    if case == "manifest-list":
+        manifest = b"[1, 2, 3]"
+    elif case == "manifest-nan":
+        manifest = b'{"schema": 1, "backend": "onnxruntime", "precision": "fp32", "members": {}, "x": NaN}'
+    elif case == "job-list":
+        manifest = {"schema": 1, "backend": "onnxruntime", "precision": "fp32", "job": [1],
+                    "members": {n: {"sha256": hashlib.sha256(d).hexdigest(), "size": len(d)} for n, d in files.items()}}
+    elif case == "bench-list":
+        job = {"bench": [16]}
+    elif case == "bench-nan":
+        manifest = json.dumps({"schema": 1, "backend": "onnxruntime", "precision": "fp32",
+                               "members": {n: {"sha256": hashlib.sha256(d).hexdigest(), "size": len(d)}
+                                           for n, d in files.items()},
+                               "job": {"bench": {"min_seconds": float("nan")}}}).encode()  # json writes NaN
+    elif case == "bench-inf":
+        job = {"bench": {**FAST_BENCH, "max_seconds": 1e308 * 10}}
+    elif case == "bench-negative-threads":
+        job = {"bench": {**FAST_BENCH, "threads": -1}}
+    elif case == "budget-nan":
+        job = {"budget_mb": float("nan")}
+    elif case == "long-name":
+        files["artifact/" + "x" * 300] = b"a"
+    elif case == "file-folder":
+        files["artifact/dir"] = b"a"
+        files["artifact/dir/file"] = b"b"
+    elif case == "dot-alias":
+        files["artifact/./artifact.json"] = files["artifact/artifact.json"]
+    elif case == "double-slash":
+        files["artifact//x"] = b"a"
+    elif case == "self-listed":
+        members = {"bundle.json": {"sha256": "0" * 64, "size": 1}}
+    elif case == "backend-object":
+        manifest = {"schema": 1, "backend": {"a": 1}, "precision": "fp32", "members": {}}
+    elif case == "members-list":
+        manifest = {"schema": 1, "backend": "onnxruntime", "precision": "fp32", "members": [1]}
+    before = len(agent.request("GET", "/jobs")[1]["jobs"])
+    body = write_bundle(files, manifest=manifest, job=job, members=members)
+    status, res = agent.post_raw(body)
+    assert status == 400, res
+    assert res["error"] and "\n" not in res["error"] and str(agent.data_dir) not in res["error"], res
+    assert len(agent.request("GET", "/jobs")[1]["jobs"]) == before
+    no_tracebacks(agent)
+
+
+def test_client_disconnects_are_quiet(agent, ort_artifact, tmp_path):
+    import socket
+    import struct
+
+    body = bundle_bytes(ort_artifact, tmp_path)
+    for i in range(30):
+        s = socket.create_connection((agent.host, agent.port), timeout=10)
+        if i % 3 == 0:  # ask for the job list and vanish with a reset before reading it
+            s.sendall(f"GET /jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {agent.token}\r\n\r\n".encode())
+        elif i % 3 == 1:  # half an upload
+            s.sendall((f"POST /jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {agent.token}\r\n"
+                       f"Content-Length: {len(body)}\r\n\r\n").encode() + body[:5000])
+        else:  # half a request line
+            s.sendall(b"GET /jo")
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+    time.sleep(1.0)
+    assert agent.request("GET", "/health", token=None)[0] == 200
+    no_tracebacks(agent)
+
+
+def _fuzz_request(rng: random.Random, token: str, bundle: bytes) -> bytes:
+    methods = ["GET", "POST", "DELETE", "PUT", "HEAD", "OPTIONS", "get", "P\u00d6ST", "", "GET GET"]
+    paths = ["/health", "/device", "/jobs", "/jobs/", "/jobs/20260101-000000-00000000", "/jobs/x/report",
+             "/jobs/../../etc/passwd", "/%00", "/jobs?x=1", "*", "http://h/jobs", "/" + "a" * rng.randint(0, 3000),
+             "/jobs/\u00e9\u00e9", "/jobs/20260101-000000-00000000/report/x"]
+    versions = ["HTTP/1.1", "HTTP/1.0", "HTTP/2.0", "HTTP/1.1 extra", "", "HTTP/x", "HTTP/0.9"]
+    method, path, version = rng.choice(methods), rng.choice(paths), rng.choice(versions)
+    if rng.random() < 0.4:  # uploads get the most parsing
+        method, path, version = "POST", "/jobs", "HTTP/1.1"
+    headers = []
+    if rng.random() < 0.6:
+        headers.append(f"Authorization: Bearer {token if rng.random() < 0.7 else token[:-1] + chr(rng.randint(32, 0x2ff))}")
+    body = b""
+    kind = rng.random()
+    if kind < 0.25:
+        body = os.urandom(rng.randint(0, 4000))
+    elif kind < 0.45:  # a real bundle with a few bytes flipped, cut, or its manifest broken
+        b = bytearray(bundle)
+        for _ in range(rng.randint(1, 6)):
+            b[rng.randrange(len(b))] = rng.randrange(256)
+        body = bytes(b[: rng.randint(0, len(b))] if rng.random() < 0.3 else b)
+    elif kind < 0.55:
+        body = json.dumps(rng.choice([[1], "x", None, {"schema": 1}, 1e308])).encode() + b"NaN" * rng.randint(0, 2)
+    length_choice = rng.random()
+    if length_choice < 0.6:
+        headers.append(f"Content-Length: {len(body)}")
+    elif length_choice < 0.75:
+        headers.append("Content-Length: " + rng.choice(["\u00b2", "-5", "1e3", " 12 ", "0x10", "", "99999999999999999999",
+                                                        str(len(body) + rng.randint(1, 100)), "\u0663"]))
+    elif length_choice < 0.8:
+        headers += [f"Content-Length: {len(body)}", f"Content-Length: {len(body) + 1}"]
+    elif length_choice < 0.85:
+        headers.append("Transfer-Encoding: chunked")
+    for _ in range(rng.randint(0, 6)):
+        name = rng.choice(["X-Bundle-Sha256", "Host", "Expect", "Connection", "X-" + "h" * rng.randint(1, 40),
+                           "Content-Type", "\u00e9", "Bad Header", ":"])
+        value = rng.choice(["\u00e9" * 70, hashlib.sha256(body).hexdigest(), "0" * 64, "100-continue", "close",
+                            "keep-alive", "", "x" * rng.randint(0, 9000), "\x01\x02", "\u2028"])
+        headers.append(f"{name}: {value}")
+    head = f"{method} {path} {version}".rstrip() + "\r\n" + "".join(h + "\r\n" for h in headers)
+    terminator = "\r\n" if rng.random() < 0.95 else ""
+    return head.encode("utf-8", errors="surrogateescape") + terminator.encode() + body
+
+
+def _fuzz(agent: Agent, bundle: bytes, n: int, seed: int) -> None:
+    rng = random.Random(seed)
+    dropped = []
+    for i in range(n):
+        req = _fuzz_request(rng, agent.token, bundle)
+        answer = agent.raw(req, timeout=30)
+        if not answer.startswith(b"HTTP/1."):
+            dropped.append((i, req[:120], answer[:120]))
+    assert not dropped, f"{len(dropped)} of {n} requests got no HTTP answer, e.g. {dropped[:3]}"
+    assert agent.request("GET", "/health", token=None)[0] == 200
+    no_tracebacks(agent)
+
+
+def test_fuzzed_requests_all_get_an_http_answer(agent):
+    """2,000 random requests (headers, lengths, methods, bodies, mutated bundles): 0 dropped, 0 tracebacks.
+    The slow test below runs 10,000. The bundle passes every tar check but declares a context no device holds, so
+    no mutation of it becomes a job that would load the machine."""
+    bundle = write_bundle(_fake_artifact_files({"max_context": 10**12}))
+    _fuzz(agent, bundle, 2000, seed=18)
+
+
+@pytest.mark.slow
+def test_fuzzed_requests_10000(agent):
+    _fuzz(agent, write_bundle(_fake_artifact_files({"max_context": 10**12})), 10_000, seed=1818)
+
+
+def test_job_errors_show_no_absolute_paths(agent, ort_artifact, tmp_path):
+    from edgekit.fsutil import sha256_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(ort_artifact, bad)
+    (bad / "model.onnx").write_bytes(b"\x08\x07this is not an onnx graph" * 100)
+    meta = json.loads((bad / "artifact.json").read_text())
+    meta["files"]["model.onnx"] = sha256_file(bad / "model.onnx")
+    (bad / "artifact.json").write_text(json.dumps(meta))
+    status, job = agent.request("POST", "/jobs", body=bundle_bytes(bad, tmp_path))
+    assert status == 201
+    job = agent.wait(job["id"])
+    assert job["status"] == "failed" and "onnxruntime cannot load" in job["error"], job
+    report = agent.request("GET", f"/jobs/{job['id']}/report")[1]
+    text = json.dumps({"job": job, "errors": report["errors"], "tests": report["device_tests"]})
+    for secret in (str(agent.data_dir), str(Path.home()), sys.prefix, "/tmp/"):
+        assert secret not in text, (secret, text[:2000])
+
+
+# -- bounded upload processing -----------------------------------------------------------------------------------
+
+def test_sparse_and_huge_pax_bundles_are_refused(agent):
+    import psutil
+
+    files = _fake_artifact_files()
+    # a GNU sparse member, declared as the 2 GiB it would expand to
+    sparse = dict(files, **{"artifact/big.bin": b""})
+    members = {n: {"sha256": hashlib.sha256(d).hexdigest(), "size": len(d)} for n, d in sparse.items()}
+    members["artifact/big.bin"] = {"sha256": "0" * 64, "size": 2 << 30}
+
+    def make_sparse(info):
+        if info.name == "artifact/big.bin":
+            info.type = tarfile.GNUTYPE_SPARSE
+
+    body = write_bundle(sparse, members=members, tar_format=tarfile.GNU_FORMAT, edit=make_sparse)
+    status, res = agent.post_raw(body)
+    assert status == 400 and ("sparse" in res["error"] or "upload is only" in res["error"]), res
+    members["artifact/big.bin"]["size"] = 0  # declared honestly small: the sparse header itself is refused
+    status, res = agent.post_raw(write_bundle(sparse, members=members, tar_format=tarfile.GNU_FORMAT,
+                                              edit=make_sparse))
+    assert status == 400 and "sparse" in res["error"], res
+
+    # a PAX header of 32 MB: refused before it is read into memory
+    rss0 = psutil.Process(agent.proc.pid).memory_info().rss
+
+    def huge_pax(info):
+        if info.name == "artifact/artifact.json":
+            info.pax_headers = {"comment": "x" * (32 << 20)}
+
+    status, res = agent.post_raw(write_bundle(files, edit=huge_pax))
+    assert status == 400 and "extended (PAX / long name) header" in res["error"], res
+    growth = (psutil.Process(agent.proc.pid).memory_info().rss - rss0) / 2**20
+    assert growth < 24, f"the agent grew {growth:.0f} MB on a 32 MB PAX header"
+    # a manifest that declares more bytes than the upload carries
+    members = {n: {"sha256": hashlib.sha256(d).hexdigest(), "size": len(d)} for n, d in files.items()}
+    members["artifact/artifact.json"]["size"] = 10 << 20
+    status, res = agent.post_raw(write_bundle(files, members=members))
+    assert status == 400 and "upload is only" in res["error"], res
+    used = sum(p.stat().st_size for p in agent.data_dir.rglob("*") if p.is_file())
+    assert used < 20 << 20, used  # nothing of the declared sizes was written
+    no_tracebacks(agent)
+
+
+# -- bundle-declared sizes are bounded by the device ------------------------------------------------------------
+
+def _with_context(artifact: Path, tmp: Path, ctx) -> Path:
+    art = tmp / f"ctx-{ctx}"
+    shutil.copytree(artifact, art)
+    meta = json.loads((art / "artifact.json").read_text())
+    meta["max_context"] = ctx
+    (art / "artifact.json").write_text(json.dumps(meta))
+    return art
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "gguf"])
+def test_huge_context_is_refused_before_anything_loads(backend, agent, ort_artifact, tiny_models, tmp_path):
+    import psutil
+
+    if backend == "gguf":
+        try:
+            import importlib.util
+
+            if importlib.util.find_spec("edgekit.exporters.gguf") is None:
+                raise ModuleNotFoundError
+        except ModuleNotFoundError:
+            pytest.skip("no GGUF exporter in this checkout")
+        from edgekit.export import ExportConfig, export_model
+
+        art = tmp_path / "gguf"
+        export_model(tiny_models["llama"], art, ExportConfig(backend="gguf", context_length=128), log=lambda m: None)
+    else:
+        art = ort_artifact
+    rss0 = psutil.virtual_memory().available
+    for ctx, why in ((10**12, "not an integer in"), (1 << 23, "needs about"), ("1000", "not an integer"),
+                     (0, "not an integer")):
+        status, res = agent.request("POST", "/jobs", body=bundle_bytes(_with_context(art, tmp_path, ctx), tmp_path))
+        assert status == 400 and why in res["error"] and "--context" in res["fix"], (ctx, res)
+    assert psutil.virtual_memory().available > rss0 - (1 << 30)  # nothing allocated the context
+    assert agent.request("GET", "/jobs")[1]["running"] is None
+
+
+def test_job_processes_run_under_rlimit_as_without_secrets(ort_artifact, tmp_path):
+    a = Agent(tmp_path / "data", tmp_path / "token", args=["--job-memory-mb", 1536, "--min-free-mb", 1],
+              env={"EDGEKIT_TEST_SECRET_TOKEN": "hunter2", "MY_API_KEY": "k"})
+    try:
+        test = ("import os, resource, tempfile\nimport pytest\n\n"
+                "def test_limits_and_environment():\n"
+                "    soft = resource.getrlimit(resource.RLIMIT_AS)[0]\n"
+                "    assert soft != resource.RLIM_INFINITY and soft <= 1536 * 2**20, soft\n"
+                "    with pytest.raises(MemoryError):\n"
+                "        bytearray(3 * 2**30)\n"
+                "    assert 'EDGEKIT_TEST_SECRET_TOKEN' not in os.environ and 'MY_API_KEY' not in os.environ\n"
+                "    assert os.environ['EDGEKIT_AGENT_JOB']\n"
+                "    assert tempfile.gettempdir().endswith('/tmp') and os.environ['TMPDIR'] != '/tmp'\n")
+        files = artifact_files(ort_artifact) | device_test_files({"test_limits.py": test})
+        status, job = a.post_raw(write_bundle(files))
+        assert status == 201, job
+        job = a.wait(job["id"], timeout=120)
+        tests = a.request("GET", f"/jobs/{job['id']}/report")[1]["device_tests"]
+        assert tests["passed"] == 1 and tests["passed_all"], tests
+    finally:
+        a.stop()
+
+
+# -- process trees -------------------------------------------------------------------------------------------------
+
+SPAWN_AND_HANG = """
+import os, subprocess, sys, time
+from pathlib import Path
+
+def test_spawns_and_hangs():
+    here = Path(__file__).parent
+    a = subprocess.Popen(["sleep", "300"])
+    b = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True)
+    (here / "pids.txt").write_text(f"{a.pid} {b.pid}")
+    time.sleep(300)
+"""
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_timeout_kills_the_whole_process_tree(ort_artifact, tmp_path):
+    a = Agent(tmp_path / "data", tmp_path / "token", args=["--tests-timeout", 6, "--min-free-mb", 1])
+    try:
+        files = artifact_files(ort_artifact) | device_test_files({"test_hang.py": SPAWN_AND_HANG})
+        status, job = a.post_raw(write_bundle(files))
+        assert status == 201, job
+        jid = job["id"]
+        pids_file = a.job_folder(jid) / "bundle" / "device_tests" / "pids.txt"
+        a.wait_for(jid, lambda j: pids_file.is_file() and pids_file.read_text().strip(), timeout=60)
+        pids = [int(x) for x in pids_file.read_text().split()]
+        pgid = json.loads((a.job_folder(jid) / "job.json").read_text())["process"]["pgid"]
+        assert all(_alive(p) for p in pids)
+        job = a.wait(jid, timeout=60)
+        assert "device_tests: timed out after 6.0s" in job["error"], job
+        assert processes_with(pgid=pgid) == [] and processes_with(marker=jid) == []
+        assert not any(_alive(p) for p in pids), "a child of the timed-out job survived"
+    finally:
+        a.stop()
+
+
+def test_cancel_kills_a_running_job_and_restart_kills_orphans(ort_artifact, tmp_path):
+    a = Agent(tmp_path / "data", tmp_path / "token", args=["--min-free-mb", 1])
+    files = artifact_files(ort_artifact) | device_test_files({"test_hang.py": SPAWN_AND_HANG})
+    try:
+        _, first = a.post_raw(write_bundle(files))
+        _, second = a.post_raw(write_bundle(files))
+        pids_file = a.job_folder(first["id"]) / "bundle" / "device_tests" / "pids.txt"
+        a.wait_for(first["id"], lambda j: pids_file.is_file() and pids_file.read_text().strip(), timeout=60)
+        pids = [int(x) for x in pids_file.read_text().split()]
+        status, res = a.request("DELETE", f"/jobs/{first['id']}")
+        assert status == 200, res
+        job = a.wait(first["id"], timeout=30)
+        assert job["status"] == "failed" and job["error"] == "cancelled", job
+        assert not any(_alive(p) for p in pids) and processes_with(marker=first["id"]) == []
+        # the second job starts; the agent is then killed with no chance to clean up
+        pids_file = a.job_folder(second["id"]) / "bundle" / "device_tests" / "pids.txt"
+        a.wait_for(second["id"], lambda j: pids_file.is_file() and pids_file.read_text().strip(), timeout=60)
+        pids = [int(x) for x in pids_file.read_text().split()]
+    finally:
+        a.stop(signal.SIGKILL)
+    assert all(_alive(p) for p in pids)  # orphans, still running
+    b = Agent(tmp_path / "data", tmp_path / "token", args=["--min-free-mb", 1])
+    try:
+        assert not any(_alive(p) for p in pids), "the restarted agent left the earlier run's processes"
+        job = b.request("GET", f"/jobs/{second['id']}")[1]
+        assert job["note"].startswith("requeued") and "leftover process(es) of the earlier run killed" in job["note"]
+        b.request("DELETE", f"/jobs/{second['id']}")
+        assert b.wait(second["id"], timeout=30)["error"] == "cancelled"
+        assert processes_with(marker=second["id"]) == []
+    finally:
+        b.stop()
+    assert "left by the earlier agent" in b.logs()
+
+
+# -- a full disk -----------------------------------------------------------------------------------------------
+
+FILL_THE_DISK = """
+import os, time
+from pathlib import Path
+
+def test_fills_the_disk():
+    here = Path(__file__).parent
+    deadline = time.monotonic() + 60
+    while not (here / "go").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    fd = os.open(here / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\\0" * (1 << 20))
+    except OSError:
+        pass
+    try:
+        while True:
+            os.write(fd, b"\\0" * 4096)
+    except OSError:
+        pass
+    os.close(fd)
+"""
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_full_disk_fails_the_job_not_the_worker(small_disk, ort_artifact, tmp_path):
+    """ENOSPC for real (a 48 MB tmpfs filled by the job itself): that job fails with the reason, a job queued behind
+    it is refused by the free-space floor, an upload gets 507, and once space is freed the next job runs."""
+    a = Agent(small_disk / "data", tmp_path / "token", args=["--min-free-mb", 4])
+    try:
+        filler = artifact_files(ort_artifact) | device_test_files({"test_fill.py": FILL_THE_DISK})
+        status, first = a.post_raw(write_bundle(filler))
+        assert status == 201, first
+        status, second = a.post_raw(bundle := bundle_bytes(ort_artifact, tmp_path))
+        assert status == 201, second
+        tests = a.job_folder(first["id"]) / "bundle" / "device_tests"
+        a.wait_for(first["id"], lambda j: j.get("phase") == "device_tests")
+        (tests / "go").write_text("")
+        job = a.wait(first["id"], timeout=60)
+        assert job["status"] == "failed" and "disk is full" in job["error"], job
+        job = a.wait(second["id"], timeout=60)
+        assert job["status"] == "failed" and "keeps 4 MB free" in job["error"], job
+        status, res = a.post_raw(bundle)
+        assert status == 507 and "free" in res["error"], res
+        (tests / "filler").unlink()
+        status, third = a.post_raw(bundle)
+        assert status == 201, third
+        assert a.wait(third["id"], timeout=120)["status"] == "done"
+        # the state the full disk refused reached the disk once it could
+        on_disk = json.loads((a.job_folder(first["id"]) / "job.json").read_text())
+        assert on_disk["status"] == "failed" and "disk is full" in on_disk["error"]
+    finally:
+        a.stop()
+    no_tracebacks(a)
+
+
+# -- retention -------------------------------------------------------------------------------------------------
+
+def test_retention_keeps_the_newest_jobs(tmp_path):
+    a = Agent(tmp_path / "data", tmp_path / "token", args=["--keep-jobs", 2, "--min-free-mb", 1])
+    try:
+        ids = []
+        for _ in range(3):  # a fake artifact: each job fails in a second or two
+            status, job = a.post_raw(write_bundle(_fake_artifact_files() | device_test_files({})))
+            assert status == 201, job
+            ids.append(job["id"])
+            a.wait(job["id"], timeout=60)
+        left = {j["id"] for j in a.request("GET", "/jobs")[1]["jobs"]}
+        assert left == set(ids[1:]), (left, ids)
+        assert not a.job_folder(ids[0]).exists()
+    finally:
+        a.stop()
+
+
+# -- strict numbers on the command line -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag", ["--port", "--max-upload-mb", "--job-timeout", "--tests-timeout", "--min-free-mb",
+                                  "--job-memory-mb", "--keep-jobs", "--keep-days", "--keep-gb"])
+def test_agent_serve_refuses_nan_and_out_of_range_numbers(flag, tmp_path, capsys):
+    from edgekit.cli import main
+
+    for bad in ("nan", "inf", "-1", "-inf", "abc", "1e400"):
+        argv = ["agent", "serve", "--port", "0", "--token-file", str(tmp_path / "t"), "--data-dir",
+                str(tmp_path / "d"), "--init-token", f"{flag}={bad}"]
+        assert main(argv) == 2, (flag, bad)
+        err = capsys.readouterr().err
+        assert err.startswith(f"edgekit: error: {flag} ") and err.count("\n") == 1, err
+    assert not (tmp_path / "d").exists()
+
+
+def test_sigterm_says_what_was_kept(tmp_path):
+    a = Agent(tmp_path / "data", tmp_path / "token")
+    a.stop()
+    logs = a.logs()
+    assert "nothing was written" not in logs and "jobs and reports are kept in" in logs, logs
