@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import http.client
-import io
 import json
-import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -24,7 +19,7 @@ FAST_BENCH = {"prompt_tokens": 16, "new_tokens": 8, "warmup": 1, "min_runs": 3, 
 
 class Agent:
     def __init__(self, data_dir: Path, token_file: Path, max_upload_mb: float | None = None, port: int = 0,
-                 job_timeout: float | None = None, args: list | None = None, env: dict | None = None):
+                 job_timeout: float | None = None):
         self.data_dir, self.token_file = Path(data_dir), Path(token_file)
         if not self.token_file.exists():
             self.token_file.write_text(secrets.token_urlsafe(24) + "\n")
@@ -36,10 +31,9 @@ class Agent:
             argv += ["--max-upload-mb", str(max_upload_mb)]
         if job_timeout:
             argv += ["--job-timeout", str(job_timeout)]
-        argv += [str(x) for x in args or []]
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log = open(self.data_dir.parent / f"{self.data_dir.name}-agent.log", "ab")
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=self.log, env=cli_env(**(env or {})))
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=self.log, env=cli_env())
         deadline = time.monotonic() + 30
         while not (self.data_dir / "agent.json").is_file():
             assert self.proc.poll() is None, f"agent exited: {self.logs()}"
@@ -74,43 +68,6 @@ class Agent:
         conn.close()
         return r.status, json.loads(data)
 
-    def raw(self, data: bytes, timeout: float = 20) -> bytes:
-        """Send raw bytes, half-close, read the whole answer (b'' if the agent dropped the connection)."""
-        with socket.create_connection((self.host, self.port), timeout=timeout) as s:
-            try:
-                s.sendall(data)
-                s.shutdown(socket.SHUT_WR)
-            except OSError:  # the agent answered and closed before taking everything: read what it said
-                pass
-            chunks = []
-            try:
-                while block := s.recv(65536):
-                    chunks.append(block)
-            except ConnectionResetError:
-                pass
-        return b"".join(chunks)
-
-    def post_raw(self, body: bytes, headers: dict | None = None, token: bool = True) -> tuple[int, dict]:
-        h = {"Content-Length": str(len(body)), **(headers or {})}
-        if token:
-            h["Authorization"] = f"Bearer {self.token}"
-        head = "POST /jobs HTTP/1.1\r\nHost: x\r\n" + "".join(f"{k}: {v}\r\n" for k, v in h.items()) + "\r\n"
-        answer = self.raw(head.encode("utf-8") + body)
-        status = int(answer.split(b" ", 2)[1])
-        return status, json.loads(answer.split(b"\r\n\r\n", 1)[1])
-
-    def job_folder(self, jid: str) -> Path:
-        return self.data_dir / "jobs" / jid
-
-    def wait_for(self, jid: str, pred, timeout: float = 60) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            job = self.request("GET", f"/jobs/{jid}")[1]
-            if pred(job):
-                return job
-            assert time.monotonic() < deadline, f"job {jid} never reached the state: {job}"
-            time.sleep(0.1)
-
     def wait(self, jid: str, timeout: float = 120) -> dict:
         deadline = time.monotonic() + timeout
         while True:
@@ -128,59 +85,3 @@ def bundle_bytes(artifact: Path, tmp: Path, job: dict | None = None) -> bytes:
     out = tmp / f"b-{secrets.token_hex(4)}.tar"
     make_bundle(artifact, out, extra={"job": {"bench": FAST_BENCH, **(job or {})}})
     return out.read_bytes()
-
-
-def artifact_files(artifact: Path) -> dict[str, bytes]:
-    return {f"artifact/{p.relative_to(artifact).as_posix()}": p.read_bytes()
-            for p in sorted(Path(artifact).rglob("*")) if p.is_file() and not p.name.startswith(".")}
-
-
-def device_test_files(tests: dict[str, str]) -> dict[str, bytes]:
-    """The shipped conftest (it defines --artifact) with these test files instead of the shipped tests."""
-    from edgekit.agent.bundle import device_tests_dir
-
-    files = {"device_tests/conftest.py": (device_tests_dir() / "conftest.py").read_bytes()}
-    files |= {f"device_tests/{name}": text.encode() for name, text in tests.items()}
-    return files
-
-
-def write_bundle(files: dict[str, bytes], manifest: dict | None = None, job: dict | None = None,
-                 members: dict | None = None, tar_format=tarfile.PAX_FORMAT, edit=None) -> bytes:
-    """A bundle tar from name -> bytes, with a correct manifest unless one is given. `edit(info)` may change a
-    member's TarInfo before it is written."""
-    m = manifest if manifest is not None else {
-        "schema": 1, "backend": "onnxruntime", "precision": "fp32",
-        "members": members if members is not None else {
-            n: {"sha256": hashlib.sha256(d).hexdigest(), "size": len(d)} for n, d in files.items()},
-        "job": {"bench": FAST_BENCH, **(job or {})}}
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tar_format) as tar:
-        data = m if isinstance(m, bytes) else json.dumps(m).encode()
-        info = tarfile.TarInfo("bundle.json")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-        for name, d in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(d)
-            if edit:
-                edit(info)
-            tar.addfile(info, io.BytesIO(d))
-    return out.getvalue()
-
-
-def processes_with(pgid: int | None = None, marker: str | None = None, argv_part: str | None = None) -> list:
-    """Live (non-zombie) processes in a process group, carrying an agent job marker, or with a word in their argv."""
-    import psutil
-
-    found = []
-    for p in psutil.process_iter(["pid", "cmdline", "status"]):
-        try:
-            if p.info["status"] == psutil.STATUS_ZOMBIE:
-                continue
-            if ((pgid and os.getpgid(p.pid) == pgid)
-                    or (marker and p.environ().get("EDGEKIT_AGENT_JOB") == marker)
-                    or (argv_part and any(argv_part in a for a in (p.info["cmdline"] or [])))):
-                found.append(p)
-        except (psutil.Error, OSError):
-            continue
-    return found
