@@ -112,3 +112,52 @@ def test_bundle_round_trip_and_manifest(tmp_path):
     (tmp_path / "d.tar").write_bytes(b"\x1f\x8b" + os.urandom(2000))
     with pytest.raises(BundleError, match="not a readable tar|malformed"):
         extract_bundle(tmp_path / "d.tar", tmp_path / "w", max_bytes=10 << 20)
+
+
+def test_retention_by_count_age_and_size(tmp_path):
+    """keep N jobs / N days / N GB: finished jobs beyond any of the three go, oldest first; the newest stay."""
+    from edgekit.agent.jobs import AgentConfig, JobStore
+
+    root = tmp_path / "data" / "jobs"
+    ids = [f"20260101-00000{i}-0000000{i}" for i in range(5)]
+    for i, jid in enumerate(ids):
+        (root / jid / "bundle").mkdir(parents=True)
+        (root / jid / "bundle" / "blob").write_bytes(b"\0" * (1 << 20))
+        (root / jid / "job.json").write_text(json.dumps({"id": jid, "status": "done" if i % 2 else "failed",
+                                                         "submitted_ns": i}))
+    old = time.time() - 40 * 86400
+    for jid in ids[:2]:
+        os.utime(root / jid / "job.json", (old, old))
+    logs = []
+    store = JobStore(AgentConfig(data_dir=tmp_path / "data", keep_jobs=4, keep_days=30, keep_gb=2.5 / 1024),
+                     log=logs.append)
+    try:
+        # ids[0]: over 4 jobs and 40 days old; ids[1]: 40 days old; ids[2]: beyond 2.5 MB counting from the newest
+        assert sorted(p.name for p in root.iterdir()) == ids[3:]
+        assert [j["id"] for j in store.list()] == ids[3:] and "removed 3 finished job(s)" in logs[-1]
+    finally:
+        store.close()
+
+
+def test_job_bench_options_are_finite_and_in_range():
+    from edgekit.agent.jobs import job_bench_config
+    from edgekit.errors import EdgekitError
+
+    assert job_bench_config({"prompt_tokens": 16, "min_seconds": 0.5, "threads": 2}).threads == 2
+    for bad in ({"min_seconds": float("nan")}, {"max_seconds": float("inf")}, {"threads": -1}, {"threads": 0},
+                {"prompt_tokens": 2.5}, {"new_tokens": True}, {"min_runs": "3"}, {"prompt_tokens": 10**12}):
+        with pytest.raises(EdgekitError, match="is not an? (integer|number) in"):
+            job_bench_config(bad)
+    with pytest.raises(EdgekitError, match="not a JSON object"):
+        job_bench_config([1, 2])
+
+
+def test_job_errors_are_scrubbed_of_absolute_paths(tmp_path):
+    from edgekit.agent.jobs import scrub_paths
+
+    folder = tmp_path / "jobs" / "20260101-000000-00000000"
+    text = (f"onnxruntime cannot load {folder}/bundle/artifact/model.onnx: [ONNXRuntimeError] at "
+            f"/usr/lib/python3/site-packages/onnxruntime/capi/session.py:42; see http://example.com/a/b")
+    out = scrub_paths(text, folder)
+    assert out == ("onnxruntime cannot load bundle/artifact/model.onnx: [ONNXRuntimeError] at session.py:42; "
+                   "see http://example.com/a/b"), out
