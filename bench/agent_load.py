@@ -4,6 +4,11 @@ Reports every error (the goal is none), request latency percentiles per route, j
 RSS over the run (the agent process alone, not the jobs it runs).
 
     PYTHONPATH=. python bench/agent_load.py --clients 8 --seconds 30 [--submit-every 20] [--artifact DIR]
+    PYTHONPATH=. python bench/agent_load.py --clients 8 --seconds 30 --fuzz 10000
+
+--fuzz N then sends N random requests (tests/agent_helpers.fuzz_request: malformed lengths and headers, odd methods
+and versions, random and mutated-bundle bodies) and counts those that got no HTTP answer and the tracebacks in the
+agent's log (the goal: 0 and 0).
 
 Without --artifact it exports a tiny random Llama to ONNX Runtime first (needs the host extras, ~20 s).
 """
@@ -24,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "tests"))  # agent_helpers: the fuzz request generator the tests use
 
 
 def tiny_artifact(tmp: Path) -> Path:
@@ -41,7 +47,10 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--submit-every", type=int, default=20, help="each client submits a bundle every N requests")
     p.add_argument("--artifact", type=Path)
+    p.add_argument("--fuzz", type=int, default=0, help="then send N random requests (0: none)")
     a = p.parse_args()
+    if not (a.clients >= 1 and 0 < a.seconds < 1e6 and a.submit_every >= 1 and a.fuzz >= 0):
+        p.error("--clients, --submit-every: >= 1; --seconds: positive and finite; --fuzz: >= 0")
 
     import psutil
 
@@ -112,10 +121,39 @@ def main() -> int:
         t.join()
     elapsed = time.monotonic() - t0
     jobs = AgentClient(url, token).jobs()
+    fuzz_dropped: list = []
+    if a.fuzz:
+        import random
+        import socket
+
+        from agent_helpers import fake_artifact_files, fuzz_request, write_bundle
+
+        host, port = url.removeprefix("http://").split(":")
+        rng = random.Random(18)
+        fuzz_bundle = write_bundle(fake_artifact_files({"max_context": 10**12}))  # parsed in full, never a job
+        tf = time.monotonic()
+        for i in range(a.fuzz):
+            req = fuzz_request(rng, token, fuzz_bundle)
+            answer = b""
+            with socket.create_connection((host, int(port)), timeout=30) as s:
+                try:
+                    s.sendall(req)
+                    s.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                try:
+                    while block := s.recv(65536):
+                        answer += block
+                except OSError:
+                    pass
+            if not answer.startswith(b"HTTP/1."):
+                fuzz_dropped.append((i, req[:100]))
+        fuzz_s = time.monotonic() - tf
     stop.set()
     sampler.join()
     agent.terminate()
     agent.wait(timeout=15)
+    tracebacks = (tmp / "agent.log").read_text(errors="replace").count("Traceback (most recent call last)")
 
     import numpy as np
 
@@ -132,16 +170,20 @@ def main() -> int:
           f"{len(jobs) - done - len(failed)} (one job at a time)")
     r = [x for _, x in rss]
     print(f"agent RSS: start {r[0]:.1f} MB, peak {max(r):.1f} MB, end {r[-1]:.1f} MB ({len(r)} samples)")
+    if a.fuzz:
+        print(f"fuzz: {a.fuzz} random requests in {fuzz_s:.1f} s, {len(fuzz_dropped)} without an HTTP answer"
+              + "".join(f"\n  no answer: #{i} {r!r}" for i, r in fuzz_dropped[:5]))
+    print(f"tracebacks in the agent's log: {tracebacks}")
     for e in errors[:10]:
         print("  error:", e)
     for j in failed[:5]:
         print("  failed job:", j["id"], j["error"])
     print(f"\nreproduce: PYTHONPATH=. python bench/agent_load.py --clients {a.clients} --seconds {a.seconds:g} "
-          f"--submit-every {a.submit_every}")
+          f"--submit-every {a.submit_every}" + (f" --fuzz {a.fuzz}" if a.fuzz else ""))
     import shutil
 
     shutil.rmtree(tmp, ignore_errors=True)
-    return 1 if errors or failed else 0
+    return 1 if errors or failed or fuzz_dropped or tracebacks else 0
 
 
 if __name__ == "__main__":

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from agent_helpers import (FAST_BENCH, Agent, artifact_files, bundle_bytes, device_test_files, processes_with,
-                           write_bundle)
+from agent_helpers import (FAST_BENCH, TRACEBACK, Agent, artifact_files, bundle_bytes, device_test_files,
+                           fake_artifact_files, fuzz_request, processes_with, write_bundle)
 
-TRACEBACK = "Traceback (most recent call last)"
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +45,6 @@ def agent(tmp_path_factory):
 def no_tracebacks(agent: Agent) -> None:
     logs = agent.logs()
     assert TRACEBACK not in logs and "BrokenPipe" not in logs and "ConnectionReset" not in logs, logs[-3000:]
-
-
-def _fake_artifact_files(extra_meta: dict | None = None) -> dict[str, bytes]:
-    meta = {"schema": 1, "backend": "onnxruntime", "precision": "fp32", "files": {}, "max_context": 64,
-            "model": {"num_layers": 1, "num_heads": 1, "num_kv_heads": 1, "head_dim": 8, "hidden_size": 8}}
-    return {"artifact/artifact.json": json.dumps({**meta, **(extra_meta or {})}).encode()}
 
 
 # -- every request gets an answer --------------------------------------------------------------------------------
@@ -101,7 +94,7 @@ def test_server_header_has_no_python_version(agent):
                                   "bench-inf", "bench-negative-threads", "budget-nan", "long-name", "file-folder",
                                   "dot-alias", "double-slash", "self-listed", "backend-object", "members-list"])
 def test_hostile_manifests_are_refused_with_400(agent, case):
-    files = _fake_artifact_files()
+    files = fake_artifact_files()
     job = None
     manifest = None
     members = None
@@ -170,55 +163,11 @@ def test_client_disconnects_are_quiet(agent, ort_artifact, tmp_path):
     no_tracebacks(agent)
 
 
-def _fuzz_request(rng: random.Random, token: str, bundle: bytes) -> bytes:
-    methods = ["GET", "POST", "DELETE", "PUT", "HEAD", "OPTIONS", "get", "P\u00d6ST", "", "GET GET"]
-    paths = ["/health", "/device", "/jobs", "/jobs/", "/jobs/20260101-000000-00000000", "/jobs/x/report",
-             "/jobs/../../etc/passwd", "/%00", "/jobs?x=1", "*", "http://h/jobs", "/" + "a" * rng.randint(0, 3000),
-             "/jobs/\u00e9\u00e9", "/jobs/20260101-000000-00000000/report/x"]
-    versions = ["HTTP/1.1", "HTTP/1.0", "HTTP/2.0", "HTTP/1.1 extra", "", "HTTP/x", "HTTP/0.9"]
-    method, path, version = rng.choice(methods), rng.choice(paths), rng.choice(versions)
-    if rng.random() < 0.4:  # uploads get the most parsing
-        method, path, version = "POST", "/jobs", "HTTP/1.1"
-    headers = []
-    if rng.random() < 0.6:
-        headers.append(f"Authorization: Bearer {token if rng.random() < 0.7 else token[:-1] + chr(rng.randint(32, 0x2ff))}")
-    body = b""
-    kind = rng.random()
-    if kind < 0.25:
-        body = os.urandom(rng.randint(0, 4000))
-    elif kind < 0.45:  # a real bundle with a few bytes flipped, cut, or its manifest broken
-        b = bytearray(bundle)
-        for _ in range(rng.randint(1, 6)):
-            b[rng.randrange(len(b))] = rng.randrange(256)
-        body = bytes(b[: rng.randint(0, len(b))] if rng.random() < 0.3 else b)
-    elif kind < 0.55:
-        body = json.dumps(rng.choice([[1], "x", None, {"schema": 1}, 1e308])).encode() + b"NaN" * rng.randint(0, 2)
-    length_choice = rng.random()
-    if length_choice < 0.6:
-        headers.append(f"Content-Length: {len(body)}")
-    elif length_choice < 0.75:
-        headers.append("Content-Length: " + rng.choice(["\u00b2", "-5", "1e3", " 12 ", "0x10", "", "99999999999999999999",
-                                                        str(len(body) + rng.randint(1, 100)), "\u0663"]))
-    elif length_choice < 0.8:
-        headers += [f"Content-Length: {len(body)}", f"Content-Length: {len(body) + 1}"]
-    elif length_choice < 0.85:
-        headers.append("Transfer-Encoding: chunked")
-    for _ in range(rng.randint(0, 6)):
-        name = rng.choice(["X-Bundle-Sha256", "Host", "Expect", "Connection", "X-" + "h" * rng.randint(1, 40),
-                           "Content-Type", "\u00e9", "Bad Header", ":"])
-        value = rng.choice(["\u00e9" * 70, hashlib.sha256(body).hexdigest(), "0" * 64, "100-continue", "close",
-                            "keep-alive", "", "x" * rng.randint(0, 9000), "\x01\x02", "\u2028"])
-        headers.append(f"{name}: {value}")
-    head = f"{method} {path} {version}".rstrip() + "\r\n" + "".join(h + "\r\n" for h in headers)
-    terminator = "\r\n" if rng.random() < 0.95 else ""
-    return head.encode("utf-8", errors="surrogateescape") + terminator.encode() + body
-
-
 def _fuzz(agent: Agent, bundle: bytes, n: int, seed: int) -> None:
     rng = random.Random(seed)
     dropped = []
     for i in range(n):
-        req = _fuzz_request(rng, agent.token, bundle)
+        req = fuzz_request(rng, agent.token, bundle)
         answer = agent.raw(req, timeout=30)
         if not answer.startswith(b"HTTP/1."):
             dropped.append((i, req[:120], answer[:120]))
@@ -231,13 +180,13 @@ def test_fuzzed_requests_all_get_an_http_answer(agent):
     """2,000 random requests (headers, lengths, methods, bodies, mutated bundles): 0 dropped, 0 tracebacks.
     The slow test below runs 10,000. The bundle passes every tar check but declares a context no device holds, so
     no mutation of it becomes a job that would load the machine."""
-    bundle = write_bundle(_fake_artifact_files({"max_context": 10**12}))
+    bundle = write_bundle(fake_artifact_files({"max_context": 10**12}))
     _fuzz(agent, bundle, 2000, seed=18)
 
 
 @pytest.mark.slow
 def test_fuzzed_requests_10000(agent):
-    _fuzz(agent, write_bundle(_fake_artifact_files({"max_context": 10**12})), 10_000, seed=1818)
+    _fuzz(agent, write_bundle(fake_artifact_files({"max_context": 10**12})), 10_000, seed=1818)
 
 
 def test_job_errors_show_no_absolute_paths(agent, ort_artifact, tmp_path):
@@ -264,7 +213,7 @@ def test_job_errors_show_no_absolute_paths(agent, ort_artifact, tmp_path):
 def test_sparse_and_huge_pax_bundles_are_refused(agent):
     import psutil
 
-    files = _fake_artifact_files()
+    files = fake_artifact_files()
     # a GNU sparse member, declared as the 2 GiB it would expand to
     sparse = dict(files, **{"artifact/big.bin": b""})
     members = {n: {"sha256": hashlib.sha256(d).hexdigest(), "size": len(d)} for n, d in sparse.items()}
@@ -519,7 +468,7 @@ def test_retention_keeps_the_newest_jobs(tmp_path):
     try:
         ids = []
         for _ in range(3):  # a fake artifact: each job fails in a second or two
-            status, job = a.post_raw(write_bundle(_fake_artifact_files() | device_test_files({})))
+            status, job = a.post_raw(write_bundle(fake_artifact_files() | device_test_files({})))
             assert status == 201, job
             ids.append(job["id"])
             a.wait(job["id"], timeout=60)
