@@ -23,6 +23,9 @@ MANIFEST = "bundle.json"
 SCHEMA = 1
 ROOTS = ("artifact", "device_tests")
 MAX_MEMBERS = 10_000
+MAX_HEADER_BYTES = 64 << 10  # a PAX / GNU long-name header is read into memory whole: refused above this
+MAX_NAME_BYTES = 255  # per path component (NAME_MAX on Linux, macOS and most filesystems)
+MAX_PATH_BYTES = 1024
 
 
 class BundleError(EdgekitError):
@@ -82,15 +85,59 @@ def make_bundle(artifact: Path, out: Path, extra: dict | None = None) -> dict:
     return manifest
 
 
-def _safe_name(name: str) -> PurePosixPath:
+def _shown(name: str) -> str:
+    return repr(name if len(name) <= 80 else name[:60] + "..." + name[-12:])
+
+
+def _safe_name(name) -> PurePosixPath:
+    if not isinstance(name, str) or not name:
+        raise BundleError(f"bundle member name {name!r:.80} is not a path", "rebuild the bundle")
     p = PurePosixPath(name)
     if name.startswith("/") or "\\" in name or p.is_absolute() or ".." in p.parts or not p.parts:
-        raise BundleError(f"bundle member {name!r} has a path that escapes the job folder",
+        raise BundleError(f"bundle member {_shown(name)} has a path that escapes the job folder",
                           "rebuild the bundle with `edgekit bench --device`")
+    if name.split("/") != list(p.parts) or any(ord(c) < 32 or c == "\x7f" for c in name):
+        # 'artifact/./x', 'artifact//x', 'x/' would alias another member's file on disk
+        raise BundleError(f"bundle member {_shown(name)} is not a canonical relative path (no '.', '//', "
+                          "trailing '/' or control characters)", "rebuild the bundle with `edgekit bench --device`")
+    try:
+        encoded = [part.encode() for part in p.parts]
+    except UnicodeEncodeError:
+        raise BundleError(f"bundle member {_shown(name)} is not valid UTF-8", "rebuild the bundle")
+    if any(len(b) > MAX_NAME_BYTES for b in encoded) or len(name.encode()) > MAX_PATH_BYTES:
+        raise BundleError(f"bundle member {_shown(name)} has a name component over {MAX_NAME_BYTES} bytes or a "
+                          f"path over {MAX_PATH_BYTES} bytes", "use shorter file names")
     if p.parts[0] not in ROOTS and name != MANIFEST:
-        raise BundleError(f"bundle member {name!r} is outside {'/, '.join(ROOTS)}/",
+        raise BundleError(f"bundle member {_shown(name)} is outside {'/, '.join(ROOTS)}/",
                           "rebuild the bundle with `edgekit bench --device`")
     return p
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """Refuses, before tarfile reads them into memory, PAX and GNU long-name headers over MAX_HEADER_BYTES, and
+    sparse members (a few KB of tar that expand to gigabytes on disk)."""
+
+    def _proc_member(self, tf):
+        if self.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                         tarfile.GNUTYPE_LONGLINK) and self.size > MAX_HEADER_BYTES:
+            raise BundleError(f"the bundle has a {self.size}-byte extended (PAX / long name) header, over the "
+                              f"{MAX_HEADER_BYTES >> 10} KB this agent reads", "rebuild it with `edgekit bench --device`")
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise BundleError("the bundle has a sparse member", "bundles carry only regular files")
+        return super()._proc_member(tf)
+
+
+def _load_json(data: bytes, what: str) -> dict:
+    def constant(c):
+        raise ValueError(f"{c} is not a JSON number")
+
+    try:
+        obj = json.loads(data, parse_constant=constant)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, NaN / Infinity, bad UTF-8, deep nesting
+        raise BundleError(f"{what} is not valid JSON ({str(e)[:120]})", "rebuild the bundle")
+    if not isinstance(obj, dict):
+        raise BundleError(f"{what} is a JSON {type(obj).__name__}, not an object", "rebuild the bundle")
+    return obj
 
 
 def extract_bundle(tar_path: Path, dest: Path, max_bytes: int) -> dict:
@@ -100,7 +147,7 @@ def extract_bundle(tar_path: Path, dest: Path, max_bytes: int) -> dict:
     dest = Path(dest)
     dest.mkdir(parents=True)
     try:
-        tar = tarfile.open(tar_path, "r:")  # no compression: nothing to decompress-bomb
+        tar = tarfile.open(tar_path, "r:", tarinfo=_BoundedTarInfo)  # no compression: nothing to decompress-bomb
     except (tarfile.TarError, OSError) as e:
         raise BundleError(f"the upload is not a readable tar ({e})", "resend; the upload may be truncated")
     with tar:
@@ -108,45 +155,67 @@ def extract_bundle(tar_path: Path, dest: Path, max_bytes: int) -> dict:
             first = tar.next()
             if first is None or first.name != MANIFEST or not first.isfile() or first.size > 16 << 20:
                 raise BundleError(f"the bundle does not start with {MANIFEST}", "rebuild it with `edgekit bench --device`")
-            manifest = json.loads(tar.extractfile(first).read())
+            manifest = _load_json(tar.extractfile(first).read(), MANIFEST)
             members = manifest.get("members")
             if manifest.get("schema") != SCHEMA or not isinstance(members, dict) or len(members) > MAX_MEMBERS:
                 raise BundleError(f"{MANIFEST} is not a schema-{SCHEMA} bundle manifest",
                                   "use the same edgekit version on the host and the device")
+            for key in ("backend", "precision"):
+                if not isinstance(manifest.get(key), str) or len(manifest[key]) > 64:
+                    raise BundleError(f"{MANIFEST} {key} is not a short string", "rebuild the bundle")
+            if not isinstance(manifest.get("job", {}), (dict, type(None))):
+                raise BundleError(f"{MANIFEST} job options are not a JSON object", "rebuild the bundle")
             declared = 0
             for name, m in members.items():
                 _safe_name(name)
-                if not (isinstance(m, dict) and isinstance(m.get("size"), int) and m["size"] >= 0
+                if name == MANIFEST:
+                    raise BundleError(f"{MANIFEST} lists itself as a member", "rebuild the bundle")
+                if not (isinstance(m, dict) and type(m.get("size")) is int and m["size"] >= 0
                         and isinstance(m.get("sha256"), str)):
-                    raise BundleError(f"{MANIFEST} entry for {name!r} lacks a size and sha256", "rebuild the bundle")
+                    raise BundleError(f"{MANIFEST} entry for {_shown(name)} lacks a size and sha256",
+                                      "rebuild the bundle")
                 declared += m["size"]
+            folders = {str(parent) for name in members for parent in PurePosixPath(name).parents}
+            clash = sorted(set(members) & folders)
+            if clash:
+                raise BundleError(f"bundle member {_shown(clash[0])} is both a file and a folder", "rebuild the bundle")
             if declared > max_bytes:
                 raise BundleError(f"the bundle declares {declared} bytes, over this agent's cap of {max_bytes}",
                                   "start the agent with a larger --max-upload-mb")
+            uploaded = os.path.getsize(tar_path)
+            if declared > uploaded:  # every byte of a regular member is in the tar: no sparse, no compression
+                raise BundleError(f"the bundle declares {declared} bytes of files but the upload is only {uploaded} "
+                                  "bytes", "resend the bundle; it was truncated or edited")
+            count = 0
             seen: set[str] = set()
             total = 0
             for info in tar:
                 name = info.name
                 if info.offset == first.offset:
                     continue  # the manifest itself (iteration starts over from the first member)
+                count += 1
+                if count > 2 * MAX_MEMBERS:  # tarfile keeps every member's header: bound the folder entries too
+                    raise BundleError(f"the bundle has over {2 * MAX_MEMBERS} members", "bundle fewer files")
                 rel = _safe_name(name)
+                if info.sparse is not None:
+                    raise BundleError(f"bundle member {_shown(name)} is sparse", "bundles carry only regular files")
                 if info.isdir():
                     continue
                 if not info.isfile():  # symlinks, hard links, devices, fifos
-                    raise BundleError(f"bundle member {name!r} is not a regular file", "bundles carry only files")
+                    raise BundleError(f"bundle member {_shown(name)} is not a regular file", "bundles carry only files")
                 if name not in members or name in seen:
-                    raise BundleError(f"bundle member {name!r} is not listed once in {MANIFEST}", "rebuild the bundle")
+                    raise BundleError(f"bundle member {_shown(name)} is not listed once in {MANIFEST}", "rebuild the bundle")
                 want = members[name]
                 if info.size != want["size"]:
-                    raise BundleError(f"bundle member {name!r} is {info.size} bytes, {MANIFEST} says {want['size']}",
+                    raise BundleError(f"bundle member {_shown(name)} is {info.size} bytes, {MANIFEST} says {want['size']}",
                                       "resend the bundle")
                 total += info.size
-                if total > max_bytes:
+                if total > min(max_bytes, declared):
                     raise BundleError(f"the bundle is over this agent's cap of {max_bytes} bytes",
                                       "start the agent with a larger --max-upload-mb")
                 target = dest.joinpath(*rel.parts)
                 if dest.resolve() not in target.resolve().parents:
-                    raise BundleError(f"bundle member {name!r} escapes the job folder", "rebuild the bundle")
+                    raise BundleError(f"bundle member {_shown(name)} escapes the job folder", "rebuild the bundle")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 h = hashlib.sha256()
                 src = tar.extractfile(info)
@@ -155,11 +224,11 @@ def extract_bundle(tar_path: Path, dest: Path, max_bytes: int) -> dict:
                         h.update(block)
                         f.write(block)
                 if h.hexdigest() != want["sha256"]:
-                    raise BundleError(f"bundle member {name!r} does not match its sha256 in {MANIFEST}",
+                    raise BundleError(f"bundle member {_shown(name)} does not match its sha256 in {MANIFEST}",
                                       "resend the bundle; it was corrupted or edited")
                 seen.add(name)
-        except (tarfile.TarError, EOFError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BundleError(f"the bundle is malformed or truncated ({e})", "resend it")
+        except (tarfile.TarError, EOFError, UnicodeError, ValueError) as e:
+            raise BundleError(f"the bundle is malformed or truncated ({str(e)[:200]})", "resend it")
     missing = sorted(set(members) - seen)
     if missing:
         raise BundleError(f"the bundle lacks {len(missing)} member(s) its manifest lists, e.g. {missing[0]!r}",
