@@ -500,3 +500,70 @@ def test_sigterm_says_what_was_kept(tmp_path):
     a.stop()
     logs = a.logs()
     assert "nothing was written" not in logs and "jobs and reports are kept in" in logs, logs
+
+
+def test_a_disk_that_fills_during_the_upload_gets_507(small_disk, monkeypatch):
+    """The free-space check passes (patched out, as when another process fills the disk mid-upload), the write hits
+    ENOSPC: the client gets 507 with the reason, the partial file is removed, the agent keeps serving."""
+    import http.client
+    import threading
+
+    from edgekit.agent.jobs import AgentConfig, JobStore
+    from edgekit.agent.server import AgentServer
+
+    monkeypatch.setattr(JobStore, "check_space", lambda self, need=0, what="": None)
+    logs: list[str] = []
+    srv = AgentServer(("127.0.0.1", 0), AgentConfig(data_dir=small_disk / "data", min_free_mb=0), "t" * 24,
+                      log=logs.append)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    filler = small_disk / "filler"
+    try:
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        try:
+            while True:
+                os.write(fd, b"\0" * (1 << 20))
+        except OSError:
+            pass
+        os.close(fd)
+
+        def post(body: bytes):
+            conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=30)
+            conn.request("POST", "/jobs", body=body, headers={"Authorization": "Bearer " + "t" * 24})
+            r = conn.getresponse()
+            out = r.status, json.loads(r.read())
+            conn.close()
+            return out
+
+        status, res = post(os.urandom(4 << 20))
+        assert status == 507 and "could not store the upload" in res["error"], res
+        assert list((small_disk / "data" / "uploads").iterdir()) == []
+        filler.unlink()
+        status, res = post(b"not a tar" * 100)
+        assert status == 400 and "not a readable tar" in res["error"], res
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert not any(TRACEBACK in line for line in logs), logs
+
+
+def test_sigterm_kills_the_running_job_tree_and_the_job_is_requeued(ort_artifact, tmp_path):
+    a = Agent(tmp_path / "data", tmp_path / "token", args=["--min-free-mb", 1])
+    files = artifact_files(ort_artifact) | device_test_files({"test_hang.py": SPAWN_AND_HANG})
+    try:
+        _, job = a.post_raw(write_bundle(files))
+        pids_file = a.job_folder(job["id"]) / "bundle" / "device_tests" / "pids.txt"
+        a.wait_for(job["id"], lambda j: pids_file.is_file() and pids_file.read_text().strip(), timeout=60)
+        pids = [int(x) for x in pids_file.read_text().split()]
+    finally:
+        a.stop()  # SIGTERM
+    assert not any(_alive(p) for p in pids) and processes_with(marker=job["id"]) == []
+    assert json.loads((a.job_folder(job["id"]) / "job.json").read_text())["status"] == "running"
+    b = Agent(tmp_path / "data", tmp_path / "token", args=["--min-free-mb", 1])
+    try:
+        got = b.request("GET", f"/jobs/{job['id']}")[1]
+        assert got["note"].startswith("requeued") and "leftover" not in got["note"], got
+        b.request("DELETE", f"/jobs/{job['id']}")
+        assert b.wait(job["id"], timeout=30)["error"] == "cancelled"
+    finally:
+        b.stop()

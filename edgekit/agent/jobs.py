@@ -293,7 +293,16 @@ class JobStore:
         self._proc: tuple[str, int] | None = None  # (job id, pgid) of the process running now
         self.current: str | None = None
         mem = cfg.job_memory_mb
-        self.memory_limit = device_memory_bytes() if mem is None else int(mem * 2**20)
+        # What an artifact may need (checked at upload) and the RLIMIT_AS of job processes. On a Jetson the
+        # runtimes may be CUDA builds, and CUDA reserves far more address space than it uses: no RLIMIT_AS there
+        # unless --job-memory-mb asks for one.
+        self.memory_budget = int(mem * 2**20) if mem else device_memory_bytes()
+        if mem is None:
+            from edgekit.agent.device import jetson_info
+
+            self.memory_limit = 0 if jetson_info() else device_memory_bytes()
+        else:
+            self.memory_limit = int(mem * 2**20)
         clean_stale(self.root)
         for p in self.uploads.iterdir():  # half-received uploads of a killed agent
             p.unlink(missing_ok=True) if p.is_file() else shutil.rmtree(p, ignore_errors=True)
@@ -470,8 +479,7 @@ class JobStore:
             target = job_opts.get("target")
             if target is not None and (not isinstance(target, str) or len(target) > 128):
                 raise EdgekitError("bundle target is not a short string", "rebuild the bundle")
-            limit = 0 if manifest.get("backend") in NO_RLIMIT_AS else self.memory_limit
-            fits = check_artifact_fits(tmp / "bundle" / "artifact", limit)
+            fits = check_artifact_fits(tmp / "bundle" / "artifact", self.memory_budget)
             job = {"id": jid, "status": "queued", "phase": None, "created": _now(), "submitted_ns": time.time_ns(),
                    "started": None,
                    "finished": None, "error": None, "bundle_sha256": sha256, "bundle_bytes": size,

@@ -52,8 +52,9 @@ def register(sub) -> None:
     s.add_argument("--min-free-mb", type=_number, default=512,
                    help="free disk space kept on the data dir: uploads (507) and jobs are refused below it (default 512)")
     s.add_argument("--job-memory-mb", type=_number,
-                   help="address-space limit (RLIMIT_AS) of job processes (default: the device's RAM + swap; 0: none; "
-                   "TensorRT jobs run without it); artifacts whose context needs more are refused at upload")
+                   help="address-space limit (RLIMIT_AS) of job processes (default: the device's RAM + swap, none on a "
+                   "Jetson, whose CUDA runtimes reserve more; 0: none; TensorRT jobs always run without it); "
+                   "artifacts whose context needs more than this (default: RAM + swap) are refused at upload")
     s.add_argument("--keep-jobs", type=_number, default=100, help="finished jobs kept (default 100; 0: all)")
     s.add_argument("--keep-days", type=_number, default=0, help="remove finished jobs older than this (default 0: never)")
     s.add_argument("--keep-gb", type=_number, default=20,
