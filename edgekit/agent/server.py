@@ -303,11 +303,13 @@ class Handler(BaseHTTPRequestHandler):
                         got += len(block)
                         f.write(block)
             except OSError as e:  # the disk filled up under us (ENOSPC, EDQUOT) or the uploads folder went away
+                path.unlink(missing_ok=True)  # before the answer: a client may look right after it
                 self._drain(length - got)
                 return self._error(HTTPStatus.INSUFFICIENT_STORAGE,
                                    f"the device could not store the upload ({e.strerror or type(e).__name__})",
                                    "free space on the device (old jobs are in DATA/jobs)")
             if got < length:
+                path.unlink(missing_ok=True)
                 self.close_connection = True
                 return self._error(400, f"truncated upload: received {got} of {length} bytes", "resend the bundle")
             digest = h.hexdigest()
