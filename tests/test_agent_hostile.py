@@ -570,3 +570,26 @@ def test_sigterm_kills_the_running_job_tree_and_the_job_is_requeued(ort_artifact
         assert b.wait(job["id"], timeout=30)["error"] == "cancelled"
     finally:
         b.stop()
+
+
+def test_job_network_off_runs_jobs_without_any_network(ort_artifact, tmp_path):
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "--net", "true"]).returncode != 0:
+        pytest.skip("this system cannot create a network namespace")
+    a = Agent(tmp_path / "data", tmp_path / "token", args=["--job-network", "off", "--min-free-mb", 1])
+    try:
+        test = ("import errno, socket\n\n"
+                "def test_no_network():\n"
+                "    try:\n"
+                f"        socket.create_connection(('127.0.0.1', {a.port}), timeout=5).close()\n"
+                "    except OSError as e:\n"
+                "        assert e.errno == errno.ENETUNREACH, e\n"
+                "    else:\n"
+                "        raise AssertionError('the job reached the agent over loopback')\n")
+        status, job = a.post_raw(write_bundle(artifact_files(ort_artifact) | device_test_files({"test_net.py": test})))
+        assert status == 201, job
+        job = a.wait(job["id"], timeout=120)
+        tests = a.request("GET", f"/jobs/{job['id']}/report")[1]["device_tests"]
+        assert tests["passed"] == 1 and tests["passed_all"], tests
+        assert job["status"] == "done", job  # the benchmark needs no network either
+    finally:
+        a.stop()

@@ -80,6 +80,7 @@ class AgentConfig:
     keep_jobs: int = 100  # retention of finished jobs (folder, bundle, report); 0: no limit
     keep_days: float = 0.0  # finished jobs older than this are removed; 0: no limit
     keep_gb: float = 20.0  # finished jobs beyond this total size are removed, oldest first; 0: no limit
+    job_network: bool = True  # False: job processes run in a network namespace of their own (no network at all)
 
 
 def _now() -> str:
@@ -235,6 +236,23 @@ def kill_job_tree(marker: str, pgid: int | None) -> int:
     return len(victims)
 
 
+def no_network_prefix() -> list[str]:
+    """The command prefix that runs a job process without any network (a fresh network namespace: not even the
+    agent's loopback port). EdgekitError when this system cannot make one."""
+    unshare = shutil.which("unshare")
+    prefix = [unshare, "--net"] if unshare else []
+    if unshare and os.geteuid() != 0:
+        prefix = [unshare, "--map-root-user", "--net"]  # an unprivileged user namespace, where the kernel allows
+    try:
+        ok = bool(prefix) and subprocess.run(prefix + ["true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        ok = False
+    if not ok:
+        raise EdgekitError("--job-network off needs `unshare --net` (util-linux) and a kernel that lets this user "
+                           "create a network namespace", "run the agent as root, or leave the network on")
+    return prefix + ["--"]
+
+
 def quiet_log(log):
     """The agent's log must never stop it: a full disk under its stderr file drops the line, not the worker."""
     def write(message: str) -> None:
@@ -303,6 +321,7 @@ class JobStore:
             self.memory_limit = 0 if jetson_info() else device_memory_bytes()
         else:
             self.memory_limit = int(mem * 2**20)
+        self.prefix = [] if cfg.job_network else no_network_prefix()
         clean_stale(self.root)
         for p in self.uploads.iterdir():  # half-received uploads of a killed agent
             p.unlink(missing_ok=True) if p.is_file() else shutil.rmtree(p, ignore_errors=True)
@@ -592,8 +611,9 @@ class JobStore:
         limit = 0 if job.get("backend") in NO_RLIMIT_AS else self.memory_limit
         env = job_env(jid, folder / "tmp")
         with open(stdout, "wb") as out, open(stderr, "wb") if stderr != stdout else _Same(out) as err:
-            proc = subprocess.Popen([sys.executable, "-c", LAUNCH, str(limit), *argv], cwd=cwd, env=env,
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True)
+            proc = subprocess.Popen([*self.prefix, sys.executable, "-c", LAUNCH, str(limit), *argv], cwd=cwd,
+                                    env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                    start_new_session=True)
         self._proc = (jid, proc.pid)
         try:
             created = psutil.Process(proc.pid).create_time()
