@@ -593,3 +593,15 @@ def test_job_network_off_runs_jobs_without_any_network(ort_artifact, tmp_path):
         assert job["status"] == "done", job  # the benchmark needs no network either
     finally:
         a.stop()
+
+
+@pytest.mark.parametrize("flag,value,says", [("--threads", "-1", "threads=-1 is not an integer in 1..4096"),
+                                             ("--seconds", "nan", "NaN is not a JSON number"),
+                                             ("--prompt-tokens", "0", "prompt_tokens=0 is not an integer")])
+def test_bench_device_numbers_the_agent_refuses(agent, ort_artifact, cli, flag, value, says):
+    """Whatever the host lets through, the agent refuses out-of-range benchmark numbers with one line, no job."""
+    before = len(agent.request("GET", "/jobs")[1]["jobs"])
+    p = cli("bench", ort_artifact, "--device", agent.url, "--token-file", agent.token_file, flag, value)
+    assert p.returncode == 2 and says in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("edgekit: error: ") and TRACEBACK not in p.stderr
+    assert len(agent.request("GET", "/jobs")[1]["jobs"]) == before
