@@ -615,6 +615,8 @@ class JobStore:
                                     env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                     start_new_session=True)
         self._proc = (jid, proc.pid)
+        if jid in self._cancel or self._closing:  # a cancel or stop that came between the phase and the spawn
+            kill_job_tree(jid, proc.pid)
         try:
             created = psutil.Process(proc.pid).create_time()
         except psutil.Error:
