@@ -116,3 +116,17 @@ def test_plan_cli_and_build_use_it(cli, tiny_models, tmp_path):
     assert dry["stages"][1]["action"].startswith("remove ") and not (tmp_path / "o").exists()
     bad = cli("plan", "--target", "raspberry-pi-5", "--min-decode-tps", "500")
     assert bad.returncode == 2 and "cannot decode 500 tokens/s" in bad.stderr
+
+
+@pytest.mark.parametrize("args,flag", [(["--min-decode-tps", "nan"], "--min-decode-tps"),
+                                       (["--context", "0"], "--context"), (["--headroom", "inf"], "--headroom")])
+def test_plan_refuses_nan_and_out_of_range_numbers(cli, args, flag):
+    p = cli("plan", "-t", "x86-cpu", *args, check=2)
+    assert p.stderr.startswith(f"edgekit: error: {flag} ") and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+@pytest.mark.parametrize("args,flag", [(["--seconds", "nan"], "--seconds"), (["--threads", "-1"], "--threads"),
+                                       (["--prompt-tokens", "0"], "--prompt-tokens")])
+def test_bench_refuses_nan_and_out_of_range_numbers(cli, tmp_path, args, flag):
+    p = cli("bench", tmp_path, *args, check=2)
+    assert p.stderr.startswith(f"edgekit: error: {flag} ") and len(p.stderr.strip().splitlines()) == 1, p.stderr

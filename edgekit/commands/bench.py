@@ -42,7 +42,11 @@ def bench_rows(b: dict) -> list[tuple]:
 
 
 def run(a) -> int:
+    from edgekit.commands import check_numbers
     from edgekit.runtime import read_artifact
+
+    check_numbers(a, {"prompt_tokens": (1, None), "new_tokens": (1, None), "warmup": (0, None), "min_runs": (1, None),
+                      "seconds": (0, 3600), "threads": (1, 1024), "timeout": (1, None)})
     from edgekit.runtime.bench import BenchConfig, bench_artifact
     from edgekit.ui import print_json, table
 

@@ -34,12 +34,14 @@ def register(sub) -> None:
 
 
 def run(a) -> int:
+    from edgekit.commands import check_numbers
     from edgekit.errors import EdgekitError
     from edgekit.models import resolve_model
     from edgekit.plan import PlanRequest, default_context, make_plan
     from edgekit.target import get_target
     from edgekit.ui import print_json, table
 
+    check_numbers(a, {"context": (1, None), "batch": (1, None), "min_decode_tps": (1e-6, None), "headroom": (0, 0.9)})
     target = get_target(a.target)
     model = resolve_model(a.model)
     if not 0 <= a.headroom < 1:
