@@ -101,16 +101,26 @@ def stage_dir(ctx: BuildContext, index: int, name: str) -> Path:
     return ctx.build_dir / f"{index:02d}-{name}"
 
 
-def _read_manifest(build_dir: Path) -> dict:
+def _read_manifest(build_dir: Path, log=None) -> dict:
+    """The build's manifest, {} if none. One that cannot be read (it is only ever replaced atomically, so something
+    else wrote it) means starting over: with `log` (a real build), it is kept aside and the user told so."""
     import json
 
     p = build_dir / MANIFEST
     if not p.exists():
         return {}
     try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError:
-        return {}  # a manifest is only ever replaced atomically; an unreadable one means start over
+        data = json.loads(p.read_text())
+        if isinstance(data, dict):
+            return data
+        why = "it is not a JSON object"
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        why = str(e)
+    if log:
+        keep = p.with_name(f"{MANIFEST}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+        p.replace(keep)
+        log(f"build: {p} is unreadable ({why}); it is kept as {keep.name}, and every stage runs again")
+    return {}
 
 
 def plan_stages(ctx: BuildContext) -> list[tuple[object, str, bool]]:
@@ -140,7 +150,7 @@ def run_build(ctx: BuildContext, progress=None) -> dict:
         ctx.log(f"resume: removed the remains of an interrupted stage ({p.name})")
     if not ctx.model_sha256:
         ctx.model_sha256 = sha256_tree(ctx.model.path)
-    manifest = _read_manifest(ctx.build_dir)
+    manifest = _read_manifest(ctx.build_dir, ctx.log)
     manifest.update({
         "schema": MANIFEST_SCHEMA,
         "edgekit_version": __version__,
@@ -153,6 +163,7 @@ def run_build(ctx: BuildContext, progress=None) -> dict:
                                      "llama-cpp-python", "executorch", "torchao"),
     })
     manifest.setdefault("created", _now())
+    manifest["status"] = "building"  # until the last stage has finished: a reader never sees a stale "built"
     stages_rec = manifest.setdefault("stages", {})
     ctx.current_model = ctx.model.path
     for i, (stage, fp, skip) in enumerate(plan_stages(ctx)):
@@ -180,6 +191,7 @@ def run_build(ctx: BuildContext, progress=None) -> dict:
                 rec.update(status="failed", finished=_now(), seconds=round(time.perf_counter() - t0, 3),
                            error=e.line() if isinstance(e, EdgekitError) else "".join(
                                traceback.format_exception_only(type(e), e)).strip())
+                manifest["status"] = "failed"
                 manifest["updated"] = _now()
                 atomic_write_json(ctx.build_dir / MANIFEST, manifest)
                 raise

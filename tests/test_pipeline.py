@@ -52,7 +52,7 @@ def test_sigkill_during_export_resumes(tiny_models, tmp_path):
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     m = _manifest(out)
-    assert m["stages"]["export"]["status"] == "running" and "status" not in m
+    assert m["stages"]["export"]["status"] == "running" and m["status"] == "building"
     assert not (out / "04-export").exists()  # nothing half-written under the final name
     r = subprocess.run(argv + ["--json"], env=cli_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
@@ -110,3 +110,19 @@ def test_smollm2_build_x86(cli, smollm2, tmp_path):
     assert m["model"]["source"].startswith("SmolLM2-135M-Instruct")
     assert m["stages"]["verify"]["result"]["greedy_match"]
     assert m["stages"]["bench"]["result"]["decode_tokens_per_s"] > 5
+
+
+def test_a_corrupt_manifest_is_reported_and_kept_before_starting_over(tmp_path):
+    from edgekit.pipeline import MANIFEST, _read_manifest
+
+    for content in (b"{not json", b"[1, 2]", b"\xff\xfe"):
+        (tmp_path / MANIFEST).write_bytes(content)
+        said = []
+        assert _read_manifest(tmp_path, said.append) == {}
+        assert len(said) == 1 and "is unreadable" in said[0] and "every stage runs again" in said[0]
+        kept = sorted(tmp_path.glob(MANIFEST + ".corrupt-*"))
+        assert kept and kept[-1].read_bytes() == content and not (tmp_path / MANIFEST).exists()
+        for k in kept:
+            k.unlink()
+    (tmp_path / MANIFEST).write_bytes(b"{not json")
+    assert _read_manifest(tmp_path) == {} and (tmp_path / MANIFEST).exists()  # --dry-run only reads
