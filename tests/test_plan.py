@@ -130,3 +130,18 @@ def test_plan_refuses_nan_and_out_of_range_numbers(cli, args, flag):
 def test_bench_refuses_nan_and_out_of_range_numbers(cli, tmp_path, args, flag):
     p = cli("bench", tmp_path, *args, check=2)
     assert p.stderr.startswith(f"edgekit: error: {flag} ") and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["build", "--target", "x86-cpu", "--bench-seconds", "nan"], ["build", "--target", "x86-cpu", "--min-decode-tps", "inf"],
+    ["build", "--target", "x86-cpu", "--prune-ratio", "nan"], ["prune", "m", "--ratio", "nan", "-o", "o"],
+    ["prune", "m", "--ratio", "0.3", "--hidden-keep", "nan", "-o", "o"],
+    ["prune", "m", "--ratio", "0.3", "--bytes-per-param", "inf", "-o", "o"],
+    ["distill", "--teacher", "t", "--student", "s", "--steps", "2", "--lr", "nan", "-o", "o"],
+    ["distill", "--teacher", "t", "--student", "s", "--steps", "2", "--grad-clip=-inf", "-o", "o"]])
+def test_every_command_refuses_nan_in_one_line(cli, argv):
+    """Checked before any model is read (the model paths here do not exist)."""
+    p = cli(*argv, check=2)
+    flag = next(a for a, v in zip(argv, argv[1:]) if v in ("nan", "inf")) if "--grad-clip=-inf" not in argv \
+        else "--grad-clip"
+    assert p.stderr.startswith(f"edgekit: error: {flag} ") and len(p.stderr.strip().splitlines()) == 1, p.stderr

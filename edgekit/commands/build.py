@@ -43,6 +43,9 @@ def register(sub) -> None:
 
 
 def run(a) -> int:
+    from edgekit.commands import check_numbers
+
+    check_numbers(a, {"context": (1, None), "prune_ratio": (0, 1), "min_decode_tps": (1e-6, None), "batch": (1, None), "distill_steps": (0, None), "bench_seconds": (0, 3600), "threads": (1, 1024)})
     from edgekit.models import resolve_model
     from edgekit.pipeline import BuildContext, BuildOptions, plan_stages, run_build
     from edgekit.target import get_target

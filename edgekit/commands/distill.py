@@ -104,6 +104,9 @@ def config_from_args(a):
 
 
 def run(a) -> int:
+    from edgekit.commands import check_numbers
+
+    check_numbers(a, {"steps": (1, None), "tokens": (1, None), "kd_weight": (0, None), "top_k": (0, None), "hidden_weight": (0, None), "ce_weight": (0, None), "batch_size": (1, None), "micro_batch_size": (1, None), "block_size": (2, None), "lr": (0, 1), "warmup": (0, 1), "weight_decay": (0, None), "grad_clip": (0, None), "checkpoint_every": (0, None)})
     from edgekit.distill import distill
     from edgekit.distill.train import REPORT
     from edgekit.errors import EdgekitError

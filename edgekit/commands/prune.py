@@ -67,6 +67,9 @@ def config_from_args(a):
 
 
 def run(a) -> int:
+    from edgekit.commands import check_numbers
+
+    check_numbers(a, {"ratio": (0, 1), "params": (1, None), "bytes": (1, None), "bytes_per_param": (1e-3, 64), "align": (1, 4096), "hidden_keep": (0, 1), "attn_weight": (0, None), "samples": (1, None), "seq_len": (2, None)})
     from edgekit.fsutil import check_output
     from edgekit.models import resolve_model
     from edgekit.prune import prune_model
