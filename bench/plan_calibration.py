@@ -28,12 +28,13 @@ CASES = [("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("gguf", "f16"), ("gg
 PREALLOCATES = {"gguf", "executorch"}
 
 
-def artifact(model_dir: Path, work: Path, backend: str, precision: str, context: int) -> Path:
+def artifact(model_dir: Path, work: Path, backend: str, precision: str, context: int, accept: bool = False) -> Path:
     from edgekit.export import ExportConfig, export_model
 
     out = work / (f"{backend}-{precision}" + (f"-ctx{context}" if backend in PREALLOCATES else ""))
     if not (out / "artifact.json").is_file():
-        export_model(model_dir, out, ExportConfig(backend=backend, precision=precision, context_length=context))
+        export_model(model_dir, out, ExportConfig(backend=backend, precision=precision, context_length=context,
+                                                  accept_gate_failure=accept))
     return out
 
 
@@ -44,6 +45,8 @@ def main() -> int:
     ap.add_argument("--backends", nargs="+", default=None, help="subset of backends to measure")
     ap.add_argument("--model", nargs="+", default=[None], help="model folders or .gguf files (default: SmolLM2)")
     ap.add_argument("--cases", nargs="+", default=None, help="backend:precision pairs (default: all of CASES)")
+    ap.add_argument("--accept-gate-failure", action="store_true",
+                    help="measure memory of artifacts that fail their fidelity gate too (recorded per row)")
     a = ap.parse_args()
     cases = [tuple(c.split(":", 1)) for c in a.cases] if a.cases else CASES
     rows = []
@@ -78,7 +81,7 @@ def measure(model, cases, a) -> list[dict]:
         for ctx in a.contexts:
             try:
                 art = artifact(model.path, work, backend, precision,
-                               ctx if backend in PREALLOCATES else max(a.contexts))
+                               ctx if backend in PREALLOCATES else max(a.contexts), a.accept_gate_failure)
             except EdgekitError as e:  # e.g. a tokenizer a backend cannot embed: reported, the other rows go on
                 print(f"skip {cfg['model_type']} {backend} {precision}: {e}", flush=True)
                 continue
@@ -87,7 +90,9 @@ def measure(model, cases, a) -> list[dict]:
                                                 min_seconds=0.0, max_seconds=600))
             pred = memory(cfg, backend, precision, PlanRequest(context=ctx))
             measured = b["peak_rss_mb"] * 2**20
+            gate = json.loads((art / "artifact.json").read_text())["gate"]["passed"]
             rows.append({"family": cfg["model_type"], "backend": backend, "precision": precision, "context": ctx,
+                         "gate_passed": gate,
                          "predicted_mb": round(pred["total_bytes"] / 2**20, 1),
                          "measured_peak_rss_mb": round(b["peak_rss_mb"], 1),
                          "ratio": round(pred["total_bytes"] / measured, 3),
