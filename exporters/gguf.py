@@ -64,12 +64,18 @@ class GgufPlan:
     tied: bool
     permute_qk: bool  # HF keeps each head's rotary halves apart; llama.cpp's llama/deci rope pairs neighbours
     split_fused: bool  # write fused qkv / gate_up as separate tensors (deci)
-    layers: tuple[LayerWidths, ...]
+    layers: tuple[LayerWidths, ...]  # the checkpoint's widths
     swa: dict = field(default_factory=dict)  # sliding window, per-layer pattern, local rope base
+    pad: LayerWidths | None = None  # every layer zero-padded to these widths (per-layer widths `deci` can't hold)
+
+    @property
+    def file_layers(self) -> tuple[LayerWidths, ...]:
+        """The widths the GGUF declares."""
+        return (self.pad,) * len(self.layers) if self.pad else self.layers
 
     @property
     def uniform(self) -> bool:
-        return len(set(self.layers)) == 1
+        return len(set(self.file_layers)) == 1
 
 
 def layer_widths(config: dict) -> tuple[LayerWidths, ...]:
@@ -100,25 +106,37 @@ def layer_widths(config: dict) -> tuple[LayerWidths, ...]:
     return tuple(out)
 
 
-def _arch(fam: Family, config: dict, layers, head_dim: int) -> str:
-    arch = _pick_arch(fam, config, layers, head_dim)
+def _arch(fam: Family, config: dict, layers, head_dim: int) -> tuple[str, LayerWidths | None]:
     rot = fam.rotary_dim(config)
+    if len(set(layers)) > 1 and (not fam.gguf_nonuniform or rot != head_dim):
+        pad = padded_widths(layers)
+        if fam.gguf_arch in Q_IS_HIDDEN and pad.num_attention_heads * head_dim != config["hidden_size"]:
+            raise EdgekitError(f"this {fam.name} model has per-layer widths and a pruned hidden width: llama.cpp's "
+                               f"{fam.gguf_arch} needs heads x head_dim == hidden and its `deci` (per-layer widths) "
+                               "rotates whole heads", "for GGUF, prune uniformly and only MLP neurons, or export "
+                               "the per-layer model with --backend executorch")
+        return fam.gguf_arch, pad
+    arch = _pick_arch(fam, config, layers, head_dim)
     if arch in INTERLEAVED_ROPE and rot != head_dim:
         raise EdgekitError(f"this {fam.name} model rotates {rot} of each head's {head_dim} channels; its pruned "
                            f"widths need llama.cpp's {arch} architecture, which rotates whole heads",
                            "for GGUF, prune only MLP neurons (keep every head and the hidden width: heads x "
                            "head_dim must stay equal to hidden), or export the pruned model with --backend "
                            "executorch or onnxruntime")
-    return arch
+    return arch, None
+
+
+def padded_widths(layers) -> LayerWidths:
+    """The smallest uniform widths every layer fits in with its KV groups kept apart: per layer, group j's heads sit
+    at j * heads-per-group; padded rows and columns are zero, so the padded model computes exactly what the per-layer
+    one does (a zero query head attends uniformly, and its output column is zero)."""
+    kv = max(lw.num_key_value_heads for lw in layers)
+    per_group = max(lw.num_attention_heads // lw.num_key_value_heads for lw in layers)
+    return LayerWidths(max(lw.intermediate_size for lw in layers), kv * per_group, kv)
 
 
 def _pick_arch(fam: Family, config: dict, layers, head_dim: int) -> str:
     if len(set(layers)) > 1:
-        if not fam.gguf_nonuniform:
-            raise EdgekitError(f"this {fam.name} model has per-layer widths, but llama.cpp builds per-layer widths "
-                               f"only for its `deci` architecture, which lacks {fam.name}'s layout "
-                               f"({', '.join(fam.notes[:2])})", "prune with uniform widths for GGUF, or export the "
-                               "per-layer model with --backend executorch")
         return "deci"
     if fam.gguf_arch in Q_IS_HIDDEN and layers[0].num_attention_heads * head_dim != config["hidden_size"]:
         # llama.cpp's qwen2 and phi3 size q/o as hidden x hidden: a head-pruned one is written as llama (which takes
@@ -132,7 +150,7 @@ def plan(config: dict, cfg) -> GgufPlan:
     layers = layer_widths(config)
     hidden = config["hidden_size"]
     head_dim = fam.head_dim(config)
-    arch = _arch(fam, config, layers, head_dim)
+    arch, pad = _arch(fam, config, layers, head_dim)
     window = fam.sliding_window(config)
     swa = {}
     if window and arch in SWA_ARCHS:
@@ -163,14 +181,14 @@ def plan(config: dict, cfg) -> GgufPlan:
                     context_length=config.get("max_position_embeddings", cfg.context_length),
                     rms_eps=float(config.get("rms_norm_eps", 1e-6)), rope_theta=float(config.get("rope_theta", 1e4)),
                     rope_scaling=rs, tied=fam.tied(config), permute_qk=permute,
-                    split_fused=arch in INTERLEAVED_ROPE, layers=layers, swa=swa)
+                    split_fused=arch in INTERLEAVED_ROPE, layers=layers, swa=swa, pad=pad)
 
 
 def check_quantizable(p: GgufPlan, precision: str) -> None:
     """Quantized types pack each row in blocks of 32: refuse widths llama.cpp's quantizer would reject mid-way."""
     if precision not in FTYPES:
         return
-    for i, lw in enumerate(p.layers):
+    for i, lw in enumerate(p.file_layers):
         widths = {"hidden_size": p.hidden, f"layer {i} intermediate_size": lw.intermediate_size,
                   f"layer {i} attention width (heads x head_dim)": lw.num_attention_heads * p.head_dim}
         for what, w in widths.items():
@@ -227,6 +245,50 @@ def _split(name: str, w: np.ndarray, p: GgufPlan, lw: LayerWidths):
     return [(name, w)]
 
 
+def _head_slots(lw: LayerWidths, pad: LayerWidths) -> np.ndarray:
+    """Padded head index of each of the layer's query heads (group j's g-th head -> j * padded group size + g)."""
+    g, gp = lw.num_attention_heads // lw.num_key_value_heads, pad.num_attention_heads // pad.num_key_value_heads
+    return np.array([(h // g) * gp + h % g for h in range(lw.num_attention_heads)])
+
+
+def _pad(name: str, w: np.ndarray, p: GgufPlan, lw: LayerWidths) -> np.ndarray:
+    """A layer tensor zero-padded from its own widths to p.pad (rows of q/k/v/gate/up, columns of o/down)."""
+    pad, hd = p.pad, p.head_dim
+
+    def rows_to(n_rows, index):  # place rows at `index` in a zero tensor of n_rows
+        out = np.zeros((n_rows, *w.shape[1:]), dtype=w.dtype)
+        out[index] = w
+        return out
+
+    def head_rows(slots):
+        return (slots[:, None] * hd + np.arange(hd)[None]).reshape(-1)
+
+    kind = name.split(".")[-2]
+    q_rows = head_rows(_head_slots(lw, pad))
+    if kind == "q_proj":
+        return rows_to(pad.num_attention_heads * hd, q_rows)
+    if kind in ("k_proj", "v_proj"):
+        return rows_to(pad.num_key_value_heads * hd, np.arange(lw.num_key_value_heads * hd))
+    if kind in ("gate_proj", "up_proj"):
+        return rows_to(pad.intermediate_size, np.arange(lw.intermediate_size))
+    if kind == "qkv_proj":
+        q, kv = lw.num_attention_heads * hd, lw.num_key_value_heads * hd
+        parts = [(".q_proj.", w[:q]), (".k_proj.", w[q:q + kv]), (".v_proj.", w[q + kv:])]
+        return np.concatenate([_pad(f"x{k}weight", part, p, lw) for k, part in parts])
+    if kind == "gate_up_proj":
+        half = w.shape[0] // 2
+        return np.concatenate([_pad("x.gate_proj.weight", w[:half], p, lw), _pad("x.up_proj.weight", w[half:], p, lw)])
+    if kind == "o_proj" and w.ndim == 2:
+        out = np.zeros((w.shape[0], pad.num_attention_heads * hd), dtype=w.dtype)
+        out[:, q_rows] = w
+        return out
+    if kind == "down_proj" and w.ndim == 2:
+        out = np.zeros((w.shape[0], pad.intermediate_size), dtype=w.dtype)
+        out[:, :lw.intermediate_size] = w
+        return out
+    return w
+
+
 def llama3_rope_factors(p: GgufPlan) -> np.ndarray:
     """Per rotary frequency, the factor llama3 rope scaling divides it by (llama.cpp reads them as rope_freqs)."""
     rs = p.rope_scaling
@@ -266,6 +328,9 @@ def gguf_tensors(model_dir: Path, p: GgufPlan):
                 raise EdgekitError(f"tensor {src} has shape {tuple(w0.shape)} but the config's widths for layer "
                                    f"{layer} ({asdict(lw)}) need {rows} rows",
                                    "make config.json (edgekit_layer_widths for per-layer widths) match the weights")
+        if p.pad is not None and lw is not None:
+            w0 = _pad(src, w0, p, lw)
+            lw = p.pad
         for name, w in (_split(src, w0, p, lw) if lw is not None else [(src, w0)]):
             target = names.get_name(name, try_suffixes=(".weight", ".bias"))
             if target is None:
@@ -331,11 +396,12 @@ def write_gguf(model_dir: Path, path: Path, p: GgufPlan, dtype: str, tensors: bo
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
     w.add_context_length(p.context_length)
     w.add_embedding_length(p.hidden)
-    w.add_block_count(len(p.layers))
+    fl = p.file_layers
+    w.add_block_count(len(fl))
     per_layer = not p.uniform
-    w.add_feed_forward_length([lw.intermediate_size for lw in p.layers] if per_layer else p.layers[0].intermediate_size)
-    w.add_head_count([lw.num_attention_heads for lw in p.layers] if per_layer else p.layers[0].num_attention_heads)
-    w.add_head_count_kv([lw.num_key_value_heads for lw in p.layers] if per_layer else p.layers[0].num_key_value_heads)
+    w.add_feed_forward_length([lw.intermediate_size for lw in fl] if per_layer else fl[0].intermediate_size)
+    w.add_head_count([lw.num_attention_heads for lw in fl] if per_layer else fl[0].num_attention_heads)
+    w.add_head_count_kv([lw.num_key_value_heads for lw in fl] if per_layer else fl[0].num_key_value_heads)
     w.add_key_length(p.head_dim)  # explicit: llama.cpp would otherwise derive it from layer 0's head count
     w.add_value_length(p.head_dim)
     w.add_rope_dimension_count(p.rotary_dim)
@@ -432,7 +498,10 @@ def export(model_dir: Path, out: Path, cfg) -> dict:
     return {
         "entry": ENTRY,
         "gguf_arch": p.arch,
-        "layer_widths": [asdict(lw) for lw in p.layers] if not p.uniform else None,
+        "layer_widths": [asdict(lw) for lw in p.layers] if len(set(p.layers)) > 1 else None,
+        # per-layer widths llama.cpp's deci cannot hold, written at the widest layer's widths with zero rows: exact,
+        # but the padded rows cost what they would have saved
+        **({"padded_to": asdict(p.pad)} if p.pad else {}),
         # f32/f16 files are gated (and run) with an f32 KV cache: llama.cpp's default f16 cache alone moves logits
         # by ~1.5e-3, more than an f32 file's own error.
         "kv_cache": "f32" if cfg.precision in ("f32", "f16") else "f16",

@@ -158,20 +158,37 @@ def test_gguf_q4_k_m_runs_in_llama_cpp(family_models, tmp_path, family):
 
 
 @pytest.mark.parametrize("family", FAMS)
-def test_gguf_non_uniform_is_deci_or_refused_with_the_reason(family_pruned, tmp_path, family):
-    from edgekit.errors import EdgekitError
-
+def test_gguf_non_uniform_is_deci_or_padded(family_pruned, tmp_path, family):
+    """Per-layer widths: llama.cpp's `deci` where the family fits its Llama layout; otherwise (q/k norms, four
+    norms, partial rotary) the family's own architecture with every layer zero-padded to the widest, which the
+    gate proves exact."""
     _, nu = family_pruned[family]
     fam = get_family(family)
     cfg = json.loads((nu / "config.json").read_text())
-    assert len({json.dumps(w) for w in cfg["edgekit_layer_widths"]}) > 1
-    if fam.gguf_nonuniform and fam.rotary_dim(cfg) == fam.head_dim(cfg):
-        meta = _export(nu, tmp_path / "nu", "gguf", "f16")
-        assert meta["gguf_arch"] == "deci" and meta["gate"]["passed"], meta["gate"]
-    else:
-        with pytest.raises(EdgekitError, match="per-layer widths only for its `deci`|rotates whole heads"):
+    widths = cfg["edgekit_layer_widths"]
+    assert len({json.dumps(w) for w in widths}) > 1
+    from edgekit.exporters.gguf import Q_IS_HIDDEN, padded_widths
+    from edgekit.arch import LayerWidths
+
+    pad = padded_widths([LayerWidths(**w) for w in widths])
+    if fam.rotary_dim(cfg) != fam.head_dim(cfg) and pad.num_attention_heads * fam.head_dim(cfg) != cfg["hidden_size"]:
+        assert fam.gguf_arch in Q_IS_HIDDEN  # Phi-4-mini with its hidden width cut: no llama.cpp arch holds it
+        from edgekit.errors import EdgekitError
+
+        with pytest.raises(EdgekitError, match="heads x head_dim == hidden"):
             _export(nu, tmp_path / "nu", "gguf", "f16")
         assert not (tmp_path / "nu").exists()
+        return
+    meta = _export(nu, tmp_path / "nu", "gguf", "f16")
+    assert meta["gate"]["passed"], meta["gate"]
+    assert meta["layer_widths"] == widths
+    if fam.gguf_nonuniform and fam.rotary_dim(cfg) == fam.head_dim(cfg):
+        assert meta["gguf_arch"] == "deci" and "padded_to" not in meta
+    else:
+        assert meta["gguf_arch"] == fam.gguf_arch
+        pad = meta["padded_to"]
+        assert pad["intermediate_size"] == max(w["intermediate_size"] for w in widths)
+        assert pad["num_key_value_heads"] == max(w["num_key_value_heads"] for w in widths)
 
 
 @pytest.mark.parametrize("family", FAMS)
@@ -249,3 +266,17 @@ def test_bf16_sharded_checkpoint_prunes_and_exports(tmp_path):
     for backend, precision in (("gguf", "f16"), ("onnxruntime", "fp32")):
         meta = _export(src, tmp_path / backend, backend, precision)
         assert meta["gate"]["passed"], (backend, meta["gate"])
+
+
+def test_partial_rotary_per_layer_widths_pad_into_phi3_when_hidden_is_kept(family_models, tmp_path):
+    """Phi-4-mini's partial rotary keeps it off `deci`; with the hidden width kept, per-layer widths pad into
+    llama.cpp's own phi3 (heads x head_dim stays == hidden) and the gate proves the padding exact."""
+    from edgekit.prune import PruneConfig, prune_model
+    from edgekit.prune.config import Budget
+
+    nu = tmp_path / "nu"
+    prune_model(family_models["phi3"], nu, PruneConfig(budget=Budget(ratio=0.15), num_samples=4, search_samples=2,
+                                                       seq_len=64, align=8, non_uniform=True, hidden_keep=1.0,
+                                                       protected_layers=(0,)), log=quiet)
+    meta = _export(nu, tmp_path / "g", "gguf", "f16")
+    assert meta["gguf_arch"] == "phi3" and meta["padded_to"] and meta["gate"]["passed"], meta["gate"]
