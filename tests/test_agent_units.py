@@ -161,3 +161,21 @@ def test_job_errors_are_scrubbed_of_absolute_paths(tmp_path):
     out = scrub_paths(text, folder)
     assert out == ("onnxruntime cannot load bundle/artifact/model.onnx: [ONNXRuntimeError] at session.py:42; "
                    "see http://example.com/a/b"), out
+
+
+def test_bench_peak_rss_is_the_benchmark_process_own():
+    """Linux keeps ru_maxrss across exec: a benchmark started by a 400 MB parent reported 400 MB as its own peak."""
+    import subprocess
+
+    from conftest import cli_env
+
+    child = "from edgekit.runtime.bench import self_peak_rss_mb; print(self_peak_rss_mb())"
+    parent = ("import resource, subprocess, sys\n"
+              "b = bytearray(400 << 20)\n"
+              "b[::4096] = b'x' * len(b[::4096])\n"  # touch every page
+              f"out = subprocess.run([sys.executable, '-c', {child!r}], capture_output=True, text=True, check=True)\n"
+              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, out.stdout.strip())\n")
+    p = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, env=cli_env(), timeout=60)
+    assert p.returncode == 0, p.stderr
+    parent_mb, child_mb = map(float, p.stdout.split())
+    assert parent_mb > 400 and 5 < child_mb < 150, (parent_mb, child_mb)

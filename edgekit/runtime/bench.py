@@ -93,8 +93,6 @@ def _prompt(artifact: Path, n: int) -> np.ndarray:
 
 def run_benchmark(artifact: Path, cfg: BenchConfig = BenchConfig()) -> dict:
     """Load once, then repeat prefill + decode runs until both min_runs and min_seconds are met."""
-    import resource
-
     from edgekit.runtime import open_artifact, read_artifact
 
     artifact = Path(artifact)
@@ -153,8 +151,24 @@ def run_benchmark(artifact: Path, cfg: BenchConfig = BenchConfig()) -> dict:
         # A bounded, evenly spaced sample of raw latencies for the report's distribution plot.
         "decode_latency_samples_ms": [round(x, 4) for x in decode_ms[::max(1, len(decode_ms) // 1000)]],
         "prompt_tokens": prompt_n,
-        "self_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 2),
+        "self_peak_rss_mb": self_peak_rss_mb(),
     }
+
+
+def self_peak_rss_mb() -> float:
+    """This process's own peak RSS. Linux keeps RUSAGE_SELF's ru_maxrss across exec, so a benchmark started by a
+    big parent (fork, then exec: the agent, pytest) reported the parent's peak: VmHWM is the current image's alone."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 2)
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # no /proc: kB, but bytes on macOS
+    return round(peak / (2**20 if sys.platform == "darwin" else 1024), 2)
 
 
 def measure_subprocess(argv: list[str], timeout: float, env: dict | None = None) -> dict:
