@@ -3,65 +3,245 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+FORMATS = ("table", "md", "csv", "json")
+
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="benchmark an artifact on this machine",
-                       description="Load an artifact in a fresh process and measure load time, time to first "
-                       "token, prefill and decode tokens/s, decode latency percentiles and peak RSS.",
+    from edgekit.runtime.bench import VALIDITY_RULE, BenchConfig
+
+    d = BenchConfig()
+    p = sub.add_parser("bench", help="benchmark an artifact or a plain .gguf/.onnx/.pte on this machine",
+                       description="Load a model in a fresh process and measure load time, time to first token, "
+                       "prefill and decode tokens/s (mean +- sd over repetitions), decode latency percentiles and "
+                       f"peak RSS, for every (prompt, new) pair of -p x -n. Validity: {VALIDITY_RULE}.",
                        epilog="examples:\n  edgekit bench edgekit-build/x86-cpu/04-export/artifact\n"
-                       "  edgekit bench art --seconds 10 --json > bench.json\n"
+                       "  edgekit bench model.gguf -p 128,512 -n 128 -r 5 --format md\n"
+                       "  edgekit bench art --format csv -o results/      # also writes bench.json/.csv/.md there\n"
+                       "  edgekit bench model.onnx --reference art/reference.npz --precision fp32   # gated first\n"
                        "  edgekit bench art --device http://jetson.local:8765 --token-file token --target jetson-orin",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("artifact", type=Path, help="an artifact folder (has artifact.json)")
-    p.add_argument("--prompt-tokens", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--min-runs", type=int, default=3, help="least number of measured runs")
-    p.add_argument("--seconds", type=float, default=2.0, help="least measured duration")
+    p.add_argument("artifact", type=Path, metavar="MODEL",
+                   help="an artifact folder (has artifact.json) or a plain .gguf, .onnx (with KV cache) or .pte file")
+    p.add_argument("-p", "--prompt-tokens", metavar="N[,N...]",
+                   help=f"prompt lengths to sweep (default {d.prompt_tokens}, shortened to fit a shorter context)")
+    p.add_argument("-n", "--new-tokens", metavar="N[,N...]",
+                   help=f"generated lengths to sweep (default {d.new_tokens}); every -p is paired with every -n")
+    p.add_argument("-r", "--repetitions", "--min-runs", dest="repetitions", type=int, default=d.min_runs,
+                   help=f"least number of measured runs per point (default {d.min_runs})")
+    p.add_argument("--warmup", type=int, default=d.warmup, help=f"unmeasured runs per point (default {d.warmup})")
+    p.add_argument("--seconds", "--min-seconds", dest="seconds", type=float, default=d.min_seconds,
+                   help=f"least measured duration per point (default {d.min_seconds:g})")
+    p.add_argument("--max-seconds", type=float, default=d.max_seconds,
+                   help=f"stop a point here even if unfinished; it is then marked invalid (default {d.max_seconds:g})")
     p.add_argument("--threads", type=int)
-    p.add_argument("--json", action="store_true")
-    d = p.add_argument_group("on a device (through `edgekit agent serve` running there)")
-    d.add_argument("--device", metavar="URL", help="the agent's URL, e.g. http://jetson.local:8765")
-    d.add_argument("--token-file", type=Path, help="file holding the agent's token")
-    d.add_argument("--target", help="target profile whose memory budget the device_tests enforce")
-    d.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the device's report")
-    d.add_argument("-o", "--out", type=Path, help="where to write the device report (default: the build "
-                   "directory holding the artifact, else beside it)")
+    p.add_argument("--format", choices=FORMATS, default="table", help="stdout: a table (default), llama-bench-style "
+                   "Markdown, CSV (one row per point) or the full JSON report")
+    p.add_argument("--json", action="store_true", help="same as --format json")
+    p.add_argument("-o", "--out", type=Path, metavar="DIR", help="output folder: bench.json, bench.csv and bench.md "
+                   "(with --device: the device report; default there: the build directory holding the artifact)")
+    g = p.add_argument_group("fidelity gate (plain files are benchmarked ungated unless given a reference)")
+    g.add_argument("--reference", type=Path, metavar="NPZ", help="a reference.npz (from `edgekit export`): gate "
+                   "against it first (exit 3 on failure) and use its text as the prompt")
+    g.add_argument("--precision", help="whose gate thresholds to apply (default: the model's own precision)")
+    dv = p.add_argument_group("on a device (through `edgekit agent serve` running there)")
+    dv.add_argument("--device", metavar="URL", help="the agent's URL, e.g. http://jetson.local:8765")
+    dv.add_argument("--token-file", type=Path, help="file holding the agent's token")
+    dv.add_argument("--target", help="target profile whose memory budget the device_tests enforce")
+    dv.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the device's report")
     p.set_defaults(func=run)
 
 
+def _pm(point: dict, key: str, unit: str = "tokens/s") -> str:
+    sd = point.get(f"{key}_sd")
+    return f"{point[key]:.1f}" + (f" ± {sd:.1f}" if sd is not None else "") + f" {unit}"
+
+
 def bench_rows(b: dict) -> list[tuple]:
+    """The headline figures (the first point) as (metric, value) rows; the build and device tables use these too."""
     lat = b["decode_latency_ms"]
     return [("load", f"{b['load_s']:.3f} s"),
             ("time to first token (p50)", f"{b['ttft_ms']['p50']:.2f} ms for {b['prompt_tokens']} tokens"),
-            ("prefill", f"{b['prefill_tokens_per_s']:.1f} tokens/s"),
-            ("decode", f"{b['decode_tokens_per_s']:.1f} tokens/s"),
+            ("prefill", _pm(b, "prefill_tokens_per_s")),
+            ("decode", _pm(b, "decode_tokens_per_s") + (f" ({b['new_tokens']} tokens)" if "new_tokens" in b else "")),
             ("decode latency p50/p90/p99", f"{lat['p50']:.2f} / {lat['p90']:.2f} / {lat['p99']:.2f} ms"),
             ("peak RSS", f"{b['peak_rss_mb']:.0f} MB"),
             ("runs", f"{b['runs']} in {b['duration_s']:.1f} s ({'valid' if b['valid'] else 'INVALID'})")]
 
 
+CSV_COLUMNS = ("model", "backend", "precision", "size_bytes", "threads", "prompt_tokens", "new_tokens", "runs",
+               "duration_s", "valid", "prefill_tokens_per_s", "prefill_tokens_per_s_sd", "decode_tokens_per_s",
+               "decode_tokens_per_s_sd", "ttft_p50_ms", "decode_p50_ms", "decode_p90_ms", "decode_p99_ms", "load_s",
+               "peak_rss_mb", "invalid_reason")
+
+
+def point_records(report: dict) -> list[dict]:
+    """One flat record per (prompt, new) point, the columns of the CSV."""
+    out = []
+    for r in report.get("results") or [report]:
+        lat = r["decode_latency_ms"]
+        out.append({"model": report.get("model"), "backend": report["backend"], "precision": report["precision"],
+                    "size_bytes": report.get("size_bytes"), "threads": report["config"].get("threads"),
+                    **{k: r.get(k) for k in ("prompt_tokens", "new_tokens", "runs", "duration_s", "valid",
+                                             "prefill_tokens_per_s", "prefill_tokens_per_s_sd",
+                                             "decode_tokens_per_s", "decode_tokens_per_s_sd", "invalid_reason")},
+                    "ttft_p50_ms": r["ttft_ms"]["p50"], "decode_p50_ms": lat["p50"], "decode_p90_ms": lat["p90"],
+                    "decode_p99_ms": lat["p99"], "load_s": report["load_s"], "peak_rss_mb": report["peak_rss_mb"]})
+    return out
+
+
+def to_csv(report: dict) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(point_records(report))
+    return buf.getvalue()
+
+
+def to_markdown(report: dict) -> str:
+    """llama-bench's layout: one row per point, throughput as mean ± sd over the repetitions."""
+    size = report.get("size_bytes")
+    head = ("| model | size | backend | precision | threads | prompt | new | prefill t/s | decode t/s | ttft p50 ms "
+            "| runs | valid |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in point_records(report):
+        lines.append("| " + " | ".join(str(x) for x in (
+            Path(str(r["model"])).name, f"{size / 2**20:.1f} MiB" if size else "?", r["backend"], r["precision"],
+            r["threads"] or "default", r["prompt_tokens"], r["new_tokens"],
+            f"{r['prefill_tokens_per_s']:.2f} ± {r['prefill_tokens_per_s_sd']:.2f}",
+            f"{r['decode_tokens_per_s']:.2f} ± {r['decode_tokens_per_s_sd']:.2f}", f"{r['ttft_p50_ms']:.2f}",
+            r["runs"], "yes" if r["valid"] else "NO")) + " |")
+    notes = [f"peak RSS {report['peak_rss_mb']:.0f} MB, load {report['load_s']:.3f} s, prompt: "
+             f"{report.get('prompt_source', 'reference text')}"] + list(report.get("notes") or [])
+    if report.get("gate"):
+        g = report["gate"]
+        notes.append(f"gate ({g['precision']}): {'passed' if g['passed'] else 'FAILED'}, top-1 "
+                     f"{g['top1_agreement']:.3f}, mean KL {g['mean_kl']:.3g}")
+    if not report["valid"]:
+        notes.append(f"INVALID: {report['invalid_reason']} (rule: {report.get('validity_rule')})")
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
+
+
+def _int_list(a, dest: str, default: int) -> tuple[list[int], bool]:
+    """A comma list flag as ints, each finite and >= 1 (one-line refusal otherwise); (values, given?)."""
+    from types import SimpleNamespace
+
+    from edgekit.commands import check_numbers
+    from edgekit.errors import EdgekitError
+
+    text = getattr(a, dest)
+    if text is None:
+        return [default], False
+    flag = "--" + dest.replace("_", "-")
+    try:
+        values = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise EdgekitError(f"{flag} {text!r} is not a comma list of integers", f"pass e.g. {flag} 128,512")
+    for v in values:
+        check_numbers(SimpleNamespace(**{dest: v}), {dest: (1, 1 << 20)})
+        if v != int(v):
+            raise EdgekitError(f"{flag} {v:g} is not a usable value", f"pass whole numbers to {flag}")
+    return list(dict.fromkeys(int(v) for v in values)), True
+
+
+def model_size(path: Path, meta: dict) -> int:
+    """Bytes on disk of what the runtime loads: the file, or an artifact's listed files (the reference excluded)."""
+    if Path(path).is_file():
+        return Path(path).stat().st_size
+    files = [Path(path) / n for n in meta.get("files", {}) if n != "reference.npz"]
+    return sum(f.stat().st_size for f in files if f.is_file())
+
+
 def run(a) -> int:
     from edgekit.commands import check_numbers
-    from edgekit.runtime import read_artifact
+    from edgekit.errors import EdgekitError, GateFailed
+    from edgekit.runtime import read_model
 
-    check_numbers(a, {"prompt_tokens": (1, None), "new_tokens": (1, None), "warmup": (0, None), "min_runs": (1, None),
-                      "seconds": (0, 3600), "threads": (1, 1024), "timeout": (1, None)})
-    from edgekit.runtime.bench import BenchConfig, bench_artifact
-    from edgekit.ui import print_json, table
+    check_numbers(a, {"repetitions": (1, 100_000), "warmup": (0, 1000), "seconds": (0, 86400),
+                      "max_seconds": (1e-3, 86400), "threads": (1, 1024), "timeout": (1, None)})
+    from edgekit.runtime.bench import BenchConfig, bench_artifact, fit_points, gate, sweep
 
-    read_artifact(a.artifact)  # a clear error before a subprocess is spent
-    cfg = BenchConfig(prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens, warmup=a.warmup,
-                      min_runs=a.min_runs, min_seconds=a.seconds, threads=a.threads)
+    d = BenchConfig()
+    prompts, fixed_p = _int_list(a, "prompt_tokens", d.prompt_tokens)
+    news, fixed_n = _int_list(a, "new_tokens", d.new_tokens)
+    fmt = "json" if a.json else a.format
+    meta = read_model(a.artifact)  # a clear error before a subprocess is spent
+    limit = meta.get("max_context") or (meta.get("model") or {}).get("max_position_embeddings")
+    points, notes = fit_points(sweep(prompts, news), limit, fixed_p, fixed_n)
+    cfg = BenchConfig(prompt_tokens=points[0][0], new_tokens=points[0][1], warmup=a.warmup, min_runs=a.repetitions,
+                      min_seconds=a.seconds, max_seconds=max(a.max_seconds, a.seconds), threads=a.threads)
     if a.device:
+        if meta.get("source") == "file":
+            raise EdgekitError("--device needs an artifact folder (its reference and hashes travel with it)",
+                               "export the model with `edgekit export`, or bench the plain file on this host")
+        if len(points) > 1 or a.reference:
+            raise EdgekitError("--device runs one ungated point per job" + (" (the device gates with the "
+                               "artifact's own reference)" if a.reference else ""),
+                               "pass one -p and one -n value and no --reference with --device")
         return run_device(a, cfg)
-    report = bench_artifact(a.artifact, cfg)
-    if a.json:
-        print_json(report)
-    else:
-        table(f"bench {a.artifact} ({report['backend']} {report['precision']})", bench_rows(report),
-              ("metric", "value"))
+    g = None
+    if a.reference:
+        g = gate(a.artifact, a.reference, a.precision, threads=a.threads)
+        if not g["passed"]:
+            raise GateFailed(f"{a.artifact} fails the {g['precision']} gate against {a.reference}: "
+                             f"{'; '.join(g['failures'])}", "pass --precision for looser thresholds, or fix the model")
+    elif a.precision:
+        raise EdgekitError("--precision chooses gate thresholds and needs --reference",
+                           "add --reference path/to/reference.npz, or drop --precision")
+    report = bench_artifact(a.artifact, cfg, points=points if len(points) > 1 else None, reference=a.reference,
+                            timeout=len(points) * (cfg.max_seconds + 120) + 60)
+    report["size_bytes"] = model_size(a.artifact, meta)
+    report["notes"] = notes
+    if g:
+        report["gate"] = {k: v for k, v in g.items() if k != "thresholds"} | {"thresholds": g["thresholds"]}
+    write_outputs(a.out, report)
+    print_report(report, fmt, a.artifact)
     return 0
+
+
+def write_outputs(out: Path | None, report: dict) -> None:
+    if out is None:
+        return
+    from edgekit.errors import EdgekitError
+    from edgekit.fsutil import atomic_write_json, atomic_write_text
+
+    if out.exists() and not out.is_dir():
+        raise EdgekitError(f"-o {out} is a file", "pass a folder to -o (bench.json, bench.csv, bench.md go there)")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "bench.json", report)
+    atomic_write_text(out / "bench.csv", to_csv(report))
+    atomic_write_text(out / "bench.md", to_markdown(report))
+
+
+def print_report(report: dict, fmt: str, model: Path) -> None:
+    import sys
+
+    from edgekit.ui import log, print_json, table
+
+    if fmt == "json":
+        print_json(report)
+    elif fmt == "csv":
+        sys.stdout.write(to_csv(report))
+    elif fmt == "md":
+        sys.stdout.write(to_markdown(report))
+    else:
+        title = f"bench {model} ({report['backend']} {report['precision']})"
+        if len(report.get("results") or []) > 1:
+            rows = [(r["prompt_tokens"], r["new_tokens"], _pm(r, "prefill_tokens_per_s", ""),
+                     _pm(r, "decode_tokens_per_s", ""), f"{r['ttft_p50_ms']:.2f}", f"{r['decode_p50_ms']:.2f}",
+                     r["runs"], "yes" if r["valid"] else "NO") for r in point_records(report)]
+            table(title + f", peak RSS {report['peak_rss_mb']:.0f} MB", rows,
+                  ("prompt", "new", "prefill t/s", "decode t/s", "ttft p50 ms", "decode p50 ms", "runs", "valid"))
+        else:
+            table(title, bench_rows(report), ("metric", "value"))
+        for n in report.get("notes") or []:
+            log(f"note: {n}")
+        if not report["valid"]:
+            log(f"INVALID: {report['invalid_reason']}")
 
 
 def run_device(a, cfg) -> int:
@@ -76,6 +256,7 @@ def run_device(a, cfg) -> int:
 
     if not a.token_file:
         raise EdgekitError("--device needs --token-file", "pass the file holding the agent's token")
+    quiet = a.json or a.format == "json"
     extra = {"bench": asdict(cfg)}
     if a.target:
         from edgekit.target import get_target
@@ -83,7 +264,7 @@ def run_device(a, cfg) -> int:
         t = get_target(a.target)
         extra |= {"target": t.name, "budget_mb": round(t.memory.usable_bytes / 2**20, 1)}
     client = AgentClient(a.device, read_token(a.token_file))
-    with progress("upload", total=100, enabled=not a.json) as advance:
+    with progress("upload", total=100, enabled=not quiet) as advance:
         done = [0]
 
         def on_bytes(sent, total):
@@ -92,13 +273,14 @@ def run_device(a, cfg) -> int:
             done[0] = pct
 
         job, report = run_on_device(a.artifact, client, extra, timeout=a.timeout, log=log, progress=on_bytes)
-    out = a.out
-    if out is None:
+    host = report["device"].get("hostname") or "device"
+    folder = a.out
+    if folder is None:
         build = find_build_dir(a.artifact)
-        host = report["device"].get("hostname") or "device"
-        out = (build / "device" if build else a.artifact.resolve().parent) / f"device-report-{host}-{job['id']}.json"
+        folder = build / "device" if build else a.artifact.resolve().parent
+    out = folder / f"device-report-{host}-{job['id']}.json"
     atomic_write_json(out, report)
-    if a.json:
+    if quiet:
         print_json(report)
     else:
         b = report.get("bench")

@@ -25,18 +25,30 @@ def read_artifact(path: Path) -> dict:
         raise EdgekitError(f"{meta_path} is corrupt ({e})", "re-export the artifact")
 
 
-def open_artifact(path: Path, threads: int | None = None, check: bool = True, all_logits: bool = True) -> Runner:
-    """Load any artifact with the runner its backend registers; `check` verifies file hashes first.
+def read_model(path: Path) -> dict:
+    """artifact.json of an artifact folder, or the same description read from a plain .gguf/.onnx/.pte file."""
+    if Path(path).is_dir():
+        return read_artifact(path)
+    from edgekit.runtime.files import describe_file
+
+    return describe_file(path)
+
+
+def open_artifact(path: Path, threads: int | None = None, check: bool = True, all_logits: bool = True,
+                  meta: dict | None = None) -> Runner:
+    """Load any artifact (or plain model file) with the runner its backend registers; `check` verifies file hashes
+    first. `meta` overrides what `read_model` would read (a benchmark sizes a plain file's context to its prompts).
 
     all_logits=False lets a runner return only the last position's logits (shape (1, vocab)): what generation needs,
     and what a benchmark must use, since keeping every position's logits costs context x vocab x 4 bytes."""
     from edgekit.exporters import get
 
     path = Path(path)
-    meta = read_artifact(path)
+    meta = meta or read_model(path)
+    folder = path if path.is_dir() else path.parent  # a plain file is its own entry (meta["entry"])
     if check:
-        verify_files(path, meta)
-    return get(meta["backend"]).load_runtime().load(path, meta, threads=threads, all_logits=all_logits)
+        verify_files(folder, meta)
+    return get(meta["backend"]).load_runtime().load(folder, meta, threads=threads, all_logits=all_logits)
 
 
 def verify_files(path: Path, meta: dict) -> None:

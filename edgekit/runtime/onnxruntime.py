@@ -28,8 +28,10 @@ class OrtRunner:
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
         self.output_names = [o.name for o in self.session.get_outputs()]
         m = meta["model"]
-        self.vocab_size = int(m["vocab_size"])
-        self.max_context = int(meta.get("max_context", m.get("max_position_embeddings", 2048)))
+        # A plain .onnx may come without config.json: the logits' last dim is the vocabulary when it is static.
+        dim = next((o.shape[-1] for o in self.session.get_outputs() if o.name == "logits"), None)
+        self.vocab_size = int(m.get("vocab_size") or (dim if isinstance(dim, int) else 0))
+        self.max_context = int(meta.get("max_context") or m.get("max_position_embeddings") or 2048)
         self._kv_shape = {n: (1, self.inputs[n].shape[1], 0, self.inputs[n].shape[3]) for n in self.past_names}
         self.reset()
 

@@ -17,25 +17,35 @@ class BenchStage:
                 f"peak RSS{where}")
 
     def config(self, ctx: BuildContext) -> dict:
+        from edgekit.runtime.bench import BenchConfig
+
+        d = BenchConfig()
         return {"bench": ctx.options.bench, "seconds": ctx.options.bench_seconds, "threads": ctx.options.threads,
-                "device": ctx.options.device}
+                "device": ctx.options.device, "lengths": [d.prompt_tokens, d.new_tokens, d.min_runs]}
 
     def run(self, ctx: BuildContext, out: Path) -> StageResult:
         if not ctx.options.bench:
             return StageResult("passed-through", {"reason": "--no-bench"})
         from edgekit.exporters import get
-        from edgekit.runtime.bench import BenchConfig, bench_artifact
+        from edgekit.runtime import read_artifact
+        from edgekit.runtime.bench import BenchConfig, bench_artifact, fit_points
 
-        cfg = BenchConfig(min_seconds=ctx.options.bench_seconds, threads=ctx.options.threads)
+        d = BenchConfig()  # llama-bench's lengths, shortened (and noted) when the artifact's context is shorter
+        [(p, n)], notes = fit_points([(d.prompt_tokens, d.new_tokens)],
+                                     read_artifact(ctx.artifact).get("max_context"), fixed_prompt=False,
+                                     fixed_new=False)
+        cfg = BenchConfig(prompt_tokens=p, new_tokens=n, min_seconds=ctx.options.bench_seconds,
+                          max_seconds=max(d.max_seconds, ctx.options.bench_seconds), threads=ctx.options.threads)
         if getattr(get(ctx.backend).load_runtime(), "DEVICE_ONLY", False):  # TensorRT: no engine on this machine
             if not ctx.options.device:
                 return StageResult("passed-through", {"reason": f"{ctx.backend} engines are built and benchmarked "
                                                       "on the device: add --device URL --token-file F"})
             summary = {"host": "skipped: the engine builds on the device"}
         else:
-            report = bench_artifact(ctx.artifact, cfg)
+            report = bench_artifact(ctx.artifact, cfg) | {"notes": notes}
             atomic_write_json(out / "bench.json", report)
-            summary = {k: v for k, v in report.items() if k not in ("memory_timeline", "decode_latency_samples_ms")}
+            summary = {k: v for k, v in report.items() if k not in ("memory_timeline", "decode_latency_samples_ms",
+                                                                    "results", "phases")}
         if ctx.options.device:
             summary["device"] = self._on_device(ctx, cfg, out)
         return StageResult("done", summary)
