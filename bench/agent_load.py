@@ -48,6 +48,9 @@ def main() -> int:
     p.add_argument("--submit-every", type=int, default=20, help="each client submits a bundle every N requests")
     p.add_argument("--artifact", type=Path)
     p.add_argument("--fuzz", type=int, default=0, help="then send N random requests (0: none)")
+    p.add_argument("--sandbox-user", default="none" if os.geteuid() == 0 else "auto",
+                   help="the agent's --sandbox-user (default here: none as root, since the temporary data dir is "
+                   "0700; the agent's own default is nobody as root)")
     a = p.parse_args()
     if not (a.clients >= 1 and 0 < a.seconds < 1e6 and a.submit_every >= 1 and a.fuzz >= 0):
         p.error("--clients, --submit-every: >= 1; --seconds: positive and finite; --fuzz: >= 0")
@@ -67,7 +70,8 @@ def main() -> int:
     (tmp / "token").write_text(token)
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     agent = subprocess.Popen([sys.executable, "-m", "edgekit", "agent", "serve", "--port", "0", "--token-file",
-                              str(tmp / "token"), "--data-dir", str(tmp / "data")], env=env,
+                              str(tmp / "token"), "--data-dir", str(tmp / "data"), "--sandbox-user", a.sandbox_user],
+                             env=env,
                              stdout=subprocess.DEVNULL, stderr=open(tmp / "agent.log", "wb"))
     while not (tmp / "data" / "agent.json").is_file():
         if agent.poll() is not None:

@@ -26,7 +26,10 @@ FAST_BENCH = {"prompt_tokens": 16, "new_tokens": 8, "warmup": 1, "min_runs": 3, 
 
 class Agent:
     def __init__(self, data_dir: Path, token_file: Path, max_upload_mb: float | None = None, port: int = 0,
-                 job_timeout: float | None = None, args: list | None = None, env: dict | None = None):
+                 job_timeout: float | None = None, args: list | None = None, env: dict | None = None,
+                 wrap: list | None = None):
+        """`wrap`: a command prefix for the agent (e.g. a mount namespace). As root, jobs run as root here unless
+        `args` name a --sandbox-user: this machine's Python lives where `nobody` cannot reach it."""
         self.data_dir, self.token_file = Path(data_dir), Path(token_file)
         if not self.token_file.exists():
             self.token_file.write_text(secrets.token_urlsafe(24) + "\n")
@@ -39,6 +42,10 @@ class Agent:
         if job_timeout:
             argv += ["--job-timeout", str(job_timeout)]
         argv += [str(x) for x in args or []]
+        if os.geteuid() == 0 and "--sandbox-user" not in argv:
+            argv += ["--sandbox-user", "none"]
+        argv += ["--job-env", "FAKE_TRTEXEC_VERSION"]  # the trtexec stand-in's knob (tests/fake_trtexec.py)
+        argv = [str(x) for x in wrap or []] + argv
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log = open(self.data_dir.parent / f"{self.data_dir.name}-agent.log", "ab")
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=self.log, env=cli_env(**(env or {})))

@@ -236,6 +236,9 @@ def test_crashing_artifact_fails_its_job_and_agent_keeps_serving(agent, ort_arti
     assert job["status"] == "failed" and "onnxruntime cannot load" in job["error"], job
     report = agent.request("GET", f"/jobs/{job['id']}/report")[1]
     assert report["bench"] is None and not report["device_tests"]["passed_all"]
+    text = json.dumps({"job": job, "errors": report["errors"], "tests": report["device_tests"]})
+    for where in (str(agent.data_dir), str(Path.home()), sys.prefix, "/tmp/"):  # token holders see no paths
+        assert where not in text, (where, text[:2000])
     status, job = agent.request("POST", "/jobs", body=bundle_bytes(ort_artifact, tmp_path))
     assert status == 201 and agent.wait(job["id"])["status"] == "done"
 

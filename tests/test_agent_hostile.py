@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import cli_env
 from agent_helpers import (FAST_BENCH, TRACEBACK, Agent, artifact_files, bundle_bytes, device_test_files,
                            fake_artifact_files, fuzz_request, processes_with, write_bundle)
 
@@ -189,25 +190,6 @@ def test_fuzzed_requests_10000(agent):
     _fuzz(agent, write_bundle(fake_artifact_files({"max_context": 10**12})), 10_000, seed=1818)
 
 
-def test_job_errors_show_no_absolute_paths(agent, ort_artifact, tmp_path):
-    from edgekit.fsutil import sha256_file
-
-    bad = tmp_path / "bad"
-    shutil.copytree(ort_artifact, bad)
-    (bad / "model.onnx").write_bytes(b"\x08\x07this is not an onnx graph" * 100)
-    meta = json.loads((bad / "artifact.json").read_text())
-    meta["files"]["model.onnx"] = sha256_file(bad / "model.onnx")
-    (bad / "artifact.json").write_text(json.dumps(meta))
-    status, job = agent.request("POST", "/jobs", body=bundle_bytes(bad, tmp_path))
-    assert status == 201
-    job = agent.wait(job["id"])
-    assert job["status"] == "failed" and "onnxruntime cannot load" in job["error"], job
-    report = agent.request("GET", f"/jobs/{job['id']}/report")[1]
-    text = json.dumps({"job": job, "errors": report["errors"], "tests": report["device_tests"]})
-    for secret in (str(agent.data_dir), str(Path.home()), sys.prefix, "/tmp/"):
-        assert secret not in text, (secret, text[:2000])
-
-
 # -- bounded upload processing -----------------------------------------------------------------------------------
 
 def test_sparse_and_huge_pax_bundles_are_refused(agent):
@@ -293,27 +275,170 @@ def test_huge_context_is_refused_before_anything_loads(backend, agent, ort_artif
     assert psutil.Process(agent.proc.pid).memory_info().rss < 300 << 20
 
 
-def test_job_processes_run_under_rlimit_as_without_secrets(ort_artifact, tmp_path):
-    a = Agent(tmp_path / "data", tmp_path / "token", args=["--job-memory-mb", 1536, "--min-free-mb", 1],
-              env={"EDGEKIT_TEST_SECRET_TOKEN": "hunter2", "MY_API_KEY": "k"})
+JOB_ENV_CHECK = """
+import os, re
+from edgekit.agent.jobs import JOB_ENV_KEEP
+
+def check_job_environment():
+    for name in ("EDGEKIT_TEST_SECRET_TOKEN", "MY_API_KEY", "DATABASE_URL"):
+        assert name not in os.environ, name
+    own = {k for k in os.environ if not JOB_ENV_KEEP.match(k) and not k.startswith("PYTEST_")}
+    assert own <= {"EDGEKIT_AGENT_JOB", "HOME", "TMPDIR", "TEMP", "TMP"}, own  # the agent's own variables: none
+    assert os.environ["EDGEKIT_AGENT_JOB"] and os.environ["HOME"] == os.environ["TMPDIR"]
+    import tempfile
+    assert tempfile.gettempdir() == os.environ["TMPDIR"] and os.environ["TMPDIR"].endswith("/tmp")
+"""
+SECRETS = {"EDGEKIT_TEST_SECRET_TOKEN": "hunter2", "MY_API_KEY": "k", "DATABASE_URL": "postgres://u:pw@db/x"}
+
+
+def test_a_job_past_its_memory_limit_fails_with_the_reason_and_the_next_runs(ort_artifact, tmp_path):
+    """RLIMIT_AS is real: a device test that allocates 3 GB under --job-memory-mb 1536 fails its job with the reason;
+    the job queued behind it (limits and an allowlisted environment checked from inside) runs and passes."""
+    a = Agent(tmp_path / "data", tmp_path / "token", args=["--job-memory-mb", 1536, "--min-free-mb", 1], env=SECRETS)
     try:
-        test = ("import os, resource, tempfile\nimport pytest\n\n"
-                "def test_limits_and_environment():\n"
-                "    soft = resource.getrlimit(resource.RLIMIT_AS)[0]\n"
-                "    assert soft != resource.RLIM_INFINITY and soft <= 1536 * 2**20, soft\n"
-                "    with pytest.raises(MemoryError):\n"
-                "        bytearray(3 * 2**30)\n"
-                "    assert 'EDGEKIT_TEST_SECRET_TOKEN' not in os.environ and 'MY_API_KEY' not in os.environ\n"
-                "    assert os.environ['EDGEKIT_AGENT_JOB']\n"
-                "    assert tempfile.gettempdir().endswith('/tmp') and os.environ['TMPDIR'] != '/tmp'\n")
-        files = artifact_files(ort_artifact) | device_test_files({"test_limits.py": test})
-        status, job = a.post_raw(write_bundle(files))
+        over = "def test_allocates_past_the_limit():\n    data = bytearray(3 * 2**30)\n    assert data\n"
+        limits = (JOB_ENV_CHECK + "\nimport resource\n\ndef test_limits_and_environment():\n"
+                  "    soft, hard = resource.getrlimit(resource.RLIMIT_AS)\n"
+                  "    assert soft == hard == 1536 * 2**20, (soft, hard)\n"
+                  "    check_job_environment()\n")
+        status, first = a.post_raw(write_bundle(artifact_files(ort_artifact) | device_test_files({"test_over.py": over})))
+        assert status == 201, first
+        status, second = a.post_raw(write_bundle(artifact_files(ort_artifact) | device_test_files(
+            {"test_limits.py": limits})))
+        assert status == 201, second
+        job = a.wait(first["id"], timeout=120)
+        assert job["status"] == "failed" and "test_allocates_past_the_limit failed: MemoryError" in job["error"], job
+        assert "out of memory under the job's address-space limit of 1536 MB: --job-memory-mb" in job["error"], job
+        job = a.wait(second["id"], timeout=120)
+        tests = a.request("GET", f"/jobs/{job['id']}/report")[1]["device_tests"]
+        assert tests["passed"] == 1 and tests["passed_all"], tests
+        assert job["status"] == "done", job  # the benchmark fits under the limit too
+    finally:
+        a.stop()
+    no_tracebacks(a)
+
+
+# -- the sandbox (root only: another uid) ---------------------------------------------------------------------
+
+def _as_nobody() -> list[str]:
+    """The agent's own way of becoming nobody (LAUNCH), then this Python."""
+    import pwd
+
+    from edgekit.agent.jobs import LAUNCH
+
+    pw = pwd.getpwnam("nobody")
+    return [sys.executable, "-c", LAUNCH, "0", str(pw.pw_uid), str(pw.pw_gid), sys.executable, "-c", "pass"]
+
+
+@pytest.fixture
+def sandbox_root(tmp_path):
+    """As root: a folder `nobody` can enter (not list) for the agent's data and token, and, where this machine's
+    Python lives under /root (0700), a mount namespace for the agent that shows /root as 0711 with only the Python
+    installation in it (nothing changes outside that namespace)."""
+    import pwd
+    import secrets
+    import tempfile
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("the sandbox user needs an agent running as root (and util-linux unshare)")
+    try:
+        pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user nobody on this system")
+    wrap = []
+    real = os.path.realpath(sys.executable)
+    runs = subprocess.run(_as_nobody(), capture_output=True).returncode == 0
+    if not runs and real.startswith("/root/"):
+        top = "/root/" + real.split("/")[2]  # e.g. /root/.pyenv
+        old = tmp_path / "old-root"
+        old.mkdir()
+        wrap = ["unshare", "--mount", "--", "sh", "-c",
+                f"mount --bind /root {old} && mount -t tmpfs -o mode=0711,size=1m tmpfs /root && mkdir {top} && "
+                f"mount --bind {old}{top[5:]} {top} && umount -l {old} && exec \"$@\"", "sh"]
+        probe = subprocess.run(wrap + _as_nobody(), capture_output=True, text=True)
+        if probe.returncode != 0:
+            pytest.skip(f"cannot give nobody this Python: {probe.stderr.strip()[-200:]}")
+    elif not runs:
+        pytest.skip("nobody cannot run this Python")
+    root = Path(tempfile.mkdtemp(prefix="edgekit-sandbox-", dir="/tmp"))
+    root.chmod(0o711)
+    token = root / "token"
+    token.write_text(secrets.token_urlsafe(24) + "\n")
+    token.chmod(0o600)  # reachable by path: only the uid keeps a job from reading it
+    yield root, token, wrap
+    shutil.rmtree(root, ignore_errors=True)
+
+
+SANDBOXED = """
+import errno, os, resource, socket, subprocess
+import pytest
+
+def test_sandboxed():
+    assert os.getuid() == os.geteuid() == NOBODY and os.getgroups() == []
+    with pytest.raises(PermissionError):  # the token file (mode 0600, root's) and the agent's environment
+        open(TOKEN).read()
+    with pytest.raises(PermissionError):
+        open(f"/proc/{AGENT_PID}/environ").read()
+    with pytest.raises(PermissionError):  # the other jobs: DATA/jobs can be entered, not listed
+        os.listdir(JOBS)
+    check_job_environment()
+    assert open(os.path.join(os.environ["TMPDIR"], "x"), "w")  # the private TMPDIR is the job's own
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    assert soft == hard == 2048 * 2**20
+    with pytest.raises((ValueError, OSError)):  # an unprivileged job cannot lift its limit
+        resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    assert "NoNewPrivs:\t1" in open("/proc/self/status").read()
+    try:  # network off by default where a namespace can be made
+        socket.create_connection(("127.0.0.1", AGENT_PORT), timeout=5).close()
+    except OSError as e:
+        assert e.errno == errno.ENETUNREACH, e
+    else:
+        raise AssertionError("the job reached the agent over loopback")
+"""
+
+
+def test_device_tests_run_as_another_user_without_the_token_or_the_agent_environment(sandbox_root, ort_artifact,
+                                                                                      tmp_path):
+    """As root the agent runs jobs as nobody: a real job on loopback checks from inside that it cannot read the
+    token file or the agent's environment, sees none of the agent's variables, has its own TMPDIR, a hard
+    address-space limit, no new privileges and no network; the benchmark runs the same way. A token file nobody
+    can read is refused at start."""
+    import pwd
+
+    root, token, wrap = sandbox_root
+    a = Agent(root / "data", token, args=["--sandbox-user", "nobody", "--job-memory-mb", 2048, "--min-free-mb", 1],
+              env=SECRETS, wrap=wrap)
+    try:
+        assert "jobs run as user nobody, network off" in a.logs()
+        test = (JOB_ENV_CHECK + f"\nNOBODY, TOKEN, AGENT_PID = {pwd.getpwnam('nobody').pw_uid}, {str(token)!r}, "
+                f"{a.proc.pid}\nJOBS, AGENT_PORT = {str(a.data_dir / 'jobs')!r}, {a.port}\n" + SANDBOXED)
+        status, job = a.post_raw(write_bundle(artifact_files(ort_artifact) | device_test_files({"test_sb.py": test})))
         assert status == 201, job
         job = a.wait(job["id"], timeout=120)
         tests = a.request("GET", f"/jobs/{job['id']}/report")[1]["device_tests"]
         assert tests["passed"] == 1 and tests["passed_all"], tests
+        assert job["status"] == "done", job
     finally:
         a.stop()
+    no_tracebacks(a)
+    token.chmod(0o644)
+    p = subprocess.run(wrap + [sys.executable, "-m", "edgekit", "agent", "serve", "--port", "0", "--token-file",
+                               str(token), "--data-dir", str(root / "data"), "--sandbox-user", "nobody"],
+                       capture_output=True, text=True, env=cli_env(), timeout=60)
+    assert p.returncode == 2 and "is readable by nobody, the user jobs run as" in p.stderr, p.stderr
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith("edgekit: error: "), p.stderr
+
+
+def test_a_sandbox_user_who_cannot_run_the_agent_python_is_refused_at_start(tmp_path):
+    """The default as root (nobody), where nobody cannot run this Python or reach the data dir (pytest's tmp is
+    0700): one line at start, not every job failing later."""
+    if os.geteuid() != 0:
+        pytest.skip("only root switches users")
+    p = subprocess.run([sys.executable, "-m", "edgekit", "agent", "serve", "--port", "0", "--token-file",
+                        str(tmp_path / "t"), "--init-token", "--data-dir", str(tmp_path / "d")],
+                       capture_output=True, text=True, env=cli_env(), timeout=60)
+    assert p.returncode == 2 and "jobs run as user nobody (the agent runs as root), who cannot run" in p.stderr, p.stderr
+    assert "--sandbox-user none" in p.stderr and p.stderr.count("\n") == 1
 
 
 # -- process trees -------------------------------------------------------------------------------------------------
@@ -516,8 +641,8 @@ def test_a_disk_that_fills_during_the_upload_gets_507(small_disk, monkeypatch):
 
     monkeypatch.setattr(JobStore, "check_space", lambda self, need=0, what="": None)
     logs: list[str] = []
-    srv = AgentServer(("127.0.0.1", 0), AgentConfig(data_dir=small_disk / "data", min_free_mb=0), "t" * 24,
-                      log=logs.append)
+    cfg = AgentConfig(data_dir=small_disk / "data", min_free_mb=0, sandbox_user="none")
+    srv = AgentServer(("127.0.0.1", 0), cfg, "t" * 24, log=logs.append)
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     filler = small_disk / "filler"

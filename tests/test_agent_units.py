@@ -129,8 +129,8 @@ def test_retention_by_count_age_and_size(tmp_path):
     for jid in ids[:2]:
         os.utime(root / jid / "job.json", (old, old))
     logs = []
-    store = JobStore(AgentConfig(data_dir=tmp_path / "data", keep_jobs=4, keep_days=30, keep_gb=2.5 / 1024),
-                     log=logs.append)
+    store = JobStore(AgentConfig(data_dir=tmp_path / "data", sandbox_user="none", keep_jobs=4, keep_days=30,
+                                 keep_gb=2.5 / 1024), log=logs.append)
     try:
         # ids[0]: over 4 jobs and 40 days old; ids[1]: 40 days old; ids[2]: beyond 2.5 MB counting from the newest
         assert sorted(p.name for p in root.iterdir()) == ids[3:]

@@ -6,6 +6,10 @@ the processes it left behind are killed. Each job runs the bundle's device_tests
 both in subprocesses in their own session (process group), under RLIMIT_AS, with a timeout that kills the whole
 tree; a runtime that crashes fails its job, never the agent, and no exception (a full disk included) stops the
 worker: the job fails with its reason and the next one runs.
+
+Job processes are sandboxed as far as the system allows: another uid when the agent runs as root (`nobody` unless
+configured), an environment of a few allowlisted variables (never the agent's own), a private TMPDIR and HOME in
+the job folder, no new privileges (setuid binaries don't elevate), and no network where a namespace can be made.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import re
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -39,22 +44,48 @@ STATES = ("queued", "running", "done", "failed")
 MARKER_ENV = "EDGEKIT_AGENT_JOB"  # every job process carries its job id, so escaped or orphaned ones can be found
 # CUDA reserves far more address space than it uses: RLIMIT_AS would break it, so these run without it.
 NO_RLIMIT_AS = {"tensorrt"}
-# The agent's environment minus anything that looks like a secret is what job processes get.
-SECRET_ENV = re.compile(r"TOKEN|SECRET|PASSW|CREDENTIAL|API_?KEY|PRIVATE|AUTH", re.I)
+# Of the agent's environment, job processes get only what runtimes need to find their tools and libraries (plus
+# the names passed with --job-env): never the agent's own variables, whatever their names.
+JOB_ENV_KEEP = re.compile(r"^(PATH|LANG|LANGUAGE|LC_[A-Z]+|TZ|LD_LIBRARY_PATH|PYTHONPATH|VIRTUAL_ENV|CUDA_[A-Z_]+"
+                          r"|NVIDIA_[A-Z_]+|OMP_[A-Z_]+|OPENBLAS_[A-Z_]+|MKL_[A-Z_]+)$")
+# What a job's error output says when it ran out of memory (Python, C++ runtimes, glibc, llama.cpp, ORT).
+OUT_OF_MEMORY = re.compile(r"MemoryError|std::bad_alloc|Cannot allocate memory|out of memory|failed to allocate"
+                           r"|ENOMEM", re.I)
 MAX_CONTEXT = 1 << 24  # no artifact addresses more tokens than this
 # Upper bounds of the bench options a bundle may ask for (beyond them a job only burns the device's time).
 BENCH_LIMITS = {"prompt_tokens": 1 << 20, "new_tokens": 1 << 20, "warmup": 1000, "min_runs": 100_000,
                 "min_seconds": 86400.0, "max_seconds": 86400.0, "threads": 4096, "prefill_chunk": 1 << 20}
 BENCH_MIN = {"threads": 1, "prefill_chunk": 1, "prompt_tokens": 1, "new_tokens": 1, "min_runs": 1}
 TAIL_BYTES = 64 << 10
-# A job process: set the address-space limit, then become the real command (no shell, no preexec_fn in threads).
-LAUNCH = ("import os, resource, sys\n"
-          "n = int(sys.argv[1])\n"
+# A job process (argv: limit uid gid command...): the address-space limit, soft and hard (an unprivileged job
+# cannot raise it back), no new privileges, the sandbox uid (after any `unshare`, which needs root), then the real
+# command (no shell, no preexec_fn in threads).
+LAUNCH = ("import ctypes, os, resource, sys\n"
+          "n, uid, gid = map(int, sys.argv[1:4])\n"
           "if n > 0:\n"
           "    hard = resource.getrlimit(resource.RLIMIT_AS)[1]\n"
           "    n = n if hard == resource.RLIM_INFINITY else min(n, hard)\n"
-          "    resource.setrlimit(resource.RLIMIT_AS, (n, hard))\n"
-          "os.execv(sys.argv[2], sys.argv[2:])\n")
+          "    resource.setrlimit(resource.RLIMIT_AS, (n, n))\n"
+          "try:\n"
+          "    ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS\n"
+          "except (OSError, AttributeError):\n"
+          "    pass\n"
+          "if uid >= 0:\n"
+          "    os.setgroups([])\n"
+          "    os.setgid(gid)\n"
+          "    os.setuid(uid)\n"
+          "os.execv(sys.argv[4], sys.argv[4:])\n")
+# Run as the sandbox user at start: the agent's Python and edgekit load, DATA/jobs is reachable, the token is not.
+SANDBOX_PROBE = ("import os, sys\n"
+                 "import edgekit.runtime.bench\n"
+                 "os.stat(sys.argv[1])\n"
+                 "if sys.argv[2]:\n"
+                 "    try:\n"
+                 "        open(sys.argv[2]).close()\n"
+                 "    except OSError:\n"
+                 "        pass\n"
+                 "    else:\n"
+                 "        sys.exit(3)\n")
 
 
 class NoSpace(EdgekitError):
@@ -80,7 +111,12 @@ class AgentConfig:
     keep_jobs: int = 100  # retention of finished jobs (folder, bundle, report); 0: no limit
     keep_days: float = 0.0  # finished jobs older than this are removed; 0: no limit
     keep_gb: float = 20.0  # finished jobs beyond this total size are removed, oldest first; 0: no limit
-    job_network: bool = True  # False: job processes run in a network namespace of their own (no network at all)
+    # on / off (job processes in a network namespace of their own: no network at all) / auto: off where it can be
+    job_network: str = "auto"
+    # the uid job processes run as: auto (nobody when the agent is root, else the agent's own), a user name, none
+    sandbox_user: str = "auto"
+    job_env: tuple[str, ...] = ()  # more variables of the agent's environment that jobs get
+    token_file: Path | None = None  # checked unreadable by the sandbox user at start
 
 
 def _now() -> str:
@@ -99,6 +135,14 @@ def device_memory_bytes() -> int:
     import psutil
 
     return int(psutil.virtual_memory().total + psutil.swap_memory().total)
+
+
+def thread_reserve_bytes() -> int:
+    """Address space runtimes reserve beyond what they use: each thread's glibc malloc arena (64 MB) and stack. A
+    tiny Llama benchmark measured VmPeak 330 MB at 2 threads, 720 at 8, 1,310 at 16 against 60-80 MB of RSS, with
+    ONNX Runtime and llama.cpp alike (~74 MB per thread), so the default RLIMIT_AS is RAM + swap plus this much for
+    one thread per core and a few more, and a job that fits in RAM is not refused for its reservations."""
+    return ((os.cpu_count() or 1) + 4) * (80 << 20)
 
 
 def _finite_number(v) -> bool:
@@ -264,17 +308,60 @@ def quiet_log(log):
     return write
 
 
-def job_env(jid: str, tmp: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if not SECRET_ENV.search(k)}
-    tmp.mkdir(parents=True, exist_ok=True)
-    return {**env, **_edgekit_env(), MARKER_ENV: jid, "TMPDIR": str(tmp), "TEMP": str(tmp), "TMP": str(tmp)}
+def job_env(jid: str, tmp: Path, extra: tuple[str, ...] = ()) -> dict:
+    """An allowlist of the agent's environment (JOB_ENV_KEEP and `extra`), the job marker, TMPDIR and HOME in `tmp`."""
+    env = {k: v for k, v in os.environ.items() if JOB_ENV_KEEP.match(k) or k in extra}
+    return {**env, **_edgekit_env(), MARKER_ENV: jid, "HOME": str(tmp), "TMPDIR": str(tmp), "TEMP": str(tmp),
+            "TMP": str(tmp)}
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    user: str
+    uid: int
+    gid: int
+
+
+def resolve_sandbox(name: str) -> Sandbox | None:
+    """The user job processes run as (None: the agent's own). Only root can switch, so `auto` is `nobody` as root."""
+    import pwd
+
+    root = os.geteuid() == 0
+    if name in ("none", "") or (name == "auto" and not root):
+        return None
+    name = "nobody" if name == "auto" else name
+    if not root:
+        raise EdgekitError(f"--sandbox-user {name} needs the agent to run as root (only root can switch users)",
+                           "run the agent as root, or leave --sandbox-user at its default")
+    try:
+        pw = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
+    except (KeyError, ValueError):
+        raise EdgekitError(f"--sandbox-user {name} is not a user of this system",
+                           "create one (useradd --system edgekit-job) or name an existing unprivileged user")
+    if pw.pw_uid == 0:
+        raise EdgekitError(f"--sandbox-user {name} is root", "name an unprivileged user, or pass --sandbox-user none")
+    return Sandbox(pw.pw_name, pw.pw_uid, pw.pw_gid)
+
+
+def hand_over(path: Path, sb: Sandbox) -> None:
+    """Give a folder the agent wrote (a job's bundle or TMPDIR) to the sandbox user, links left alone."""
+    os.lchown(path, sb.uid, sb.gid)
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            os.lchown(os.path.join(root, name), sb.uid, sb.gid)
 
 
 def parse_junit(path: Path) -> dict:
-    """pytest's junit XML (written by our own pytest run, on this machine) -> counts and per-test outcomes."""
-    if path.stat().st_size > 16 << 20:
+    """pytest's junit XML (written by the job, so by the bundle's code: no links followed, at most 16 MB) -> counts
+    and per-test outcomes."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("junit XML is not a regular file")
+        data = f.read((16 << 20) + 1)
+    if len(data) > 16 << 20:
         raise ValueError("junit XML over 16 MB")
-    root = ET.parse(path).getroot()
+    root = ET.fromstring(data)
     suite = root if root.tag == "testsuite" else root.find("testsuite")
     if suite is None:
         raise ValueError("no testsuite")
@@ -318,10 +405,25 @@ class JobStore:
         if mem is None:
             from edgekit.agent.device import jetson_info
 
-            self.memory_limit = 0 if jetson_info() else device_memory_bytes()
+            self.memory_limit = 0 if jetson_info() else device_memory_bytes() + thread_reserve_bytes()
         else:
             self.memory_limit = int(mem * 2**20)
-        self.prefix = [] if cfg.job_network else no_network_prefix()
+        if cfg.job_network not in ("on", "off", "auto"):
+            raise EdgekitError(f"--job-network {cfg.job_network!r:.40} is not on, off or auto", "pass one of them")
+        try:
+            self.prefix = [] if cfg.job_network == "on" else no_network_prefix()
+        except EdgekitError:
+            if cfg.job_network == "off":
+                raise
+            self.prefix = []  # auto: the network stays on where this system cannot make a namespace
+        self.sandbox = resolve_sandbox(cfg.sandbox_user)
+        if self.sandbox:
+            self.root.chmod(0o711)  # the sandbox user may reach its own job folder, not list the others
+            self.uploads.chmod(0o700)
+            self._probe_sandbox()
+        who = f"user {self.sandbox.user}" if self.sandbox else "the agent's own user"
+        space = f"{self.memory_limit >> 20} MB" if self.memory_limit else "unlimited"
+        self.log(f"agent: jobs run as {who}, network {'off' if self.prefix else 'on'}, address space {space}")
         clean_stale(self.root)
         for p in self.uploads.iterdir():  # half-received uploads of a killed agent
             p.unlink(missing_ok=True) if p.is_file() else shutil.rmtree(p, ignore_errors=True)
@@ -340,6 +442,28 @@ class JobStore:
         self._retain()
         self._worker = threading.Thread(target=self._work, name="edgekit-agent-worker", daemon=True)
         self._worker.start()
+
+    def _probe_sandbox(self) -> None:
+        """Refuse to start when the sandbox user cannot run the agent's Python, reach DATA/jobs, or can read the
+        token: better one line now than every job failing (or a token holder reading the token) later."""
+        sb, token = self.sandbox, self.cfg.token_file
+        argv = [*self.prefix, sys.executable, "-c", LAUNCH, "0", str(sb.uid), str(sb.gid), sys.executable, "-c",
+                SANDBOX_PROBE, str(self.root), str(Path(token).absolute()) if token else ""]
+        try:
+            p = subprocess.run(argv, cwd="/", env=job_env("probe", Path("/nonexistent"), self.cfg.job_env),
+                               capture_output=True, text=True, timeout=60)
+            rc, why = p.returncode, (p.stderr.strip().splitlines() or [""])[-1]
+        except (OSError, subprocess.TimeoutExpired) as e:
+            rc, why = -1, str(e)
+        if rc == 3:
+            raise EdgekitError(f"the token file {token} is readable by {sb.user}, the user jobs run as",
+                               f"chmod 600 {token} (or keep it in a folder only root can enter)")
+        if rc != 0:
+            raise EdgekitError(f"jobs run as user {sb.user} (the agent runs as root), who cannot run "
+                               f"{sys.executable} with edgekit or reach {self.root} ({_printable(why, 160)})",
+                               "install the agent and --data-dir where that user can read them (a venv in /opt, "
+                               "/var/lib/edgekit-agent), name another --sandbox-user, or pass --sandbox-user none "
+                               "to run jobs as root")
 
     def _kill_orphans(self, job: dict) -> int:
         """Processes of the run the last agent was doing: its recorded group (if the leader is still the process it
@@ -609,9 +733,11 @@ class JobStore:
 
         jid, folder = job["id"], self.folder(job["id"])
         limit = 0 if job.get("backend") in NO_RLIMIT_AS else self.memory_limit
-        env = job_env(jid, folder / "tmp")
+        env = job_env(jid, folder / "tmp", self.cfg.job_env)
+        sb = self.sandbox
+        who = [str(sb.uid), str(sb.gid)] if sb else ["-1", "-1"]
         with open(stdout, "wb") as out, open(stderr, "wb") if stderr != stdout else _Same(out) as err:
-            proc = subprocess.Popen([*self.prefix, sys.executable, "-c", LAUNCH, str(limit), *argv], cwd=cwd,
+            proc = subprocess.Popen([*self.prefix, sys.executable, "-c", LAUNCH, str(limit), *who, *argv], cwd=cwd,
                                     env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                     start_new_session=True)
         self._proc = (jid, proc.pid)
@@ -656,6 +782,11 @@ class JobStore:
         manifest = json.loads((bundle / "bundle.json").read_text())
         opts = manifest.get("job") or {}
         job.update(status="running", started=_now(), error=None)
+        (folder / "tmp").mkdir(mode=0o700, exist_ok=True)
+        if self.sandbox:  # the job's own files are the sandbox user's; the job folder (reports, logs) stays root's
+            folder.chmod(0o711)
+            hand_over(bundle, self.sandbox)
+            hand_over(folder / "tmp", self.sandbox)
         self._phase(job, "device_tests")
         t0 = time.perf_counter()
         tests = self._device_tests(job, bundle, job.get("budget_mb"), folder)
@@ -678,12 +809,12 @@ class JobStore:
             run["error"] = f"timed out after {self.cfg.job_timeout_s}s"
         elif not isinstance(result, dict):
             tail = (_tail(folder / "bench.err") or out).strip().splitlines()[-5:]
-            run["error"] = f"exit code {run['returncode']}: " + " | ".join(tail)
+            run["error"] = f"{_exit(run['returncode'])}: " + " | ".join(tail) + self._memory_hint(" ".join(tail))
         errors = []
         if not tests["passed_all"]:
-            errors.append("device_tests: " + (tests.get("error") or "; ".join(
-                f"{c['name']} {c['outcome']}: {c['message']}" for c in tests["tests"]
-                if c["outcome"] in ("failed", "error"))))
+            why = tests.get("error") or "; ".join(f"{c['name']} {c['outcome']}: {c['message']}"
+                                                  for c in tests["tests"] if c["outcome"] in ("failed", "error"))
+            errors.append("device_tests: " + why + self._memory_hint(why))
         bench = None
         if run.get("error") is None:
             bench = result | {"peak_rss_mb": run["memory"]["peak_rss_mb"],
@@ -713,7 +844,7 @@ class JobStore:
         self.log(f"job {job['id']}: {job['status']}" + (f" ({job['error']})" if errors else ""))
 
     def _device_tests(self, job: dict, bundle: Path, budget_mb, folder: Path) -> dict:
-        xml = folder / "device_tests.xml"
+        xml = folder / "tmp" / "device_tests.xml"  # written by the job, as the sandbox user
         log = folder / "device_tests.log"
         argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(bundle),
                 str(bundle / "device_tests"), f"--artifact={bundle / 'artifact'}", f"--junitxml={xml}"]
@@ -738,10 +869,31 @@ class JobStore:
         if rc is None:
             res["error"] = f"timed out after {self.cfg.tests_timeout_s}s"
         elif not parsed and "error" not in res:
-            res["error"] = f"pytest exit code {rc}: " + " | ".join(_tail(log).strip().splitlines()[-3:])
+            res["error"] = f"pytest {_exit(rc)}: " + " | ".join(_tail(log).strip().splitlines()[-3:])
         if "error" in res:
             res["error"] = scrub_paths(res["error"], folder)
         return res
+
+
+    def _memory_hint(self, text: str) -> str:
+        """What an out-of-memory failure means here: the job hit its limit, not the device's RAM."""
+        if self.memory_limit and OUT_OF_MEMORY.search(text or ""):
+            return (f" (out of memory under the job's address-space limit of {self.memory_limit >> 20} MB: "
+                    "--job-memory-mb)")
+        return ""
+
+
+def _exit(rc: int | None) -> str:
+    if rc is not None and rc < 0:
+        try:
+            return f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            pass
+    return f"exit code {rc}"
+
+
+def _printable(text: str, limit: int) -> str:
+    return "".join(c if c.isprintable() else "?" for c in str(text)[:limit])
 
 
 class _Same:

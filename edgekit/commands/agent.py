@@ -55,9 +55,16 @@ def register(sub) -> None:
                    help="address-space limit (RLIMIT_AS) of job processes (default: the device's RAM + swap, none on a "
                    "Jetson, whose CUDA runtimes reserve more; 0: none; TensorRT jobs always run without it); "
                    "artifacts whose context needs more than this (default: RAM + swap) are refused at upload")
-    s.add_argument("--job-network", choices=("on", "off"), default="on",
+    s.add_argument("--job-network", choices=("auto", "on", "off"), default="auto",
                    help="off: job processes run in a network namespace of their own, with no network at all "
-                   "(needs root or unprivileged user namespaces, and util-linux unshare)")
+                   "(needs root or unprivileged user namespaces, and util-linux unshare); auto (default): off "
+                   "where the system can make one, else on")
+    s.add_argument("--sandbox-user", default="auto", metavar="USER",
+                   help="the user job processes run as when the agent runs as root (default auto: nobody as root, "
+                   "the agent's own user otherwise; none: jobs run as root)")
+    s.add_argument("--job-env", action="append", default=[], metavar="NAME",
+                   help="pass this variable of the agent's environment to jobs (repeatable; jobs get only PATH, "
+                   "locale, library and thread variables otherwise)")
     s.add_argument("--keep-jobs", type=_number, default=100, help="finished jobs kept (default 100; 0: all)")
     s.add_argument("--keep-days", type=_number, default=0, help="remove finished jobs older than this (default 0: never)")
     s.add_argument("--keep-gb", type=_number, default=20,
@@ -89,7 +96,8 @@ def run_serve(a) -> int:
     cfg = AgentConfig(data_dir=a.data_dir.resolve(), max_upload_bytes=int(a.max_upload_mb * 2**20),
                       job_timeout_s=a.job_timeout, tests_timeout_s=a.tests_timeout or a.job_timeout,
                       min_free_mb=a.min_free_mb, job_memory_mb=a.job_memory_mb, keep_jobs=int(a.keep_jobs),
-                      keep_days=a.keep_days, keep_gb=a.keep_gb, job_network=a.job_network == "on")
+                      keep_days=a.keep_days, keep_gb=a.keep_gb, job_network=a.job_network,
+                      sandbox_user=a.sandbox_user, job_env=tuple(a.job_env), token_file=a.token_file.resolve())
     import signal
 
     def stop(signum, frame):  # SIGTERM (systemd, docker stop) shuts down like Ctrl-C; jobs persist on disk
