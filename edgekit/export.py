@@ -31,7 +31,7 @@ COMPANIONS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
 class ExportConfig:
     backend: str = "onnxruntime"
     precision: str | None = None  # None: the backend's first (most faithful) precision
-    context_length: int = 2048
+    context_length: int | None = None  # None: the model's positions, at most DEFAULT_CONTEXT
     accept_gate_failure: bool = False  # keep an artifact that failed the gate (recorded in artifact.json)
     threads: int | None = None
     target: Any = None  # edgekit.target.Target, for backends tied to the device (tensorrt)
@@ -44,9 +44,24 @@ class ExportConfig:
         if precision not in spec.precisions:
             raise EdgekitError(f"backend {self.backend} cannot export precision {precision!r}",
                                f"use one of {', '.join(spec.precisions)}")
-        if self.context_length < 1:
+        if self.context_length is not None and self.context_length < 1:
             raise EdgekitError(f"context length must be positive, got {self.context_length}", "pass --context N")
         return replace(self, precision=precision)
+
+
+DEFAULT_CONTEXT = 2048
+
+
+def model_context(config: dict, requested: int | None) -> int:
+    """The context an artifact serves: what was asked for, refused in one line past the model's positions (never
+    clamped in silence; plan and build refuse the same request), or by default the model's, at most DEFAULT_CONTEXT."""
+    max_pos = config.get("max_position_embeddings")
+    if requested is None:
+        return min(DEFAULT_CONTEXT, max_pos or DEFAULT_CONTEXT)
+    if max_pos and requested > max_pos:
+        raise EdgekitError(f"context {requested} exceeds the model's {max_pos} positions",
+                           f"pass --context {max_pos} or less")
+    return requested
 
 
 def model_summary(config: dict) -> dict:
@@ -97,6 +112,7 @@ def export_model(model_dir: Path, out: Path, cfg: ExportConfig, log=print) -> di
     spec = get(cfg.backend)
     backend = spec.load()
     config = json.loads((Path(model_dir) / "config.json").read_text())
+    cfg = replace(cfg, context_length=model_context(config, cfg.context_length))
     t0 = time.perf_counter()
     with atomic_dir(out) as tmp:
         log(f"export: converting to {cfg.backend} {cfg.precision}")
@@ -111,7 +127,7 @@ def export_model(model_dir: Path, out: Path, cfg: ExportConfig, log=print) -> di
             "backend": cfg.backend,
             "precision": cfg.precision,
             "model": model_summary(config),
-            "max_context": min(cfg.context_length, config.get("max_position_embeddings", cfg.context_length)),
+            "max_context": cfg.context_length,
             "files": files,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "versions": library_versions("torch", "transformers", *getattr(backend, "LIBRARIES", ())),

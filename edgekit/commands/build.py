@@ -69,6 +69,7 @@ def run(a) -> int:
         # inside the model: that would change the model's hash and with it every resume decision
         check_output(out, [model.path], MANIFEST, force=True)
     ctx = BuildContext(target=target, model=model, options=opts, build_dir=out, log=log)
+    ctx.plan  # the plan's refusals (a context beyond the model, nothing fits) come before anything is written
     if a.dry_run:
         from edgekit.fsutil import sha256_tree
 

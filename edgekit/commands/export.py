@@ -21,7 +21,8 @@ def register(sub) -> None:
     p.add_argument("-o", "--out", type=Path, required=True, help="artifact folder to write (a new one, or an "
                    "earlier export's, which is replaced)")
     p.add_argument("--force", action="store_true", help="replace -o even if it holds files edgekit did not write")
-    p.add_argument("--context", type=int, default=2048, help="context length the artifact must serve")
+    p.add_argument("--context", type=int, help="context length the artifact must serve (default: the model's "
+                   "positions, at most 2048; more than the model's is refused)")
     p.add_argument("--target", help="target profile (needed by tensorrt: the engine is tied to its GPU and TensorRT)")
     p.add_argument("--accept-gate-failure", action="store_true", help="keep an artifact that fails the gate")
     p.add_argument("--json", action="store_true")
@@ -29,7 +30,7 @@ def register(sub) -> None:
 
 
 def run(a) -> int:
-    from edgekit.export import ExportConfig, export_model
+    from edgekit.export import ExportConfig, export_model, model_context
     from edgekit.fsutil import check_output
     from edgekit.models import resolve_model
     from edgekit.runtime.base import ARTIFACT_FILE
@@ -37,6 +38,7 @@ def run(a) -> int:
     from edgekit.ui import log, print_json
 
     model = resolve_model(a.model)
+    model_context(model.config, a.context)  # a context beyond the model: refused before anything is read or written
     check_output(a.out, [model.path], ARTIFACT_FILE, a.force)
     cfg = ExportConfig(backend=a.backend, precision=a.precision, context_length=a.context,
                        accept_gate_failure=a.accept_gate_failure,
