@@ -214,4 +214,5 @@ def get_target(spec: str) -> Target:
             return t
     names = sorted(targets) + sorted(a for t in targets.values() for a in t.aliases)
     raise EdgekitError(f"unknown target {spec!r}; known: {', '.join(names)}",
-                       "pick one of those, or pass --target path/to/my.toml")
+                       "pick one of those, or the path of a .toml profile (`edgekit targets show "
+                       "x86-cpu --toml` prints one to edit)")

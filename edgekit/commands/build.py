@@ -48,6 +48,7 @@ def run(a) -> int:
     check_numbers(a, {"context": (1, None), "prune_ratio": (0, 1), "min_decode_tps": (1e-6, None), "batch": (1, None), "distill_steps": (0, None), "bench_seconds": (0, 3600), "threads": (1, 1024)})
     from edgekit.models import resolve_model
     from edgekit.pipeline import BuildContext, BuildOptions, plan_stages, run_build
+    from edgekit.stages.prune import PruneStage
     from edgekit.target import get_target
     from edgekit.ui import log, print_json, progress
 
@@ -70,6 +71,7 @@ def run(a) -> int:
         check_output(out, [model.path], MANIFEST, force=True)
     ctx = BuildContext(target=target, model=model, options=opts, build_dir=out, log=log)
     ctx.plan  # the plan's refusals (a context beyond the model, nothing fits) come before anything is written
+    PruneStage().check(ctx)
     if a.dry_run:
         from edgekit.fsutil import sha256_tree
 

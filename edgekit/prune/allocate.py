@@ -136,6 +136,11 @@ def smallest_uniform(base: Geometry, align: int) -> tuple[int, int, tuple[int, i
     return _uniform(base, d, kg[0], kg[1], inter).params(), d, kg, inter
 
 
+def max_uniform_ratio(base: Geometry, align: int) -> float:
+    """The most a cut at this alignment can remove (smallest_uniform's share, 3 decimals, rounded down)."""
+    return _max_ratio(base.params(), smallest_uniform(base, align)[0])
+
+
 def _max_ratio(total: int, keep_min: int) -> float:
     """The largest ratio (3 decimals, rounded down) whose budget keeps at least keep_min parameters."""
     return math.floor((1 - keep_min / total) * 1000) / 1000
@@ -318,7 +323,8 @@ def nonuniform_plan(scores, costs, base: Geometry, D: int, keep_params: int, att
     total = geo.with_(layers=(w0,) * L).params()
     to_remove = total - keep_params
     if to_remove <= 0:
-        raise EdgekitError("pruning the hidden width alone already meets this budget", "ask for a larger ratio")
+        raise EdgekitError("pruning the hidden width alone already meets this budget",
+                           "drop --non-uniform (every layer keeps the same widths), or ask for a larger --ratio")
 
     def moves(l):
         """(loss per parameter, parameters saved, move): the next narrower MLP width, the narrower MLP width with the
@@ -343,9 +349,13 @@ def nonuniform_plan(scores, costs, base: Geometry, D: int, keep_params: int, att
     removed = 0
     while removed < to_remove:
         cands = [(m, l) for l, ms in enumerate(best_moves) for m in ms]
-        if not cands:
-            raise EdgekitError("this budget would leave a layer with nothing to keep",
-                               "ask for a smaller ratio (at least one aligned unit of every structure stays)")
+        if not cands:  # not monotone in the ratio: a larger one can narrow the hidden width and fit again
+            most = _max_ratio(base.params(), total - removed)
+            raise EdgekitError(f"at hidden width {D} of {base.hidden_size} the {L - len(set(protected))} unprotected "
+                               f"layer(s) can remove at most {most:g} of the parameters (one aligned unit of every "
+                               f"structure stays), short of this budget's {1 - keep_params / base.params():.3f}",
+                               f"ask for --ratio {most:g} or less, protect fewer layers (--protect), or pass a "
+                               "smaller --hidden-keep so the hidden width takes more of the cut")
         short = to_remove - removed
         fitting = [c for c in cands if c[0][1] <= 2 * short]  # avoid overshooting by more than we are short
         m, l = min(fitting or cands, key=lambda x: (x[0][0], -x[0][1]))

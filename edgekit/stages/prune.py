@@ -19,6 +19,27 @@ class PruneStage:
 
         return PruneConfig(Budget(ratio=ctx.prune_ratio), align=ctx.target.build.width_alignment)
 
+    def check(self, ctx: BuildContext) -> None:
+        """Refuse, before anything is written and in build's own flags, a ratio the target's width alignment cannot
+        reach (prune_model's refusal names prune's --ratio and --align, which build does not have)."""
+        if not ctx.prune_ratio:
+            return
+        from edgekit.arch import family_of
+        from edgekit.errors import EdgekitError
+        from edgekit.prune.allocate import max_uniform_ratio
+
+        align = ctx.target.build.width_alignment
+        most = max_uniform_ratio(family_of(ctx.model.config).geometry(ctx.model.config), align)
+        if ctx.prune_ratio <= most:
+            return
+        asked = (f"--prune-ratio {ctx.prune_ratio:g}" if ctx.options.prune_ratio else
+                 f"the plan's pruning ratio {ctx.prune_ratio:g} (needed to fit {ctx.target.name})")
+        profile = f"a --target .toml profile whose [build] width_alignment is below {align}"
+        fix = (f"pass --prune-ratio {most:g} or less, or {profile}" if ctx.options.prune_ratio and most > 0 else
+               f"pass {profile}" + ("" if ctx.options.prune_ratio else ", or a --target with more memory"))
+        raise EdgekitError(f"{asked} cannot be reached at {ctx.target.name}'s width alignment {align}: every width "
+                           f"stays a multiple of {align}, so a uniform cut of this model removes at most {most:g}", fix)
+
     def config(self, ctx: BuildContext) -> dict:
         if not ctx.prune_ratio:
             return {"ratio": None}
