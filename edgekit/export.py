@@ -35,6 +35,7 @@ class ExportConfig:
     accept_gate_failure: bool = False  # keep an artifact that failed the gate (recorded in artifact.json)
     threads: int | None = None
     target: Any = None  # edgekit.target.Target, for backends tied to the device (tensorrt)
+    rejected: Path | None = None  # where an artifact that fails its gate is kept (default: OUT/../rejected/NAME)
 
     def resolved(self) -> "ExportConfig":
         from edgekit.exporters import get
@@ -154,9 +155,13 @@ def export_model(model_dir: Path, out: Path, cfg: ExportConfig, log=print) -> di
         meta["timings_s"] = {"convert": round(t_convert, 3), "total": round(time.perf_counter() - t0, 3)}
         atomic_write_json(tmp / ARTIFACT_FILE, meta)
         if not gate["passed"] and not cfg.accept_gate_failure:
+            from edgekit.fsutil import keep_rejected
+
+            kept = keep_rejected(tmp, cfg.rejected or Path(out).absolute().parent / "rejected" / Path(out).name)
             raise GateFailed(f"{cfg.backend} {cfg.precision} artifact failed the fidelity gate: "
-                             f"{'; '.join(gate['failures'])}",
-                             "try a more faithful precision, or pass --accept-gate-failure to keep it (recorded)")
+                             f"{'; '.join(gate['failures'])}; it is kept in {kept} (its artifact.json records the "
+                             "failed gate)", "try a more faithful precision, use the kept artifact as it is, or pass "
+                             "--accept-gate-failure to write it to the output (recorded)")
     return meta
 
 

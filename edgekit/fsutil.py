@@ -69,6 +69,19 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         raise
 
 
+def keep_rejected(tmp: Path, dest: Path) -> Path:
+    """Move atomic_dir's finished temporary folder to `dest` (replacing an earlier one) instead of discarding it:
+    an artifact that failed its gate stays inspectable and usable without re-exporting. Returns dest."""
+    dest = Path(dest).absolute()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+        _remove(old)
+    os.replace(tmp, dest)  # one rename: dest is complete or absent
+    return dest
+
+
 def _remove(p: Path) -> None:
     shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 

@@ -43,6 +43,19 @@ def register(sub) -> None:
 
 
 def run(a) -> int:
+    from edgekit.errors import EdgekitError
+
+    try:
+        return _run(a)
+    except EdgekitError as e:  # --json: stdout still gets one JSON object, saying what failed (exit code unchanged)
+        if a.json:
+            from edgekit.ui import print_json
+
+            print_json({"status": "failed", "error": e.problem, "fix": e.fix, "exit_code": e.exit_code})
+        raise
+
+
+def _run(a) -> int:
     from edgekit.commands import check_numbers
 
     check_numbers(a, {"context": (1, None), "prune_ratio": (0, 1), "min_decode_tps": (1e-6, None), "batch": (1, None), "distill_steps": (0, None), "bench_seconds": (0, 3600), "threads": (1, 1024)})

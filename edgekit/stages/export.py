@@ -20,7 +20,7 @@ class ExportStage:
 
         cfg = ExportConfig(backend=ctx.backend, precision=ctx.precision, context_length=ctx.context_length,
                            accept_gate_failure=ctx.options.accept_gate_failure, threads=ctx.options.threads,
-                           target=ctx.target)
+                           target=ctx.target, rejected=ctx.build_dir / "rejected" / "artifact")
         meta = export_model(ctx.current_model, out / "artifact", cfg, log=ctx.log)
         size = sum(p.stat().st_size for p in (out / "artifact").iterdir() if p.is_file())
         return StageResult("done", {"backend": ctx.backend, "precision": ctx.precision, "size_bytes": size,
