@@ -9,13 +9,18 @@ a path to a TOML file of the same shape.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
+import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from edgekit.errors import EdgekitError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (JetPack 6's): the same parser, from PyPI
+    import tomli as tomllib
 
 GiB = 1 << 30
 
