@@ -9,6 +9,7 @@ a path to a TOML file of the same shape.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
@@ -93,6 +94,26 @@ class Target:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_toml(self) -> str:
+        """The profile as a TOML file that --target reads back to an equal Target (defaults written out): a starting
+        point for a custom device."""
+        d = self.to_dict()
+        del d["source"]
+        lines = [f"{k} = {_toml_value(d.pop(k))}" for k in ("name", "description", "aliases")]
+        for section, values in d.items():
+            lines += ["", f"[{section}]", *(f"{k} = {_toml_value(v)}" for k, v in values.items())]
+        return "\n".join(lines) + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)  # 16.0, 8, inf and nan are all TOML
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v)).replace("\x7f", "\\u007f")  # a JSON string is a TOML basic string, but for DEL
+
 
 _SECTIONS = {"memory": Memory, "cpu": Cpu, "accelerator": Accelerator, "runtime": Runtime, "build": Build,
              "docker": Docker}
@@ -101,7 +122,8 @@ _ACCEL_KINDS = ("none", "cuda", "npu", "gpu")
 
 
 def _bad(src: str, msg: str) -> EdgekitError:
-    return EdgekitError(f"invalid target {src}: {msg}", "correct the TOML; `edgekit targets show x86-cpu` prints a valid one")
+    return EdgekitError(f"invalid target {src}: {msg}",
+                        "correct the TOML; `edgekit targets show x86-cpu --toml` prints a valid one")
 
 
 def _section(src: str, cls: type, raw: Any, name: str):
@@ -193,7 +215,8 @@ def load_target_file(path: Path) -> Target:
     except FileNotFoundError:
         raise EdgekitError(f"target file not found: {path}", "check the path, or use a name from `edgekit targets`")
     except tomllib.TOMLDecodeError as e:
-        raise EdgekitError(f"malformed target TOML {path}: {e}", "fix the TOML syntax")
+        raise EdgekitError(f"malformed target TOML {path}: {e}",
+                           "fix the TOML syntax; `edgekit targets show x86-cpu --toml` prints a valid profile")
     return parse_target(data, str(path))
 
 

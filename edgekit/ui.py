@@ -40,21 +40,27 @@ def progress(description: str, total: int, enabled: bool = True):
 
 
 def table(title: str, rows: list[tuple], headers: tuple) -> None:
-    """A small table on stdout."""
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ModuleNotFoundError:
-        print(title)
-        for r in rows:
-            print("  " + "  ".join(str(x) for x in r))
-        return
-    t = Table(title=title, title_justify="left")
-    for h in headers:
-        t.add_column(h)
-    for r in rows:
-        t.add_row(*[str(x) for x in r])
-    Console().print(t)
+    """A table on stdout that never cuts a cell: rich on a terminal, wrapping what is too wide; aligned plain text
+    when piped or when rich is missing, so `| grep` and `| cat` see every name whole."""
+    cells = [tuple(str(x) for x in r) for r in rows]
+    if sys.stdout.isatty():
+        try:
+            from rich.console import Console
+            from rich.table import Table
+        except ModuleNotFoundError:
+            pass
+        else:
+            t = Table(title=title, title_justify="left")
+            for h in headers:
+                t.add_column(h, overflow="fold")  # fold, not ellipsis: a narrow terminal wraps jetson-agx-orin-64gb
+            for r in cells:
+                t.add_row(*r)
+            Console().print(t)
+            return
+    widths = [max(len(c) for c in col) for col in zip(headers, *cells)]
+    print(title)
+    for r in (headers, *cells):
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
 def quiet_libraries() -> None:

@@ -89,3 +89,55 @@ def test_targets_cli(cli, tmp_path):
     bad = cli("targets", "show", "nope")
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and bad.stderr.startswith("edgekit: error: unknown target 'nope'")
+
+
+def test_targets_show_toml_round_trips(cli, tmp_path):
+    """`targets show NAME --toml` is a profile --target reads back unchanged: the hint of every bad-profile error."""
+    import dataclasses
+
+    for t in builtin_targets().values():
+        path = _write(tmp_path, t.to_toml())
+        assert dataclasses.replace(load_target_file(path), source=t.source) == t, t.name
+    text = cli("targets", "show", "jetson-orin", "--toml", check=0).stdout
+    back = json.loads(cli("targets", "show", _write(tmp_path, text), "--json", check=0).stdout)
+    want = json.loads(json.dumps(get_target("jetson-orin").to_dict()))
+    assert back == {**want, "source": str(tmp_path / "board.toml")}
+    with pytest.raises(EdgekitError, match=r"`edgekit targets show x86-cpu --toml` prints a valid one"):
+        load_target_file(_write(tmp_path, GOOD.replace("cores = 4", "cores = 0")))
+    with pytest.raises(EdgekitError, match=r"--toml"):
+        load_target_file(_write(tmp_path, "name = "))
+
+
+def test_tables_are_never_cut_when_piped(cli, tiny_models, tmp_path):
+    """`edgekit ... | cat` gets every name whole (it once printed `jetson-agx-or…`)."""
+    names = [t.name for t in builtin_targets().values()]
+    listing = cli("targets", check=0).stdout
+    shown = cli("targets", "show", "jetson-agx-orin-64gb", check=0).stdout
+    plan = cli("plan", tiny_models["llama"], "-t", "jetson-agx-orin-64gb", check=0).stdout
+    dry = cli("build", tiny_models["llama"], "-t", "raspberry-pi-5-8gb", "--dry-run", "-o", tmp_path / "o",
+              check=0).stdout
+    for out in (listing, shown, plan, dry):
+        assert "…" not in out and "│" not in out, out
+    assert all(n in listing for n in names)
+    assert "NVIDIA Jetson AGX Orin" in shown and "('" not in shown  # lists read as lists, not Python tuples
+
+
+def test_table_wraps_on_a_narrow_terminal(monkeypatch, capsys):
+    """On a terminal rich folds a cell that does not fit instead of cutting it."""
+    import io
+    import sys
+
+    from edgekit.ui import table
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Tty()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setenv("COLUMNS", "24")
+    table("targets", [("jetson-agx-orin-64gb", "jetson-agx-orin")], ("name", "aliases"))
+    text = out.getvalue()
+    assert "│" in text and "…" not in text  # rich drew it, and cut nothing
+    first_column = "".join(ln.split("│")[1].strip() for ln in text.splitlines() if ln.startswith("│"))
+    assert "jetson-agx-orin-64gb" in first_column, text  # folded over lines, every character kept
