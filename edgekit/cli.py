@@ -52,6 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     except EdgekitError as e:
         print(f"edgekit: error: {e.line()}", file=sys.stderr)
         return e.exit_code
+    except ModuleNotFoundError as e:  # an optional package: one line naming its extra
+        from edgekit.extras import missing_dependency
+
+        err = missing_dependency(e, f"`edgekit {args.command}`")
+        if err is None:
+            raise
+        print(f"edgekit: error: {err.line()}", file=sys.stderr)
+        return err.exit_code
     except BrokenPipeError:  # `edgekit ... --json | head` closed the pipe: not an error
         sys.stdout = open(os.devnull, "w")
         return 0

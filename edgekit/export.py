@@ -16,6 +16,7 @@ from typing import Any
 
 from edgekit import __version__
 from edgekit.errors import EdgekitError, GateFailed
+from edgekit.extras import require
 from edgekit.fsutil import atomic_dir, atomic_write_json, sha256_file
 from edgekit.runtime.base import ARTIFACT_FILE, REFERENCE_FILE
 
@@ -112,6 +113,7 @@ def export_model(model_dir: Path, out: Path, cfg: ExportConfig, log=print) -> di
     cfg = cfg.resolved()
     spec = get(cfg.backend)
     backend = spec.load()
+    require(spec.requires, f"backend {spec.name!r}")  # before any work: torch-less installs get one line too
     config = json.loads((Path(model_dir) / "config.json").read_text())
     cfg = replace(cfg, context_length=model_context(config, cfg.context_length))
     t0 = time.perf_counter()

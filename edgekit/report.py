@@ -58,6 +58,19 @@ def _hidden(src: Path | None, final: Path | None) -> list | None:
     return sizes if None not in sizes else None
 
 
+def _plan_vs_measured(plan: dict, bench: dict) -> dict:
+    """The planner's memory and decode estimates beside what the host benchmark measured (None where absent)."""
+    c = plan.get("chosen") or {}
+    return {"memory_planned_mb": round(c["total_bytes"] / 2**20, 1) if c.get("total_bytes") else None,
+            "memory_budget_mb": round(plan["budget_bytes"] / 2**20, 1) if plan.get("budget_bytes") else None,
+            "memory_measured_mb": bench.get("peak_rss_mb"),
+            "planned_context": (plan.get("request") or {}).get("context"),
+            "measured_context": (bench["prompt_tokens"] + bench["new_tokens"]) if "new_tokens" in bench else None,
+            "decode_planned_tps": c.get("decode_tps_estimate"),
+            "decode_measured_tps": bench.get("decode_tokens_per_s"),
+            "target": plan.get("target")}
+
+
 def collect(build_dir: Path, manifest: dict) -> dict:
     """Everything the report shows, as one JSON-able dict."""
     build_dir = Path(build_dir)
@@ -75,13 +88,17 @@ def collect(build_dir: Path, manifest: dict) -> dict:
         entry = {"stage": name}
         if gate:
             entry.update({k: gate.get(k) for k in ("top1_agreement", "mean_kl", "max_abs_logit_delta",
-                                                    "greedy_match", "passed")})
+                                                    "greedy_match", "passed", "thresholds", "failures")})
         for k in ("heldout_ppl", "perplexity", "ppl_before", "ppl_after"):
             if k in res:
                 entry[k] = res[k]
         if len(entry) > 1:
             fidelity.append(entry)
     devices = [_json(p) for p in sorted(build_dir.glob("**/device-report-*.json"))]
+    # widths only when a stage changed the model: a dense build has nothing to compare
+    pruned = any((stages.get(n) or {}).get("status") == "done" for n in ("prune", "distill"))
+    prune = (stages.get("prune") or {}).get("result") or {}
+    distill = (stages.get("distill") or {}).get("result") or {}
     src = Path(manifest["model"]["path"]) if manifest.get("model") else None
     env = environment()
     return {
@@ -97,12 +114,20 @@ def collect(build_dir: Path, manifest: dict) -> dict:
         "status": manifest.get("status", "incomplete"),
         "stages": {n: {k: r.get(k) for k in ("status", "seconds", "skipped_last_run")} for n, r in stages.items()},
         "plan": (stages.get("plan") or {}).get("result"),
+        "artifact_size_bytes": ((stages.get("export") or {}).get("result") or {}).get("size_bytes"),
+        "plan_vs_measured": _plan_vs_measured((stages.get("plan") or {}).get("result") or {}, bench),
+        "pruning": {k: prune.get(k) for k in ("params_before", "params_after", "removed_fraction", "uniform",
+                                              "dense_search_loss", "pruned_search_loss") if k in prune} | (
+            {"heldout_perplexity_after_distill": distill["heldout_perplexity"]}
+            if distill.get("heldout_perplexity") is not None else {}),
         "fidelity": fidelity,
         "bench": {k: v for k, v in bench.items() if k not in ("memory_timeline", "decode_latency_samples_ms")},
         "latency_samples_ms": bench.get("decode_latency_samples_ms", []),
         "memory_timeline": bench.get("memory_timeline", []),
-        "layer_widths": {"before": _layer_widths(src), "after": _layer_widths(final_model) if final_model else [],
-                         "hidden": _hidden(src, final_model)},
+        "phases": bench.get("phases", []),
+        "layer_widths": {"before": _layer_widths(src) if pruned else [],
+                         "after": _layer_widths(final_model) if pruned and final_model else [],
+                         "hidden": _hidden(src, final_model) if pruned else None},
         "device_reports": devices,
     }
 
@@ -165,6 +190,66 @@ def widths_svg(before: list[dict], after: list[dict], predicted: list[dict] | No
     return _svg(fig)
 
 
+PHASE_COLORS = ("#ddeeff", "#ffeedd", "#e5f5e0", "#f2e5f7")
+
+
+def memory_svg(mem: list, phases: list[dict], pvm: dict) -> str:
+    """RSS over the benchmark with its phases shaded (load, warmup, each measured point), the planner's estimate and
+    the target's memory budget as horizontal lines (log scale when the budget dwarfs the curve)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for i, ph in enumerate(phases):
+        ax.axvspan(ph["start_s"], ph["end_s"], color=PHASE_COLORS[i % len(PHASE_COLORS)], zorder=0)
+        ax.text((ph["start_s"] + ph["end_s"]) / 2, 0.02, ph["name"], transform=ax.get_xaxis_transform(),
+                ha="center", va="bottom", fontsize=6, rotation=90, color="#444444")
+    ax.plot([m[0] for m in mem], [m[1] for m in mem], color="#228833", label="RSS (this host)", zorder=3)
+    if any(m[2] for m in mem):
+        ax.plot([m[0] for m in mem], [m[2] for m in mem], color="#ee6677", label="swap growth", zorder=3)
+    peak = max(m[1] for m in mem)
+    target = f" ({pvm['target']})" if pvm.get("target") else ""
+    if pvm.get("memory_planned_mb"):
+        ax.axhline(pvm["memory_planned_mb"], color="#4477aa", linestyle="--",
+                   label=f"planned {pvm['memory_planned_mb']:.0f} MB{target}")
+    if pvm.get("memory_budget_mb"):
+        ax.axhline(pvm["memory_budget_mb"], color="#cc3311", linestyle="-", linewidth=1.5,
+                   label=f"budget {pvm['memory_budget_mb']:.0f} MB{target}")
+        if pvm["memory_budget_mb"] > 8 * peak:
+            ax.set_yscale("log")
+    ax.set(xlabel="time (s)", ylabel="MB", title="Memory over the benchmark")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
+    return _svg(fig)
+
+
+def fidelity_svg(fid: list[dict]) -> str:
+    """Per gated stage: top-1 agreement against its least allowed value, mean KL against its largest allowed."""
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(7, 3))
+    xs = list(range(len(fid)))
+    names = [f["stage"] for f in fid]
+    a1.bar(xs, [f["top1_agreement"] for f in fid], color="#66ccee", zorder=2)
+    a2.bar(xs, [max(f.get("mean_kl") or 0.0, 1e-12) for f in fid], color="#66ccee", zorder=2)
+    for i, f in enumerate(fid):
+        th = f.get("thresholds") or {}
+        if th.get("top1") is not None:
+            a1.hlines(th["top1"], i - 0.45, i + 0.45, color="#cc3311", linewidth=2, zorder=3,
+                      label="threshold (at least)" if i == 0 else None)
+        if th.get("mean_kl") is not None:
+            a2.hlines(th["mean_kl"], i - 0.45, i + 0.45, color="#cc3311", linewidth=2, zorder=3,
+                      label="threshold (at most)" if i == 0 else None)
+        a1.text(i, f["top1_agreement"], f"{f['top1_agreement']:.1%}", ha="center", va="bottom", fontsize=7)
+    a1.set(ylim=(0, 1.12), ylabel="top-1 agreement with PyTorch", title="Top-1 agreement")
+    a2.set(yscale="log", ylabel="mean KL (nats)", title="Mean KL divergence")
+    for ax in (a1, a2):
+        ax.set_xticks(xs, names)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("Fidelity per stage", y=1.02)
+    fig.subplots_adjust(wspace=0.4)
+    return _svg(fig)
+
+
 def plots(data: dict) -> dict[str, str]:
     try:
         import matplotlib
@@ -190,25 +275,14 @@ def plots(data: dict) -> dict[str, str]:
         out["latency"] = _svg(fig)
     mem = [m for m in data["memory_timeline"] if m[1] > 0]  # the last sample can catch the exiting process
     if mem:
-        fig, ax = plt.subplots(figsize=(6, 3))
-        ax.plot([m[0] for m in mem], [m[1] for m in mem], color="#228833", label="RSS")
-        if any(m[2] for m in mem):
-            ax.plot([m[0] for m in mem], [m[2] for m in mem], color="#ee6677", label="swap growth")
-        ax.set(xlabel="time (s)", ylabel="MB", title="Memory over the benchmark")
-        ax.legend()
-        out["memory"] = _svg(fig)
+        out["memory"] = memory_svg(mem, data.get("phases") or [], data.get("plan_vs_measured") or {})
     widths = widths_svg(data["layer_widths"]["before"], data["layer_widths"]["after"],
                         hidden=data["layer_widths"].get("hidden"))
     if widths:
         out["widths"] = widths
     fid = [f for f in data["fidelity"] if f.get("top1_agreement") is not None]
     if fid:
-        fig, ax = plt.subplots(figsize=(6, 3))
-        ax.bar([f["stage"] for f in fid], [f["top1_agreement"] for f in fid], color="#66ccee")
-        for i, f in enumerate(fid):
-            ax.text(i, f["top1_agreement"], f"KL {f['mean_kl']:.2g}", ha="center", va="bottom", fontsize=8)
-        ax.set(ylim=(0, 1.1), ylabel="top-1 agreement with PyTorch", title="Fidelity per stage")
-        out["fidelity"] = _svg(fig)
+        out["fidelity"] = fidelity_svg(fid)
     return out
 
 
@@ -221,7 +295,8 @@ def _rows(data: dict) -> list[tuple[str, list[tuple]]]:
                            ("backend / precision", "{backend} / {precision}".format(**(data["resolved"] or
                                                                                        {"backend": "?",
                                                                                         "precision": "?"}))),
-                           ("artifact", data["artifact"]), ("status", data["status"]),
+                           ("artifact", data["artifact"]),
+                           ("artifact size", _mib(data.get("artifact_size_bytes"))), ("status", data["status"]),
                            ("environment", f"{data['environment']['cpu']}, {data['environment']['cores']} cores, "
                                            f"{data['environment']['ram_gb']} GB "
                                            f"(fingerprint {data['environment_fingerprint']})")])]
@@ -240,19 +315,51 @@ def _rows(data: dict) -> list[tuple[str, list[tuple]]]:
                                                                                 "runtime_overhead_bytes"))),
                                   ("total vs budget", f"{c['total_bytes'] / gib:.3f} of {p['budget_bytes'] / gib:.2f} GiB"),
                                   ("decode estimate", f"{c['decode_tps_estimate']} tokens/s")]))
+    pv = data.get("plan_vs_measured") or {}
+    if pv.get("memory_planned_mb") or pv.get("decode_planned_tps"):
+        on = f" on {pv['target']}" if pv.get("target") else ""
+        rows = []
+        if pv.get("memory_planned_mb"):
+            rows.append(("memory: planned / measured",
+                         f"{pv['memory_planned_mb']:.0f} MB{on} at {pv.get('planned_context')} tokens / "
+                         + (f"{pv['memory_measured_mb']:.0f} MB peak RSS on this host at "
+                            f"{pv.get('measured_context')} tokens" if pv.get("memory_measured_mb") else "not measured")))
+        if pv.get("memory_budget_mb"):
+            rows.append(("memory budget", f"{pv['memory_budget_mb']:.0f} MB{on}"))
+        if pv.get("decode_planned_tps"):
+            rows.append(("decode: planned / measured",
+                         f"{pv['decode_planned_tps']:g} tokens/s{on} / " + (
+                             f"{pv['decode_measured_tps']:.1f} tokens/s on this host"
+                             if pv.get("decode_measured_tps") else "not measured")))
+        sections.append(("Plan vs measured", rows))
+    pr = data.get("pruning") or {}
+    if pr.get("params_before"):
+        rows = [("parameters", f"{pr['params_before']:,} -> {pr['params_after']:,} "
+                               f"({pr.get('removed_fraction', 0):.1%} removed, "
+                               f"{'uniform' if pr.get('uniform') else 'per-layer'} widths)")]
+        if pr.get("dense_search_loss") is not None:
+            rows.append(("calibration loss before / after pruning",
+                         f"{pr['dense_search_loss']:.4f} / {pr['pruned_search_loss']:.4f} nats "
+                         f"(+{pr['pruned_search_loss'] - pr['dense_search_loss']:.4f})"))
+        if pr.get("heldout_perplexity_after_distill") is not None:
+            rows.append(("held-out perplexity after distillation", f"{pr['heldout_perplexity_after_distill']:.2f}"))
+        sections.append(("Pruning cost", rows))
     for f in data["fidelity"]:
-        rows = [(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in f.items() if k != "stage"]
-        sections.append((f"Fidelity: {f['stage']}", rows))
+        sections.append((f"Fidelity: {f['stage']}", fidelity_rows(f)))
     b = data["bench"]
     if b.get("decode_tokens_per_s"):
         lat = b["decode_latency_ms"]
+        sd = lambda k: f" ± {b[k + '_sd']:.1f}" if b.get(k + "_sd") is not None else ""  # noqa: E731
         sections.append(("Host benchmark", [
+            ("lengths", f"{b.get('prompt_tokens')} prompt + {b.get('new_tokens', '?')} new tokens, "
+                        f"{b.get('runs')} runs in {b.get('duration_s', 0):.1f} s"),
             ("load", f"{b['load_s']:.3f} s"), ("time to first token p50", f"{b['ttft_ms']['p50']:.2f} ms"),
-            ("prefill", f"{b['prefill_tokens_per_s']:.1f} tokens/s"),
-            ("decode", f"{b['decode_tokens_per_s']:.1f} tokens/s"),
+            ("prefill", f"{b['prefill_tokens_per_s']:.1f}{sd('prefill_tokens_per_s')} tokens/s"),
+            ("decode", f"{b['decode_tokens_per_s']:.1f}{sd('decode_tokens_per_s')} tokens/s"),
             ("decode latency p50 / p90 / p99", f"{lat['p50']:.2f} / {lat['p90']:.2f} / {lat['p99']:.2f} ms"),
             ("peak RSS", f"{b.get('peak_rss_mb', 0):.0f} MB"), ("swap growth", f"{b.get('swap_growth_mb', 0):.0f} MB"),
-            ("valid", b.get("valid"))]))
+            ("valid", "yes" if b.get("valid") else f"NO: {b.get('invalid_reason')}"),
+            *[("note", n) for n in b.get("notes") or []]]))
     for d in data["device_reports"]:
         dev, b, tests = d.get("device") or {}, d.get("bench") or {}, d.get("device_tests") or {}
         rows = [("device", f"{dev.get('hostname', '?')} ({dev.get('machine', '?')})"), ("job", d.get("job")),
@@ -268,6 +375,33 @@ def _rows(data: dict) -> list[tuple[str, list[tuple]]]:
         rows += [("within budget", d.get("within_budget")), ("errors", "; ".join(d.get("errors") or []) or "none")]
         sections.append((f"Device report: {dev.get('hostname', '?')}", rows))
     return sections
+
+
+def _mib(n) -> str:
+    return f"{n / 2**20:.1f} MiB ({n:,} bytes)" if n else "unknown"
+
+
+def fidelity_rows(f: dict) -> list[tuple]:
+    """A gate result in words, each figure beside the threshold it had to meet."""
+    th = f.get("thresholds") or {}
+    need = lambda cmp, v, fmt: f" (needs {cmp} {format(v, fmt)})" if v is not None else ""  # noqa: E731
+    rows = []
+    if f.get("passed") is not None:
+        rows.append(("gate", "passed" if f["passed"] else "FAILED: " + "; ".join(f.get("failures") or [])))
+    if f.get("top1_agreement") is not None:
+        rows.append(("top-1 agreement with PyTorch", f"{f['top1_agreement']:.1%}" + need(">=", th.get("top1"), ".0%")))
+    if f.get("mean_kl") is not None:
+        rows.append(("mean KL divergence", f"{f['mean_kl']:.3g} nats" + need("<=", th.get("mean_kl"), "g")))
+    if f.get("max_abs_logit_delta") is not None:
+        rows.append(("largest logit difference", f"{f['max_abs_logit_delta']:.3g}" +
+                     need("<=", th.get("max_abs"), "g")))
+    if f.get("greedy_match") is not None:
+        rows.append(("greedy continuation", ("identical" if f["greedy_match"] else "differs") +
+                     (" (must be identical)" if th.get("greedy_exact") else " (not gated)")))
+    labels = {"heldout_ppl": "held-out perplexity", "perplexity": "perplexity", "ppl_before": "perplexity before",
+              "ppl_after": "perplexity after"}
+    rows += [(labels[k], f"{f[k]:.4g}") for k in labels if f.get(k) is not None]
+    return rows
 
 
 def markdown(data: dict) -> str:

@@ -100,8 +100,11 @@ def _run(a) -> int:
             table(f"edgekit build --dry-run: {model.source} -> {target.name} ({ctx.backend} {ctx.precision}) "
                   f"in {out}", [(r["stage"], r["action"]) for r in rows], ("stage", "will"))
         return 0
+    from edgekit.exporters import get
+    from edgekit.extras import require
     from edgekit.stages import STAGES
 
+    require(get(ctx.backend).requires, f"building for {ctx.backend}")  # one line now, not a traceback at export
     with progress(f"build {target.name}", total=len(STAGES), enabled=not a.json) as advance:
         manifest = run_build(ctx, progress=advance)
     if a.json:

@@ -301,7 +301,6 @@ def measure_subprocess(argv: list[str], timeout: float, env: dict | None = None)
     else:
         tail = (err or out).strip().splitlines()[-5:]
         result["ok"] = False
-        result["last_line"] = tail[-1] if tail else ""
         result["stderr_tail"] = tail
         result["error"] = ("timed out after %ss" % timeout) if timed_out else (
             f"exit code {proc.returncode}: " + " | ".join(tail))
