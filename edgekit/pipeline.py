@@ -81,7 +81,12 @@ class BuildContext:
 
     @property
     def precision(self) -> str:
-        return self.options.precision or self.plan.precision
+        """The canonical name (the user may write Q4_K_M or f32), else the plan's choice."""
+        if self.options.precision:
+            from edgekit.exporters import get
+
+            return get(self.backend).precision(self.options.precision)
+        return self.plan.precision
 
     @property
     def prune_ratio(self) -> float | None:

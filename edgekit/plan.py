@@ -17,36 +17,6 @@ from edgekit.target import GiB, Target
 
 MiB = 1 << 20
 EXTERNAL_DATA_BYTES = 2**31 - 1  # ONNX graphs larger than protobuf's limit keep their weights in a separate file
-# Bytes per weight, block scales included (q4_k_m mixes 4- and 6-bit blocks: ~4.85 bits per weight on Llama models;
-# 8da4w: int4 with an fp32 scale per group of 32; onnxruntime int8: MatMulNBits, an fp32 scale per block of 32).
-BYTES_PER_WEIGHT = {"fp32": 4.0, "f32": 4.0, "fp16": 2.0, "f16": 2.0, "int8": 1.0 + 4 / 32, "q8_0": 34 / 32,
-                    "q4_k_m": 4.85 / 8, "8da4w": 0.5 + 4 / 32}
-
-
-@dataclass(frozen=True)
-class RuntimeMemory:
-    """How a runtime holds a model beyond its weights (fitted to peak RSS by bench/plan_calibration.py)."""
-
-    overhead_mb: float  # interpreter, libraries, allocator arenas; on TensorRT the CUDA context
-    kv_bytes: int  # bytes per KV-cache element
-    kv_copies: float = 1.0  # ONNX Runtime: the runner holds `past` while the session writes `present`
-    attn_buffers: int = 1  # score-sized (heads x chunk x context) fp32 buffers alive during a prefill chunk
-    logits_per_chunk: bool = False  # the graph emits every position's logits, not just the last
-    fp32_embedding: bool = False  # ONNX Runtime: the Gather table stays fp32, and a tied LM head is a transposed copy
-    tied_stored_twice: bool = False  # ExecuTorch: the .pte holds the embedding table and the LM head apart
-    weight_factor: float = 1.0  # resident bytes per stored weight byte (ExecuTorch: program data + XNNPACK's packing)
-
-
-RUNTIMES = {
-    "onnxruntime": RuntimeMemory(overhead_mb=90, kv_bytes=4, kv_copies=2, attn_buffers=3, logits_per_chunk=True,
-                                 fp32_embedding=True),
-    "gguf": RuntimeMemory(overhead_mb=40, kv_bytes=2),  # f16 cache; f32/f16 artifacts are gated with an f32 one
-    # fitted on SmolLM2-135M (tied, 1517 MB at 2048) and Qwen2.5-Coder-0.5B (untied, 3976 MB at 1024): the Python
-    # runtime imports torch (~400 MB) and resident weights are ~1.33x the .pte's (bench/plan_calibration.py)
-    "executorch": RuntimeMemory(overhead_mb=400, kv_bytes=4, attn_buffers=2, logits_per_chunk=True,
-                                tied_stored_twice=True, weight_factor=1.33),
-    "tensorrt": RuntimeMemory(overhead_mb=700, kv_bytes=2, attn_buffers=2, logits_per_chunk=True),
-}
 # Fraction of the target's DRAM bandwidth a decode step achieves (measured on x86 by bench/gguf_decode.py).
 BANDWIDTH_EFFICIENCY = 0.6
 MAX_PRUNE_RATIO = 0.6  # beyond this, width pruning without much retraining loses too much
@@ -136,9 +106,13 @@ def kv_elements(s: dict, context: int, backend: str) -> int:
 
 
 def memory(cfg: dict, backend: str, precision: str, req: PlanRequest, prune_ratio: float = 0.0) -> dict:
+    from edgekit.exporters import get
+    from edgekit.precision import get_precision
+
     s = shape(cfg)
-    rt = RUNTIMES.get(backend, RuntimeMemory(overhead_mb=100, kv_bytes=4))
-    bpw = BYTES_PER_WEIGHT[precision]
+    rt = get(backend).memory  # the backend's memory model, declared on its registry entry
+    prec = get_precision(precision)
+    bpw = prec.bytes_per_weight
     params = count_params(cfg) * (1 - prune_ratio)
     emb = s["vocab"] * s["hidden"]
     if rt.fp32_embedding:
@@ -152,7 +126,7 @@ def memory(cfg: dict, backend: str, precision: str, req: PlanRequest, prune_rati
         weights = params * bpw + (emb * bpw if rt.tied_stored_twice and s["tied"] else 0)
     stored = weights  # what a decode step reads
     weights *= rt.weight_factor
-    kv_bytes = 4 if backend == "gguf" and precision in ("f32", "f16") else rt.kv_bytes
+    kv_bytes = rt.kv_bytes_unquantized if rt.kv_bytes_unquantized and not prec.quantized else rt.kv_bytes
     kv = kv_elements(s, req.context, backend) * kv_bytes * req.batch
     chunk = min(req.prefill_chunk, req.context)
     # One prefill chunk, fp32: logits, attention scores against the whole context, MLP and residual activations.
@@ -183,15 +157,18 @@ def make_plan(cfg: dict, target: Target, req: PlanRequest, backend: str | None =
         raise EdgekitError(f"context {req.context} exceeds the model's {max_pos} positions",
                            f"pass --context {max_pos} or less")
     from edgekit.exporters import get
+    from edgekit.precision import get_precision
 
     spec = get(backend)
-    preferred = BYTES_PER_WEIGHT[target.build.precision] if target.build.backend == backend else None
-    # Most faithful first, starting at the target's preferred precision (never more bytes than it asks for).
-    options = [precision] if precision else sorted(
+    bpw = {p: get_precision(p).bytes_per_weight for p in spec.precisions}
+    preferred = bpw[target.build.precision] if target.build.backend == backend else None
+    # Only what this backend declares it can build; most faithful first, starting at the target's preferred precision
+    # (never more bytes than it asks for).
+    options = [spec.precision(precision)] if precision else sorted(
         (p for p in spec.precisions if p in target.build.precisions or target.build.backend != backend),
-        key=lambda p: -BYTES_PER_WEIGHT[p])
+        key=lambda p: -bpw[p])
     if preferred and not precision:
-        options = [p for p in options if BYTES_PER_WEIGHT[p] <= preferred] or options
+        options = [p for p in options if bpw[p] <= preferred] or options
     available = target.memory.usable_bytes
     budget = int(available * (1 - req.headroom))
     cands = [_candidate(cfg, target, backend, p, req, 0.0, budget) for p in options]

@@ -173,10 +173,24 @@ def parse_target(data: dict[str, Any], src: str) -> Target:
     if not (isinstance(aliases, list) and all(isinstance(a, str) for a in aliases)):
         raise _bad(src, "'aliases' must be a list of strings")
     sections = {k: _section(src, cls, data.get(k, {}), k) for k, cls in _SECTIONS.items()}
+    sections["build"] = _canonical_precisions(sections["build"], src)
     t = Target(name=data["name"], description=str(data["description"]), aliases=tuple(aliases), source=src,
                **sections)
     _validate(t, src)
     return t
+
+
+def _canonical_precisions(b: Build, src: str) -> Build:
+    """Precision names as the registry spells them (a profile may write F16 or f32)."""
+    from edgekit.precision import lookup
+
+    unknown = [p for p in (*b.precisions, b.precision) if lookup(p) is None]
+    if unknown:
+        from edgekit.precision import PRECISIONS
+
+        raise _bad(src, f"build precision(s) {unknown} unknown; known: {list(PRECISIONS)}")
+    return dataclasses.replace(b, precisions=tuple(dict.fromkeys(lookup(p).name for p in b.precisions)),
+                               precision=lookup(b.precision).name)
 
 
 def _validate(t: Target, src: str) -> None:

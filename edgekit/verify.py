@@ -6,11 +6,12 @@ PyTorch computes the reference once, at export (`make_reference`); the reference
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
+from edgekit.precision import PRECISIONS, Thresholds, get_precision
 from edgekit.runtime.base import Runner, greedy
 
 GATE_TOKENS = 64  # positions compared
@@ -19,29 +20,9 @@ GREEDY_PROMPT = 16
 GREEDY_NEW = 32
 
 
-@dataclass(frozen=True)
-class Thresholds:
-    max_abs: float | None  # largest |logit difference| allowed (None: not checked, quantized weights move logits)
-    top1: float  # least fraction of positions whose argmax agrees
-    mean_kl: float | None  # largest mean KL(reference || artifact) in nats
-    greedy_exact: bool  # the GREEDY_NEW-token greedy continuation must be identical
-
-
-# Per precision name, whatever the backend calls it.
-THRESHOLDS: dict[str, Thresholds] = {
-    "fp32": Thresholds(max_abs=1e-3, top1=1.0, mean_kl=1e-5, greedy_exact=True),
-    "f32": Thresholds(max_abs=1e-3, top1=1.0, mean_kl=1e-5, greedy_exact=True),
-    "fp16": Thresholds(max_abs=0.1, top1=0.95, mean_kl=1e-3, greedy_exact=False),
-    "f16": Thresholds(max_abs=0.1, top1=0.95, mean_kl=1e-3, greedy_exact=False),
-    "int8": Thresholds(max_abs=None, top1=0.85, mean_kl=0.05, greedy_exact=False),
-    "q8_0": Thresholds(max_abs=None, top1=0.90, mean_kl=0.02, greedy_exact=False),
-    "q4_k_m": Thresholds(max_abs=None, top1=0.70, mean_kl=0.25, greedy_exact=False),
-    "8da4w": Thresholds(max_abs=None, top1=0.65, mean_kl=0.35, greedy_exact=False),
-}
-
-
 def thresholds_for(precision: str) -> Thresholds:
-    return THRESHOLDS[precision]
+    """The gate of a precision (any alias), from the precision registry."""
+    return get_precision(precision).gate
 
 
 def gate_ids(tokenizer, vocab_size: int) -> tuple[np.ndarray, str]:
@@ -148,11 +129,13 @@ def check_against_reference(artifact: Path, threads: int | None = None) -> dict:
     meta = read_artifact(artifact)
     from edgekit.exporters import get
 
-    rt = get(meta["backend"]).load_runtime()
-    if hasattr(rt, "host_check"):  # no runner on this machine (TensorRT): the runtime checks what it can here
-        return rt.host_check(artifact, threads=threads)
+    spec = get(meta["backend"])
+    if not spec.host_runtime:  # no runner on this machine (TensorRT): the runtime checks what it can here
+        return spec.load_runtime().host_check(artifact, threads=threads)
     runner = open_artifact(artifact, threads=threads)
     return compare(load_reference(Path(artifact) / REFERENCE_FILE), runner, thresholds_for(meta["precision"]))
 
+
+THRESHOLDS = {name: p.gate for name, p in PRECISIONS.items()}  # the gate table, as docs and tests read it
 
 __all__ = ["THRESHOLDS", "Thresholds", "make_reference", "compare", "check_against_reference", "judge"]

@@ -16,19 +16,65 @@ from edgekit.errors import EdgekitError
 
 
 @dataclass(frozen=True)
+class RuntimeMemory:
+    """How a runtime holds a model beyond its weights, for the planner (fitted to peak RSS by
+    bench/plan_calibration.py)."""
+
+    overhead_mb: float  # interpreter, libraries, allocator arenas; on TensorRT the CUDA context
+    kv_bytes: int  # bytes per KV-cache element
+    kv_bytes_unquantized: int | None = None  # when the weights are not quantized (llama.cpp: an f32 cache)
+    kv_copies: float = 1.0  # ONNX Runtime: the runner holds `past` while the session writes `present`
+    attn_buffers: int = 1  # score-sized (heads x chunk x context) fp32 buffers alive during a prefill chunk
+    logits_per_chunk: bool = False  # the graph emits every position's logits, not just the last
+    fp32_embedding: bool = False  # ONNX Runtime: the Gather table stays fp32, and a tied LM head is a transposed copy
+    tied_stored_twice: bool = False  # ExecuTorch: the .pte holds the embedding table and the LM head apart
+    weight_factor: float = 1.0  # resident bytes per stored weight byte (ExecuTorch: program data + XNNPACK's packing)
+
+
+@dataclass(frozen=True)
 class ExporterSpec:
+    """A backend's contract: what it exports, where its artifacts run, how they are gated, how they hold memory."""
+
     name: str
     module: str
     runtime: str
-    precisions: tuple[str, ...]
+    precisions: tuple[str, ...]  # canonical names from edgekit.precision, most faithful first
     description: str
     requires: str  # the pip extra that brings its libraries
+    memory: RuntimeMemory
+    libraries: tuple[str, ...] = ()  # distributions whose versions artifact.json records
+    # None: the artifact runs on this host and is gated there. Otherwise the module that gates its source graph on the
+    # host, and the artifact itself is benchmarked only on the device (TensorRT).
+    host_gate: str | None = None
+    # precisions users will ask for that this backend does not build yet, with the reason (said in the error)
+    not_yet: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def host_runtime(self) -> bool:
+        return self.host_gate is None
 
     def load(self) -> ModuleType:
         return _import(self.module, self)
 
     def load_runtime(self) -> ModuleType:
         return _import(self.runtime, self)
+
+    def precision(self, name: str | None) -> str:
+        """`name` (any alias, any case) as this backend's canonical precision; None: its most faithful one."""
+        from edgekit.precision import get_precision
+
+        if name is None:
+            return self.precisions[0]
+        p = get_precision(name).name
+        if p not in self.precisions:
+            from edgekit.precision import backends_for
+
+            why = dict(self.not_yet).get(p)
+            others = [b for b in backends_for(p) if b != self.name]
+            detail = f": {why}" if why else (f"; {p} is built by {', '.join(others)}" if others else "")
+            raise EdgekitError(f"backend {self.name} cannot produce precision {p!r}{detail}",
+                               f"use --precision with one of {', '.join(self.precisions)}")
+        return p
 
 
 def _import(dotted: str, spec: ExporterSpec) -> ModuleType:
@@ -41,19 +87,35 @@ def _import(dotted: str, spec: ExporterSpec) -> ModuleType:
                            f"pip install 'edgekit[{spec.requires}]'") from e
 
 
+ORT_LIBRARIES = ("onnx", "onnxruntime", "optimum", "optimum-onnx")
+
 REGISTRY: dict[str, ExporterSpec] = {
     s.name: s
     for s in (
         ExporterSpec("onnxruntime", "edgekit.exporters.onnxruntime", "edgekit.runtime.onnxruntime",
-                     ("fp32", "int8"), "ONNX with a KV cache for ONNX Runtime (CPU); int8 = dynamic quantization",
-                     "onnx"),
+                     ("fp32", "int8"), "ONNX with a KV cache for ONNX Runtime (CPU); int8 = weight-only MatMulNBits",
+                     "onnx", RuntimeMemory(overhead_mb=90, kv_bytes=4, kv_copies=2, attn_buffers=3,
+                                           logits_per_chunk=True, fp32_embedding=True),
+                     ORT_LIBRARIES),
         ExporterSpec("gguf", "edgekit.exporters.gguf", "edgekit.runtime.llamacpp",
-                     ("f32", "f16", "q8_0", "q4_k_m"), "GGUF for llama.cpp", "gguf"),
+                     ("fp32", "fp16", "q8_0", "q4_k_m"), "GGUF for llama.cpp", "gguf",
+                     # f16 cache; unquantized artifacts get an f32 one (f16 alone adds ~1.5e-3 logit error)
+                     RuntimeMemory(overhead_mb=40, kv_bytes=2, kv_bytes_unquantized=4),
+                     ("gguf", "llama-cpp-python", "safetensors", "tokenizers")),
+        # fitted on SmolLM2-135M (tied, 1517 MB at 2048) and Qwen2.5-Coder-0.5B (untied, 3976 MB at 1024): the Python
+        # runtime imports torch (~400 MB) and resident weights are ~1.33x the .pte's (bench/plan_calibration.py)
         ExporterSpec("executorch", "edgekit.exporters.executorch", "edgekit.runtime.executorch",
-                     ("fp32", "8da4w"), "ExecuTorch .pte lowered to XNNPACK (mobile CPUs)", "executorch"),
+                     ("fp32", "8da4w"), "ExecuTorch .pte lowered to XNNPACK (mobile CPUs)", "executorch",
+                     RuntimeMemory(overhead_mb=400, kv_bytes=4, attn_buffers=2, logits_per_chunk=True,
+                                   tied_stored_twice=True, weight_factor=1.33),
+                     ("executorch", "torchao")),
         ExporterSpec("tensorrt", "edgekit.exporters.tensorrt", "edgekit.runtime.tensorrt",
-                     ("fp32", "fp16", "int8"), "ONNX + trtexec plan; the engine is built on the Jetson itself",
-                     "onnx"),
+                     ("fp32", "fp16"), "ONNX + trtexec plan; the engine is built on the Jetson itself", "onnx",
+                     RuntimeMemory(overhead_mb=700, kv_bytes=2, attn_buffers=2, logits_per_chunk=True),
+                     ORT_LIBRARIES, host_gate="edgekit.runtime.onnxruntime",
+                     # not declared, so never planned (the planner once chose it and the export failed)
+                     not_yet=(("int8", "TensorRT int8 needs a calibrated (QDQ) graph, which edgekit does not "
+                                       "produce yet"),)),
     )
 }
 

@@ -37,9 +37,9 @@ from edgekit.exporters.gguf_vocab import (  # noqa: F401
     _LLAMA3_SPLIT, _QWEN2_SPLIT, KNOWN_PRE, PARITY_CHARS, add_tokenizer, pre_tokenizer_signature, tokenizer_fields,
     tokenizer_parity)
 
-LIBRARIES = ("gguf", "llama-cpp-python", "safetensors", "tokenizers")
 ENTRY = "model.gguf"
 FTYPES = {"q8_0": 7, "q4_k_m": 15}  # llama.cpp's LLAMA_FTYPE_MOSTLY_Q8_0 / _Q4_K_M
+FLOAT_TYPES = {"fp32": "f32", "fp16": "f16"}  # edgekit's precision -> the GGUF tensor type written directly
 BLOCK = 32  # Q8_0 and every K-quant fallback type (Q5_0, Q5_1, Q8_0) pack a row in blocks of 32
 K_BLOCK = 256  # K-quant super-block: rows of other widths silently fall back to a 32-block type
 INTERLEAVED_ROPE = ("llama", "deci")  # llama.cpp archs that rotate adjacent pairs (HF rotates halves)
@@ -195,7 +195,7 @@ def check_quantizable(p: GgufPlan, precision: str) -> None:
             if w % BLOCK:
                 raise EdgekitError(f"{precision} needs every weight row width divisible by {BLOCK}, but {what} is "
                                    f"{w}", f"prune to widths that are multiples of {BLOCK} ({K_BLOCK} for K-quants), "
-                                   "or export f16")
+                                   "or use --precision fp16")
 
 
 # -- tensors ----------------------------------------------------------------------------------------------------
@@ -441,7 +441,7 @@ def quantize(src: Path, dst: Path, precision: str, threads: int | None = None) -
     if rc != 0:
         last = [ln for ln in log[0].splitlines() if ln.strip()][-1:] or ["no message"]
         raise EdgekitError(f"llama.cpp's quantizer failed making {precision} from {src.name}: {last[0].strip()}",
-                           "export f16 or f32, or check the row widths (see docs/gguf.md)")
+                           "use --precision fp16 or fp32, or check the row widths (see docs/gguf.md)")
 
 
 def tensor_types(path: Path) -> list[dict]:
@@ -473,8 +473,8 @@ def export(model_dir: Path, out: Path, cfg) -> dict:
     p = plan(config, cfg)
     check_quantizable(p, cfg.precision)
     final = out / ENTRY
-    if cfg.precision in ("f32", "f16"):
-        tok = write_gguf(model_dir, final, p, cfg.precision)
+    if cfg.precision in FLOAT_TYPES:
+        tok = write_gguf(model_dir, final, p, FLOAT_TYPES[cfg.precision])
     else:
         with tempfile.TemporaryDirectory(dir=out) as tmp:
             src = Path(tmp) / "f32.gguf"
@@ -502,9 +502,9 @@ def export(model_dir: Path, out: Path, cfg) -> dict:
         # per-layer widths llama.cpp's deci cannot hold, written at the widest layer's widths with zero rows: exact,
         # but the padded rows cost what they would have saved
         **({"padded_to": asdict(p.pad)} if p.pad else {}),
-        # f32/f16 files are gated (and run) with an f32 KV cache: llama.cpp's default f16 cache alone moves logits
-        # by ~1.5e-3, more than an f32 file's own error.
-        "kv_cache": "f32" if cfg.precision in ("f32", "f16") else "f16",
+        # unquantized files are gated (and run) with an f32 KV cache: llama.cpp's default f16 cache alone moves
+        # logits by ~1.5e-3, more than an f32 file's own error (the planner reads the same rule from the registry).
+        "kv_cache": "f32" if cfg.precision in FLOAT_TYPES else "f16",
         "tokenizer": {**tok, **parity},
         **rep,
     }

@@ -13,7 +13,6 @@ import os
 import tempfile
 from pathlib import Path
 
-LIBRARIES = ("onnx", "onnxruntime", "optimum", "optimum-onnx")
 OPSET = 17
 BLOCK = 32  # int8 block size (K dimension); widths that are not multiples are padded by the quantizer
 # protobuf cannot serialize a message of 2 GiB or more, nor even size it (ModelProto.ByteSize() raises EncodeError):

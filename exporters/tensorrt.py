@@ -2,7 +2,7 @@
 the engine itself is built ON the device (edgekit/runtime/tensorrt.py), because a TensorRT engine is tied to the GPU's
 SM and to the TensorRT version that built it, and TensorRT cannot run on the workstation.
 
-The fidelity gate therefore runs through ONNX Runtime on the same ONNX graph the engine is built from (GATE_RUNTIME);
+The fidelity gate therefore runs through ONNX Runtime on the same ONNX graph the engine is built from (the registry entry's host_gate);
 the engine-level check (engine logits vs the PyTorch reference) happens on the device, in device_tests.
 """
 
@@ -15,8 +15,6 @@ from pathlib import Path
 
 from edgekit.errors import EdgekitError
 
-LIBRARIES = ("onnx", "onnxruntime", "optimum", "optimum-onnx")
-GATE_RUNTIME = "edgekit.runtime.onnxruntime"  # the host can't run TensorRT: gate the engine's source graph
 PLAN_FILE = "trt.json"
 ENGINE_FILE = "model.engine"
 TIMING_CACHE = "timing.cache"
@@ -160,9 +158,6 @@ def export(model_dir: Path, out: Path, cfg) -> dict:
     if target is None or not target.runtime.tensorrt or not target.accelerator.compute_capability:
         raise EdgekitError("a TensorRT export needs a target with runtime.tensorrt and accelerator.compute_capability "
                            "(the engine is tied to both)", "pass --target jetson-orin-nano-8gb (or your board)")
-    if cfg.precision == "int8":
-        raise EdgekitError("TensorRT int8 needs a calibrated (QDQ) graph, which edgekit does not produce yet",
-                           "use --precision fp16 (the Jetson default)")
     limit = max_opset(target.runtime.tensorrt)
     if OPSET > limit:
         raise EdgekitError(f"{target.name}'s TensorRT {target.runtime.tensorrt} parses ONNX opset <= {limit}; "

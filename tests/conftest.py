@@ -37,6 +37,28 @@ def tiny_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def declared_artifact(tiny_models, tmp_path_factory):
+    """`get(backend, precision)` -> (artifact folder, artifact.json) of the tiny Llama at context 128, exported once
+    per session with the gate recorded, not enforced (the backend-contract test and per-backend tests share it)."""
+    from edgekit.export import ExportConfig, export_model
+    from edgekit.target import get_target
+
+    root, cache = tmp_path_factory.mktemp("declared"), {}
+
+    def get(backend: str, precision: str):
+        if (backend, precision) not in cache:
+            out = root / f"{backend}-{precision}"
+            target = get_target("jetson-orin") if backend == "tensorrt" else None
+            meta = export_model(tiny_models["llama"], out, ExportConfig(
+                backend=backend, precision=precision, context_length=128, accept_gate_failure=True,
+                target=target), log=lambda *_: None)
+            cache[backend, precision] = out, meta
+        return cache[backend, precision]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct HF folder (converted once into the edgekit cache)."""
     from edgekit.models import resolve_model

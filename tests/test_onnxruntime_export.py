@@ -83,7 +83,7 @@ def test_corrupt_artifact_detected(artifacts, tmp_path, cli):
 
 def test_export_cli_rejects_unknown_precision(cli, tiny_models, tmp_path):
     p = cli("export", tiny_models["llama"], "--backend", "onnxruntime", "--precision", "q4_k_m", "-o", tmp_path / "x")
-    assert p.returncode == 2 and "cannot export precision 'q4_k_m'" in p.stderr
+    assert p.returncode == 2 and "cannot produce precision 'q4_k_m'" in p.stderr
     assert not (tmp_path / "x").exists()
 
 

@@ -170,7 +170,7 @@ def test_export_refusals(tiny_models, tmp_path):
 
     with pytest.raises(EdgekitError, match="needs a target"):
         export_model(tiny_models["llama"], tmp_path / "a", ExportConfig(backend="tensorrt", precision="fp16"))
-    with pytest.raises(EdgekitError, match="int8 needs a calibrated"):
+    with pytest.raises(EdgekitError, match="cannot produce precision 'int8': TensorRT int8 needs a calibrated"):
         export_model(tiny_models["llama"], tmp_path / "b", ExportConfig(backend="tensorrt", precision="int8",
                                                                         target=get_target("jetson-orin")))
     with pytest.raises(EdgekitError, match=r"TensorRT 8.2.1 parses ONNX opset <= 13"):

@@ -171,11 +171,12 @@ def job_bench_config(raw: dict | None):
 
 
 def estimate_memory_bytes(meta: dict, artifact: Path, context: int) -> int:
-    """The planner's memory model (edgekit.plan.RUNTIMES) for the artifact as shipped: its files (weights), the KV
-    cache at `context` tokens, one prefill chunk's attention buffers, the runtime's fixed overhead."""
-    from edgekit.plan import RUNTIMES, RuntimeMemory
+    """The planner's memory model (the backend's registry entry) for the artifact as shipped: its files (weights), the
+    KV cache at `context` tokens, one prefill chunk's attention buffers, the runtime's fixed overhead."""
+    from edgekit.exporters import REGISTRY, RuntimeMemory
 
-    rt = RUNTIMES.get(meta.get("backend"), RuntimeMemory(overhead_mb=100, kv_bytes=4))
+    spec = REGISTRY.get(meta.get("backend"))
+    rt = spec.memory if spec else RuntimeMemory(overhead_mb=100, kv_bytes=4)
     m = meta.get("model") if isinstance(meta.get("model"), dict) else {}
 
     def dim(key, default):

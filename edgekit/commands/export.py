@@ -6,24 +6,29 @@ from pathlib import Path
 
 def register(sub) -> None:
     from edgekit.exporters import REGISTRY
+    from edgekit.precision import PRECISIONS, backends_for
 
     backends = "\n".join(f"  {s.name:12} {', '.join(s.precisions):24} {s.description}" for s in REGISTRY.values())
+    precisions = "\n".join(f"  {p.name:7} {p.bits:5.2f} bits  {', '.join(backends_for(p.name)):32} "
+                           f"{'aliases ' + ', '.join(p.aliases) if p.aliases else ''}" for p in PRECISIONS.values())
     p = sub.add_parser("export", help="convert a model into a verified artifact for one backend",
                        description="Convert MODEL for one runtime, then gate it against PyTorch on held-out "
                        "text (max |delta logit|, top-1 agreement, KL, greedy continuation).",
-                       epilog=f"backends and precisions:\n{backends}\n\nexamples:\n"
+                       epilog=f"backends and precisions:\n{backends}\n\nprecisions (bits per weight with scales, backends):\n"
+                       f"{precisions}\n\nexamples:\n"
                        "  edgekit export ./my-llama --backend onnxruntime --precision int8 -o art\n"
                        "  edgekit export --backend onnxruntime -o art     (the embedded SmolLM2-135M)",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", help="Hugging Face folder or .gguf (default: embedded SmolLM2-135M)")
     p.add_argument("--backend", "-b", required=True, choices=sorted(REGISTRY))
-    p.add_argument("--precision", "-p", help="default: the backend's most faithful")
+    p.add_argument("--precision", "-p", help="default: the backend's most faithful (any case; aliases such as f32, F16, "
+                   "Q4_K_M work; the list below)")
     p.add_argument("-o", "--out", type=Path, required=True, help="artifact folder to write (a new one, or an "
                    "earlier export's, which is replaced)")
     p.add_argument("--force", action="store_true", help="replace -o even if it holds files edgekit did not write")
     p.add_argument("--context", type=int, help="context length the artifact must serve (default: the model's "
                    "positions, at most 2048; more than the model's is refused)")
-    p.add_argument("--target", help="target profile (needed by tensorrt: the engine is tied to its GPU and TensorRT)")
+    p.add_argument("--target", "-t", help="target profile (needed by tensorrt: the engine is tied to its GPU and TensorRT)")
     p.add_argument("--accept-gate-failure", action="store_true", help="keep an artifact that fails the gate")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)

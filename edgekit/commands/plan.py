@@ -23,8 +23,9 @@ def register(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", help="Hugging Face folder or .gguf (default: embedded SmolLM2-135M)")
     p.add_argument("--target", "-t", required=True)
-    p.add_argument("--backend", help="override the target's backend")
-    p.add_argument("--precision", help="pin the precision instead of letting the planner choose")
+    p.add_argument("--backend", "-b", help="override the target's backend")
+    p.add_argument("--precision", "-p", help="pin the precision instead of letting the planner choose (any case; "
+                   "aliases such as f32 or Q4_K_M work)")
     p.add_argument("--context", type=int, help="context length (default: the target's)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--min-decode-tps", type=float, help="decode-speed goal in tokens/s")

@@ -23,7 +23,6 @@ import numpy as np
 
 from edgekit.errors import EdgekitError
 
-DEVICE_ONLY = True  # the host build skips its benchmark; `edgekit bench --device` measures the engine
 PLAN_FILE = "trt.json"
 ENGINE_STAMP = "model.engine.json"
 TRTEXEC_PATHS = ("/usr/src/tensorrt/bin/trtexec",)  # JetPack installs it here, off PATH

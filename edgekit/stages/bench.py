@@ -36,7 +36,7 @@ class BenchStage:
                                      fixed_new=False)
         cfg = BenchConfig(prompt_tokens=p, new_tokens=n, min_seconds=ctx.options.bench_seconds,
                           max_seconds=max(d.max_seconds, ctx.options.bench_seconds), threads=ctx.options.threads)
-        if getattr(get(ctx.backend).load_runtime(), "DEVICE_ONLY", False):  # TensorRT: no engine on this machine
+        if not get(ctx.backend).host_runtime:  # TensorRT: no engine on this machine
             if not ctx.options.device:
                 return StageResult("passed-through", {"reason": f"{ctx.backend} engines are built and benchmarked "
                                                       "on the device: add --device URL --token-file F"})
