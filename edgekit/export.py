@@ -41,11 +41,7 @@ class ExportConfig:
     def resolved(self) -> "ExportConfig":
         from edgekit.exporters import get
 
-        spec = get(self.backend)
-        precision = self.precision or spec.precisions[0]
-        if precision not in spec.precisions:
-            raise EdgekitError(f"backend {self.backend} cannot export precision {precision!r}",
-                               f"use one of {', '.join(spec.precisions)}")
+        precision = get(self.backend).precision(self.precision)
         if self.context_length is not None and self.context_length < 1:
             raise EdgekitError(f"context length must be positive, got {self.context_length}", "pass --context N")
         return replace(self, precision=precision)
@@ -133,7 +129,7 @@ def export_model(model_dir: Path, out: Path, cfg: ExportConfig, log=print) -> di
             "max_context": cfg.context_length,
             "files": files,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "versions": library_versions("torch", "transformers", *getattr(backend, "LIBRARIES", ())),
+            "versions": library_versions("torch", "transformers", *spec.libraries),
             **extra,
         }
         atomic_write_json(tmp / ARTIFACT_FILE, meta)
@@ -142,15 +138,14 @@ def export_model(model_dir: Path, out: Path, cfg: ExportConfig, log=print) -> di
         ref = make_reference(model, tok)
         del model
         save_reference(tmp / REFERENCE_FILE, ref)
-        gate_runtime = getattr(backend, "GATE_RUNTIME", None)  # backends that can't run here gate their source graph
-        if gate_runtime:
+        if spec.host_gate:  # a backend that can't run here is gated on its source graph
             import importlib
 
-            runner = importlib.import_module(gate_runtime).load(tmp, meta, threads=cfg.threads)
+            runner = importlib.import_module(spec.host_gate).load(tmp, meta, threads=cfg.threads)
         else:
             runner = open_artifact(tmp, threads=cfg.threads)
         gate = compare(ref, runner, thresholds_for(cfg.precision))
-        gate["runtime"] = gate_runtime or spec.runtime
+        gate["runtime"] = spec.host_gate or spec.runtime
         del runner
         gate["overridden"] = bool(cfg.accept_gate_failure and not gate["passed"])
         meta["gate"] = gate

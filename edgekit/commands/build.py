@@ -23,8 +23,9 @@ def register(sub) -> None:
     p.add_argument("model", nargs="?", help="Hugging Face folder or .gguf file (default: embedded SmolLM2-135M)")
     p.add_argument("--target", "-t", required=True, help="target name, alias, or path to a .toml profile")
     p.add_argument("-o", "--out", type=Path, help="build directory (default: edgekit-build/TARGET)")
-    p.add_argument("--backend", help="override the target's backend")
-    p.add_argument("--precision", help="override the target's default precision")
+    p.add_argument("--backend", "-b", help="override the target's backend")
+    p.add_argument("--precision", "-p", help="override the target's default precision (any case; aliases such as "
+                   "f32 or Q4_K_M work)")
     p.add_argument("--context", type=int, help="context length to plan and export for (default: the target's)")
     p.add_argument("--prune-ratio", type=float, help="fraction of parameters to remove (default: the plan's)")
     p.add_argument("--min-decode-tps", type=float, help="decode-speed goal the plan must meet (tokens/s)")
@@ -93,7 +94,8 @@ def _run(a) -> int:
                 for s, fp, skip in plan_stages(ctx)]
         if a.json:
             print_json({"dry_run": True, "build_dir": str(out), "target": target.name, "model": str(model.path),
-                        "stages": rows})
+                        "resolved": {"backend": ctx.backend, "precision": ctx.precision,
+                                     "context_length": ctx.context_length}, "stages": rows})
         else:
             from edgekit.ui import table
 
@@ -122,10 +124,8 @@ def _check_options(opts, target) -> None:
         raise EdgekitError(f"--prune-ratio must be between 0 and 1 (exclusive), got {opts.prune_ratio}",
                            "e.g. --prune-ratio 0.3 removes 30% of parameters")
     backend = get(opts.backend or target.build.backend)
-    precision = opts.precision or target.build.precision
-    if precision not in backend.precisions:
-        raise EdgekitError(f"backend {backend.name} cannot produce precision {precision!r}",
-                           f"use --precision with one of {', '.join(backend.precisions)}")
+    if opts.precision:  # else the planner chooses among what this backend declares
+        backend.precision(opts.precision)
 
 
 def print_summary(manifest: dict, out: Path) -> None:
