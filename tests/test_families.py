@@ -132,6 +132,13 @@ def test_gguf_f16_and_q8_0_gates_pass(family_pruned, family_models, tmp_path, fa
     assert meta["gate"]["passed"], meta["gate"]["failures"]
     assert meta["tokenizer"]["identical"], meta["tokenizer"]
     assert meta["gguf_arch"] == get_family(family).gguf_arch
+    from edgekit.runtime.bench import gate  # the same file read as a plain .gguf (`edgekit bench model.gguf`)
+    from edgekit.runtime.files import describe_file
+
+    d = describe_file(tmp_path / "f16" / "model.gguf")
+    assert (d["backend"], d["precision"], d["model"]["architecture"]) == ("gguf", "fp16", meta["gguf_arch"])
+    assert d["max_context"] >= meta["max_context"] and d["model"]["vocab_size"] == meta["model"]["vocab_size"]
+    assert gate(tmp_path / "f16" / "model.gguf", tmp_path / "f16" / "reference.npz")["passed"]
     u, _ = family_pruned[family]
     cfg = json.loads((u / "config.json").read_text())
     fam = get_family(family)
