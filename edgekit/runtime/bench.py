@@ -24,7 +24,7 @@ class BenchConfig:
     """One measured point, and what a bundle may ask the agent for (so every field stays a plain number).
 
     The defaults are llama-bench's (512 prompt tokens, 128 generated, 5 repetitions) with at least 10 s measured per
-    point: at 32 tokens and 2 s, run-to-run spread on a loaded 2-core host was several times larger (docs/bench.md)."""
+    point, so a figure covers a realistic context and several runs instead of 2 s of 64 + 32 tokens (docs/bench.md)."""
 
     prompt_tokens: int = 512
     new_tokens: int = 128
