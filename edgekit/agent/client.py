@@ -88,9 +88,13 @@ class AgentClient:
             conn.close()
 
     def wait(self, jid: str, timeout: float, poll: float = 1.0, on_change=lambda job: None) -> dict:
-        deadline, last = time.monotonic() + timeout, None
+        deadline, last, shown = time.monotonic() + timeout, None, set()
         while True:
             job = self.job(jid)
+            for phase in job.get("phases") or []:  # phases that began and ended between two polls
+                if phase not in shown and phase != job.get("phase"):
+                    on_change({**job, "status": "running", "phase": phase})
+                shown.add(phase)
             state = (job["status"], job.get("phase"), job.get("queue_position"))
             if state != last:
                 on_change(job)

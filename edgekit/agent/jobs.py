@@ -722,6 +722,7 @@ class JobStore:
         if self._closing:
             raise Stopping()
         job["phase"] = phase
+        job["phases"] = [*job.get("phases", []), phase]  # a client polling slower than a phase still sees it
         self._save(job)
         self.log(f"job {job['id']}: {phase}")
 
@@ -782,7 +783,7 @@ class JobStore:
         artifact = bundle / "artifact"
         manifest = json.loads((bundle / "bundle.json").read_text())
         opts = manifest.get("job") or {}
-        job.update(status="running", started=_now(), error=None)
+        job.update(status="running", started=_now(), error=None, phases=[])
         (folder / "tmp").mkdir(mode=0o700, exist_ok=True)
         if self.sandbox:  # the job's own files are the sandbox user's; the job folder (reports, logs) stays root's
             folder.chmod(0o711)
