@@ -35,20 +35,37 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"edgekit.commands.{name}").register(sub)
+    for parser in _leaf_parsers(p):
+        g = parser.add_mutually_exclusive_group()
+        g.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity",
+                       help="print only errors and the one-line result (no logs, progress or tables)")
+        g.add_argument("-v", "--verbose", action="store_const", const=1, dest="verbosity",
+                       help="also show debug lines and the libraries' own logs")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from edgekit.ui import quiet_libraries
+def _leaf_parsers(p: argparse.ArgumentParser):
+    """Every parser that runs a command (agent serve, not agent), so -q / -v sit after any subcommand."""
+    subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield p
+    for a in subs:
+        for child in dict.fromkeys(a.choices.values()):  # aliases map to the same parser
+            yield from _leaf_parsers(child)
 
-    quiet_libraries()
+
+def main(argv: list[str] | None = None) -> int:
+    from edgekit import ui
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    ui.set_verbosity(getattr(args, "verbosity", None) or 0)
+    ui.quiet_libraries()
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        return _run(args)
     except EdgekitError as e:
         print(f"edgekit: error: {e.line()}", file=sys.stderr)
         return e.exit_code
@@ -69,6 +86,28 @@ def main(argv: list[str] | None = None) -> int:
         print("edgekit: interrupted; " + ("rerun the same command to resume" if resumes else
                                           "nothing was written (outputs appear only when complete)"), file=sys.stderr)
         return 130
+
+
+def _run(args) -> int:
+    """The command, with third-party logs in edgekit.log inside its output folder (when it has one)."""
+    import tempfile
+    from pathlib import Path
+
+    from edgekit.ui import library_log
+
+    fd, tmp = tempfile.mkstemp(prefix="edgekit-", suffix=".log")
+    os.close(fd)
+    try:
+        with library_log(tmp):
+            return int(args.func(args) or 0)
+    finally:
+        out = getattr(args, "out", None)
+        if out and Path(out).is_dir() and os.path.getsize(tmp):
+            import shutil
+
+            shutil.move(tmp, Path(out) / "edgekit.log")
+        else:
+            os.unlink(tmp)
 
 
 if __name__ == "__main__":

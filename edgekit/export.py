@@ -114,8 +114,11 @@ def export_model(model_dir: Path, out: Path, cfg: ExportConfig, log=print) -> di
     cfg = replace(cfg, context_length=model_context(config, cfg.context_length))
     t0 = time.perf_counter()
     with atomic_dir(out) as tmp:
+        from edgekit.ui import status
+
         log(f"export: converting to {cfg.backend} {cfg.precision}")
-        extra = backend.export(Path(model_dir), tmp, cfg)
+        with status(f"export: converting to {cfg.backend} {cfg.precision}"):  # lowering can take minutes
+            extra = backend.export(Path(model_dir), tmp, cfg)
         for name in COMPANIONS:
             if (Path(model_dir) / name).is_file() and not (tmp / name).exists():
                 shutil.copy(Path(model_dir) / name, tmp / name)
@@ -144,7 +147,8 @@ def export_model(model_dir: Path, out: Path, cfg: ExportConfig, log=print) -> di
             runner = importlib.import_module(spec.host_gate).load(tmp, meta, threads=cfg.threads)
         else:
             runner = open_artifact(tmp, threads=cfg.threads)
-        gate = compare(ref, runner, thresholds_for(cfg.precision))
+        with status(f"verify: {cfg.backend} against the PyTorch reference"):
+            gate = compare(ref, runner, thresholds_for(cfg.precision))
         gate["runtime"] = spec.host_gate or spec.runtime
         del runner
         gate["overridden"] = bool(cfg.accept_gate_failure and not gate["passed"])

@@ -7,6 +7,15 @@ import sys
 from contextlib import contextmanager
 
 
+# -1: -q (errors and the one-line result only), 0: normal, 1: -v (library logs and debug lines on the terminal)
+VERBOSITY = 0
+
+
+def set_verbosity(level: int) -> None:
+    global VERBOSITY
+    VERBOSITY = level
+
+
 def _console():
     try:
         from rich.console import Console
@@ -16,8 +25,15 @@ def _console():
 
 
 def log(msg: str) -> None:
+    if VERBOSITY < 0:
+        return
     c = _console()
     c.print(msg, markup=False) if c else print(msg, file=sys.stderr)
+
+
+def debug(msg: str) -> None:
+    if VERBOSITY > 0:
+        log(msg)
 
 
 def print_json(obj) -> None:
@@ -28,7 +44,7 @@ def print_json(obj) -> None:
 def progress(description: str, total: int, enabled: bool = True):
     """Yields advance(); a rich bar on a terminal, nothing otherwise."""
     c = _console()
-    if c is None or not enabled:
+    if c is None or not enabled or VERBOSITY < 0:
         yield lambda *a, **k: None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -39,9 +55,37 @@ def progress(description: str, total: int, enabled: bool = True):
         yield lambda n=1: p.advance(task, n)
 
 
+@contextmanager
+def status(message: str):
+    """A spinner with elapsed time on a terminal while a long step runs (nothing when piped or with -q)."""
+    c = _console()
+    if c is None or VERBOSITY < 0 or not c.is_terminal:
+        yield
+        return
+    import time
+
+    t0 = time.monotonic()
+    with c.status(message) as st:
+        from threading import Event, Thread
+
+        done = Event()
+
+        def tick():
+            while not done.wait(1.0):
+                st.update(f"{message} ({time.monotonic() - t0:.0f} s)")
+
+        Thread(target=tick, daemon=True).start()
+        try:
+            yield
+        finally:
+            done.set()
+
+
 def table(title: str, rows: list[tuple], headers: tuple) -> None:
     """A table on stdout that never cuts a cell: rich on a terminal, wrapping what is too wide; aligned plain text
     when piped or when rich is missing, so `| grep` and `| cat` see every name whole."""
+    if VERBOSITY < 0:  # -q: the command's one-line result says enough
+        return
     cells = [tuple(str(x) for x in r) for r in rows]
     if sys.stdout.isatty():
         try:
@@ -70,10 +114,33 @@ def quiet_libraries() -> None:
     import os
     import warnings
 
-    if os.environ.get("EDGEKIT_VERBOSE"):
+    if os.environ.get("EDGEKIT_VERBOSE") or VERBOSITY > 0:
         return
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for name in ("torchao", "torch.utils._pytree", "transformers", "optimum", "torch.onnx", "root"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
+
+
+@contextmanager
+def library_log(path):
+    """Third-party INFO logging (onnxruntime's quantizer logs one line per skipped node; basicConfig handlers that
+    libraries install at import) goes to `path`, not the terminal; -v keeps it on the terminal as well."""
+    import logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    handler = logging.FileHandler(path, delay=True)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root.handlers = [handler] + ([h for h in saved[0]] if VERBOSITY > 0 else [])
+    root.setLevel(logging.INFO)
+    real_basic_config = logging.basicConfig
+    logging.basicConfig = lambda *a, **k: None  # a library's basicConfig must not re-attach stderr
+    try:
+        yield
+    finally:
+        logging.basicConfig = real_basic_config
+        # handlers added while we ran (a library's own StreamHandler on root) go too: they pointed at the terminal
+        root.handlers, _ = saved[0], root.setLevel(saved[1])
+        handler.close()

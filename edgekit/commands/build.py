@@ -149,5 +149,8 @@ def print_summary(manifest: dict, out: Path) -> None:
         from edgekit.commands.bench import bench_rows
 
         table("host benchmark", bench_rows(b), ("metric", "value"))
+    from edgekit import ui
+
     print(f"artifact: {manifest.get('artifact')}")
-    print(f"report:   {manifest['report']['html']} (and report.md, report.json)")
+    if ui.VERBOSITY >= 0:  # -q: the artifact is the one-line result
+        print(f"report:   {manifest['report']['html']} (and report.md, report.json)")
