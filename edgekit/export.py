@@ -37,6 +37,8 @@ class ExportConfig:
     threads: int | None = None
     target: Any = None  # edgekit.target.Target, for backends tied to the device (tensorrt)
     rejected: Path | None = None  # where an artifact that fails its gate is kept (default: OUT/../rejected/NAME)
+    group_size: int | None = None  # weights per quantization scale (ONNX Runtime int4: 32, 64, 128); None: 32
+    calibrate: bool = True  # calibrated quantization where the precision has it (GGUF: an importance matrix)
 
     def resolved(self) -> "ExportConfig":
         from edgekit.exporters import get

@@ -47,6 +47,10 @@ PRECISIONS: dict[str, Precision] = {
         # ONNX Runtime MatMulNBits (weight-only, an fp32 scale per block of 32)
         Precision("int8", 8 + 32 / 32, Thresholds(max_abs=None, top1=0.85, mean_kl=0.05, greedy_exact=False), True,
                   "8-bit weights, a scale per block of 32", ("w8", "int8_weight_only")),
+        # ONNX Runtime MatMulNBits 4-bit by HQQ: an fp32 scale and an fp32 zero point per group of 32 (64/128 optional)
+        Precision("int4", 4 + 64 / 32, Thresholds(max_abs=None, top1=0.65, mean_kl=0.10, greedy_exact=False), True,
+                  "4-bit weights (HQQ), a scale and zero point per group of 32; the LM head at 8 bits",
+                  ("w4",)),
         Precision("q8_0", 8 + 16 / 32, Thresholds(max_abs=None, top1=0.90, mean_kl=0.02, greedy_exact=False), True,
                   "llama.cpp Q8_0: 8-bit blocks of 32 with an f16 scale"),
         # K-quant mix of 4- and 6-bit super-blocks: ~4.85 bits per weight measured on Llama models

@@ -93,7 +93,8 @@ REGISTRY: dict[str, ExporterSpec] = {
     s.name: s
     for s in (
         ExporterSpec("onnxruntime", "edgekit.exporters.onnxruntime", "edgekit.runtime.onnxruntime",
-                     ("fp32", "int8"), "ONNX with a KV cache for ONNX Runtime (CPU); int8 = weight-only MatMulNBits",
+                     ("fp32", "int8", "int4"), "ONNX with a KV cache for ONNX Runtime (CPU); int8/int4 = weight-only "
+                     "MatMulNBits",
                      "onnx", RuntimeMemory(overhead_mb=90, kv_bytes=4, kv_copies=2, attn_buffers=3,
                                            logits_per_chunk=True, fp32_embedding=True),
                      ORT_LIBRARIES),

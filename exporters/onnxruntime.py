@@ -1,5 +1,6 @@
-"""ONNX Runtime: optimum's text-generation-with-past export (prefill and decode through past key/values), and int8
-weight-only quantization by onnxruntime's own quantizer (MatMulNBits, 8 bits, blocks of 32).
+"""ONNX Runtime: optimum's text-generation-with-past export (prefill and decode through past key/values), and
+weight-only quantization by onnxruntime's own quantizer: int8 (MatMulNBits, 8 bits, blocks of 32, round-to-nearest)
+and int4 (MatMulNBits, 4 bits, groups of 32/64/128, HQQ; the LM head at 8 bits).
 
 Weight-only, not dynamic: dynamic int8 also quantizes activations per tensor, and LLM activations carry outliers that
 this destroys (SmolLM2-135M with quantize_dynamic: top-1 agreement 0.62, mean KL 0.57; with MatMulNBits int8: top-1
@@ -15,6 +16,7 @@ from pathlib import Path
 
 OPSET = 17
 BLOCK = 32  # int8 block size (K dimension); widths that are not multiples are padded by the quantizer
+GROUP_SIZES = (32, 64, 128)  # int4 groups along K; the first is the default
 # protobuf cannot serialize a message of 2 GiB or more, nor even size it (ModelProto.ByteSize() raises EncodeError):
 # graphs whose tensors come near that keep their weights in EXTERNAL_DATA beside model.onnx, where onnxruntime and
 # trtexec both look for it. MARGIN covers the rest of the graph (nodes, names, shapes, protobuf's framing): about
@@ -117,26 +119,107 @@ def to_onnx(model_dir: Path, out_dir: Path) -> Path:
     return out_dir / "model.onnx"
 
 
+def check_group_size(config: dict, precision: str, group_size: int | None) -> int | None:
+    """The int4 group size to use, or a one-line error: one of GROUP_SIZES that divides every input width a
+    projection has (hidden, attention output, MLP), so no group straddles two rows' worth of padding."""
+    from edgekit.arch import get_family
+    from edgekit.errors import EdgekitError
+
+    if precision != "int4":
+        if group_size is not None:
+            raise EdgekitError(f"a group size applies to int4 only, not {precision}",
+                               "drop the group size, or export --precision int4")
+        return None
+    group = group_size or GROUP_SIZES[0]
+    if group not in GROUP_SIZES:
+        raise EdgekitError(f"int4 group size {group} is not one of {', '.join(map(str, GROUP_SIZES))}",
+                           f"pass one of {', '.join(map(str, GROUP_SIZES))}")
+    widths = {"hidden_size": config["hidden_size"], "intermediate_size": config["intermediate_size"],
+              "attention heads x head_dim": config["num_attention_heads"] * get_family(config.get("model_type"))
+              .head_dim(config)}
+    bad = {k: w for k, w in widths.items() if w % group}
+    if bad:
+        fits = [g for g in GROUP_SIZES if all(w % g == 0 for w in widths.values())]
+        raise EdgekitError(f"int4 group size {group} does not divide the model's "
+                           f"{', '.join(f'{k} {w}' for k, w in bad.items())}",
+                           f"pass group size {' or '.join(map(str, fits))}" if fits else
+                           "export int8, or prune to widths that are multiples of 32")
+    return group
+
+
+def _materialize_lm_head(model) -> str | None:
+    """The MatMul that makes the logits, with its weight as an initializer (optimum feeds a tied LM head through a
+    Transpose of the embedding, which the quantizer cannot see as a constant). Returns the node's name."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    node = next((n for n in g.node if n.op_type == "MatMul" and "logits" in n.output), None)
+    if node is None:
+        return None
+    inits = {i.name: i for i in g.initializer}
+    if node.input[1] not in inits:
+        tr = next((n for n in g.node if n.op_type == "Transpose" and n.output[0] == node.input[1]), None)
+        if tr is None or tr.input[0] not in inits:
+            return None
+        name = tr.input[0] + "_lm_head"
+        g.initializer.append(numpy_helper.from_array(numpy_helper.to_array(inits[tr.input[0]]).T.copy(), name))
+        node.input[1] = name
+        if not any(tr.output[0] in n.input for n in g.node):
+            g.node.remove(tr)
+    return node.name
+
+
+def quantize(model, precision: str, group: int | None = None, calibrate: bool = True):
+    """Weight-only MatMulNBits: int8 round-to-nearest in blocks of BLOCK; int4 in groups of `group` by HQQ (calibrate)
+    or round-to-nearest, the LM head at 8 bits. Returns the quantized ModelProto and a one-line description.
+
+    HQQ over GPTQ and RTN by measurement on SmolLM2-135M (bench/quantize_quality.py and the commit message)."""
+    import logging
+
+    from onnxruntime.quantization import matmul_nbits_quantizer as mq
+
+    # its import-time basicConfig logs one INFO line per node it skips (893 on SmolLM2): only warnings surface
+    logging.getLogger(mq.__name__).setLevel(logging.WARNING)
+
+    def run(m, config, exclude=()):
+        q = mq.MatMulNBitsQuantizer(m, algo_config=config, nodes_to_exclude=list(exclude))
+        with contextlib.redirect_stdout(io.StringIO()):
+            q.process()
+        q.model.topological_sort()  # what ONNXModel.save_model_to_file does before writing
+        return q.model.model
+
+    def rtn(bits, block):
+        return mq.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=bits)
+
+    if precision == "int8":
+        return run(model, rtn(8, BLOCK)), f"weight-only int8, MatMulNBits block {BLOCK}"
+    head = _materialize_lm_head(model)
+    if head:  # the LM head first, at 8 bits: every other MatMul is excluded from this pass
+        model = run(model, rtn(8, BLOCK), [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name != head])
+    method = "HQQ" if calibrate else "round-to-nearest"
+    model = run(model, mq.HQQWeightOnlyQuantConfig(block_size=group, bits=4) if calibrate else rtn(4, group))
+    return model, (f"weight-only int4 ({method}), MatMulNBits group {group}"
+                   + (f"; LM head int8 block {BLOCK}" if head else "") + "; embedding (Gather) fp32")
+
+
 def export(model_dir: Path, out: Path, cfg) -> dict:
+    import json
+
     import onnx
 
+    group = check_group_size(json.loads((Path(model_dir) / "config.json").read_text()), cfg.precision,
+                             cfg.group_size)
+    quantization = None
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         onnx_path = to_onnx(model_dir, Path(tmp))
         if cfg.precision == "fp32":
             # Re-saved, not moved: the layout (model.onnx, plus EXTERNAL_DATA past protobuf's limit) is then the
             # same on every path, not optimum's own (model.onnx_data, at torch's threshold).
             written = save_onnx(onnx.load(str(onnx_path)), out / "model.onnx")
-        else:  # int8: weights int8 in blocks of BLOCK with an fp32 scale each, activations stay fp32
-            from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
-                                                                          MatMulNBitsQuantizer)
-
-            q = MatMulNBitsQuantizer(onnx.load(str(onnx_path)),
-                                     algo_config=DefaultWeightOnlyQuantConfig(block_size=BLOCK, is_symmetric=True,
-                                                                              bits=8))
-            with contextlib.redirect_stdout(io.StringIO()):
-                q.process()
-            q.model.topological_sort()  # what ONNXModel.save_model_to_file does before writing
-            written = save_onnx(q.model.model, out / "model.onnx")
+        else:  # weights in blocks with an fp32 scale each, activations stay fp32
+            model, quantization = quantize(onnx.load(str(onnx_path)), cfg.precision, group,
+                                           cfg.calibrate)
+            written = save_onnx(model, out / "model.onnx")
     return {"entry": "model.onnx", "opset": OPSET} | (
         {"external_data": EXTERNAL_DATA} if EXTERNAL_DATA in written else {}) | (
-        {"quantization": f"weight-only int8, MatMulNBits block {BLOCK}"} if cfg.precision == "int8" else {})
+        {"quantization": quantization} if quantization else {}) | ({"group_size": group} if group else {})

@@ -29,6 +29,8 @@ def register(sub) -> None:
     p.add_argument("--context", type=int, help="context length the artifact must serve (default: the model's "
                    "positions, at most 2048; more than the model's is refused)")
     p.add_argument("--target", "-t", help="target profile (needed by tensorrt: the engine is tied to its GPU and TensorRT)")
+    p.add_argument("--group-size", type=int, help="int4: weights per scale, 32 (default), 64 or 128; it must divide "
+                   "the model's widths")
     p.add_argument("--accept-gate-failure", action="store_true", help="keep an artifact that fails the gate")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
@@ -46,7 +48,7 @@ def run(a) -> int:
     model_context(model.config, a.context)  # a context beyond the model: refused before anything is read or written
     check_output(a.out, [model.path], ARTIFACT_FILE, a.force)
     cfg = ExportConfig(backend=a.backend, precision=a.precision, context_length=a.context,
-                       accept_gate_failure=a.accept_gate_failure,
+                       accept_gate_failure=a.accept_gate_failure, group_size=a.group_size,
                        target=get_target(a.target) if a.target else None).resolved()
     meta = export_model(model.path, a.out, cfg, log=log)
     if a.json:
