@@ -39,6 +39,7 @@ class ExportConfig:
     rejected: Path | None = None  # where an artifact that fails its gate is kept (default: OUT/../rejected/NAME)
     group_size: int | None = None  # weights per quantization scale (ONNX Runtime int4: 32, 64, 128); None: 32
     calibrate: bool = True  # calibrated quantization where the precision has it (GGUF: an importance matrix)
+    calibration: Path | None = None  # text to calibrate on (.txt/.jsonl/folder); None: edgekit's shipped text
 
     def resolved(self) -> "ExportConfig":
         from edgekit.exporters import get

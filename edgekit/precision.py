@@ -53,9 +53,14 @@ PRECISIONS: dict[str, Precision] = {
                   ("w4",)),
         Precision("q8_0", 8 + 16 / 32, Thresholds(max_abs=None, top1=0.90, mean_kl=0.02, greedy_exact=False), True,
                   "llama.cpp Q8_0: 8-bit blocks of 32 with an f16 scale"),
+        # K-quant mix of 5- and 6-bit super-blocks: ~5.69 bits per weight on Llama models (llama.cpp's table)
+        Precision("q5_k_m", 5.69, Thresholds(max_abs=None, top1=0.80, mean_kl=0.12, greedy_exact=False), True,
+                  "llama.cpp Q5_K_M: 5-bit K-quants, 6-bit for the most sensitive tensors"),
         # K-quant mix of 4- and 6-bit super-blocks: ~4.85 bits per weight measured on Llama models
         Precision("q4_k_m", 4.85, Thresholds(max_abs=None, top1=0.70, mean_kl=0.25, greedy_exact=False), True,
                   "llama.cpp Q4_K_M: 4-bit K-quants, 6-bit for the most sensitive tensors"),
+        Precision("q4_0", 4 + 16 / 32, Thresholds(max_abs=None, top1=0.65, mean_kl=0.35, greedy_exact=False), True,
+                  "llama.cpp Q4_0: 4-bit blocks of 32 with an f16 scale"),
         # torchao int8 dynamic activations x int4 weights, an fp32 scale per group of 32
         Precision("8da4w", 4 + 32 / 32, Thresholds(max_abs=None, top1=0.65, mean_kl=0.35, greedy_exact=False), True,
                   "int4 weights (group 32) with int8 dynamic activations (torchao, XNNPACK)", ("a8w4",)),

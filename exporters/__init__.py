@@ -99,7 +99,7 @@ REGISTRY: dict[str, ExporterSpec] = {
                                            logits_per_chunk=True, fp32_embedding=True),
                      ORT_LIBRARIES),
         ExporterSpec("gguf", "edgekit.exporters.gguf", "edgekit.runtime.llamacpp",
-                     ("fp32", "fp16", "q8_0", "q4_k_m"), "GGUF for llama.cpp", "gguf",
+                     ("fp32", "fp16", "q8_0", "q5_k_m", "q4_k_m", "q4_0"), "GGUF for llama.cpp", "gguf",
                      # f16 cache; unquantized artifacts get an f32 one (f16 alone adds ~1.5e-3 logit error)
                      RuntimeMemory(overhead_mb=40, kv_bytes=2, kv_bytes_unquantized=4),
                      ("gguf", "llama-cpp-python", "safetensors", "tokenizers")),

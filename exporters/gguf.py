@@ -8,8 +8,10 @@ widths elsewhere. Tensor names come from gguf-py's own HF -> GGUF map for the ar
 into llama.cpp's interleaved rotary layout where the architecture rotates adjacent pairs (llama, deci), partial
 rotary included; fused projections are split where the architecture wants them split; Gemma's (1 + w) norms are
 stored as 1 + w.
-f32/f16 files are written directly; q8_0 and q4_k_m are made from an f32 GGUF by `llama_model_quantize`, the C
-quantizer behind llama.cpp's llama-quantize, so K-quants and their per-tensor type mix are exactly upstream's.
+f32/f16 files are written directly; q8_0, q5_k_m, q4_k_m and q4_0 are made from an f32 GGUF by `llama_model_quantize`,
+the C quantizer behind llama.cpp's llama-quantize, so K-quants and their per-tensor type mix are exactly upstream's;
+the 4- and 5-bit types are calibrated with an importance matrix edgekit computes from the calibration text
+(gguf_imatrix.py), or rounded to nearest without one (--no-calibrate).
 The tokenizer is embedded from tokenizer.json (gguf_vocab.py: byte-level BPE as llama.cpp's `gpt2` model,
 SentencePiece-style BPE with byte fallback as its SPM `llama` model) and checked: llama.cpp must tokenize held-out and
 mixed text, and chat-template text with special tokens, to the same ids as the Hugging Face tokenizer, or the export
@@ -38,7 +40,9 @@ from edgekit.exporters.gguf_vocab import (  # noqa: F401
     tokenizer_parity)
 
 ENTRY = "model.gguf"
-FTYPES = {"q8_0": 7, "q4_k_m": 15}  # llama.cpp's LLAMA_FTYPE_MOSTLY_Q8_0 / _Q4_K_M
+FTYPES = {"q8_0": 7, "q5_k_m": 17, "q4_k_m": 15, "q4_0": 2}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
+K_QUANTS = ("q5_k_m", "q4_k_m")
+IMATRIX = ("q5_k_m", "q4_k_m", "q4_0")  # the types whose quantizer weighs columns by an importance matrix (Q8_0 has none)
 FLOAT_TYPES = {"fp32": "f32", "fp16": "f16"}  # edgekit's precision -> the GGUF tensor type written directly
 BLOCK = 32  # Q8_0 and every K-quant fallback type (Q5_0, Q5_1, Q8_0) pack a row in blocks of 32
 K_BLOCK = 256  # K-quant super-block: rows of other widths silently fall back to a 32-block type
@@ -366,6 +370,28 @@ def captured_stderr():
         buf.close()
 
 
+@contextlib.contextmanager
+def llama_log():
+    """Collect what llama.cpp logs (its quantizer reports per tensor, and whether it read an importance matrix);
+    llama-cpp-python's own callback prints to sys.stderr only until a Llama(verbose=False) silences it."""
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp import _logger
+
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(_level, text, _user):
+        lines.append(text.decode("utf-8", "replace"))
+
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        yield lines
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
 # -- writing ----------------------------------------------------------------------------------------------------
 
 # llama.cpp sets token attributes by general.name: a name containing "phi3"/"phi-3" makes it look up these tokens
@@ -428,7 +454,9 @@ def write_gguf(model_dir: Path, path: Path, p: GgufPlan, dtype: str, tensors: bo
     return tok
 
 
-def quantize(src: Path, dst: Path, precision: str, threads: int | None = None) -> None:
+def quantize(src: Path, dst: Path, precision: str, threads: int | None = None, imatrix=None) -> str:
+    """llama.cpp's quantizer (returns its log); `imatrix` (gguf_imatrix.Imatrix) weighs each column's rounding
+    error, None rounds to nearest."""
     import ctypes
 
     import llama_cpp
@@ -436,12 +464,19 @@ def quantize(src: Path, dst: Path, precision: str, threads: int | None = None) -
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = FTYPES[precision]
     params.nthread = threads or 0
-    with captured_stderr() as log:
+    if imatrix is not None:
+        from edgekit.exporters.gguf_imatrix import c_array
+
+        arr, _keep = c_array(imatrix)  # _keep holds the float buffers until the call returns
+        params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    with captured_stderr() as err, llama_log() as lines:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    log = "".join(lines) + err[0]
     if rc != 0:
-        last = [ln for ln in log[0].splitlines() if ln.strip()][-1:] or ["no message"]
+        last = [ln for ln in log.splitlines() if ln.strip()][-1:] or ["no message"]
         raise EdgekitError(f"llama.cpp's quantizer failed making {precision} from {src.name}: {last[0].strip()}",
                            "use --precision fp16 or fp32, or check the row widths (see docs/gguf.md)")
+    return log
 
 
 def tensor_types(path: Path) -> list[dict]:
@@ -459,7 +494,7 @@ def quant_report(types: list[dict], precision: str) -> dict:
     for t in types:
         counts[t["type"]] = counts.get(t["type"], 0) + 1
     rep = {"tensor_types": counts}
-    if precision == "q4_k_m":
+    if precision in K_QUANTS:
         fb = [dict(t, reason=f"row width {t['row_width']} is not a multiple of {K_BLOCK}")
               for t in mats if not t["type"].endswith("_K")]
         rep["k_quant_fallbacks"] = fb
@@ -479,7 +514,12 @@ def export(model_dir: Path, out: Path, cfg) -> dict:
         with tempfile.TemporaryDirectory(dir=out) as tmp:
             src = Path(tmp) / "f32.gguf"
             tok = write_gguf(model_dir, src, p, "f32")
-            quantize(src, final, cfg.precision, cfg.threads)
+            imatrix = None
+            if cfg.calibrate and cfg.precision in IMATRIX:
+                from edgekit.exporters.gguf_imatrix import compute
+
+                imatrix = compute(model_dir, p, cfg.calibration, threads=cfg.threads)
+            quantize(src, final, cfg.precision, cfg.threads, imatrix)
     parity = tokenizer_parity(final, model_dir)  # held-out + mixed text, and chat-template text with specials
     if not parity["identical"] and not cfg.accept_gate_failure:
         part, at = (("held-out text", parity["first_difference"]) if parity["first_difference"] is not None else
@@ -506,5 +546,7 @@ def export(model_dir: Path, out: Path, cfg) -> dict:
         # logits by ~1.5e-3, more than an f32 file's own error (the planner reads the same rule from the registry).
         "kv_cache": "f32" if cfg.precision in FLOAT_TYPES else "f16",
         "tokenizer": {**tok, **parity},
+        # None: llama.cpp's plain round-to-nearest (unquantized, Q8_0, --no-calibrate, or no tokenizer to read text)
+        **({"imatrix": imatrix.summary() if imatrix else None} if cfg.precision in FTYPES else {}),
         **rep,
     }

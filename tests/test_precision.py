@@ -116,7 +116,7 @@ def test_plan_and_build_agree_on_a_backend_outside_the_target_and_on_aliases(cli
                  ("build", m, "-t", "raspberry-pi-5", "-p", "int8", "--dry-run", "-o", tmp_path / "d")):
         p = cli(*argv, check=2)
         assert p.stderr.strip() == ("edgekit: error: backend gguf cannot produce precision 'int8'; int8 is built by "
-                                    "onnxruntime (fix: use --precision with one of fp32, fp16, q8_0, q4_k_m)")
+                                    "onnxruntime (fix: use --precision with one of fp32, fp16, q8_0, q5_k_m, q4_k_m, q4_0)")
     assert not (tmp_path / "d").exists()
 
 
