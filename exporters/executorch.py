@@ -148,20 +148,58 @@ def check_group_widths(model, group_size: int = GROUP_SIZE) -> None:
                        f"{len(bad)} linear(s) are not: {shown}", "; ".join(fixes + ["or use --precision fp32"]))
 
 
-def quantize_8da4w(model, group_size: int = GROUP_SIZE) -> int:
-    """int8 dynamic activations + int4 grouped weights on every linear (torchao); returns how many were quantized."""
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+CALIB_SEQS, CALIB_LEN = 32, 256  # 8k tokens of calibration text: more moved SmolLM2's held-out KL by < 0.01
+
+
+def calibration_batches(tok, path=None, batch: int = 4) -> list:
+    from edgekit.prune.calib import batches, calibration_sequences
+
+    return list(batches(calibration_sequences(tok, path, CALIB_LEN, CALIB_SEQS), batch))
+
+
+def _bf16(s: torch.Tensor) -> torch.Tensor:
+    return s.to(torch.bfloat16).float()  # XNNPACK stores group scales in bf16: choose and round with what runs
+
+
+def quantize_8da4w(model, group_size: int = GROUP_SIZE, calibration: list | None = None) -> dict:
+    """int8 dynamic activations + int4 grouped weights on every linear (torchao); returns what was done.
+
+    With `calibration` (batches of token ids) the int4 weights are GPTQ's (edgekit/gptq.py) rather than torchao's
+    round-to-nearest: on SmolLM2-135M mean KL vs fp32 0.62 -> 0.17. The tied LM head stays 4-bit like the rest
+    (8 bits measured no better once calibrated)."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxUnpackedToInt8Tensor, quantize_
     from torchao.quantization.granularity import PerGroup
 
     check_group_widths(model, group_size)
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
-                                                           weight_granularity=PerGroup(group_size)))
+    if calibration is None:
+        quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
+                                                               weight_granularity=PerGroup(group_size)))
+    else:
+        from edgekit.arch import get_family
+        from edgekit.gptq import gptq, quantize_sequentially
+
+        scales: dict[str, torch.Tensor] = {}
+
+        def to_int4(name, mod, hessian):  # the rounded weights in fp32 for now: calibrating the next layer is faster
+            q, scales[name] = gptq(mod.weight, hessian, group_size, bits=4, round_scale=_bf16)
+            grid = (q.float().reshape(q.shape[0], -1, group_size) * scales[name][..., None]).reshape(q.shape)
+            mod.weight = torch.nn.Parameter(grid, requires_grad=False)  # a new one: a tied embedding keeps its own
+
+        quantize_sequentially(model, list(get_family(model.config.model_type).layers(model)), calibration, to_int4)
+        for n, s in scales.items():  # torchao re-derives exactly GPTQ's integers from (rounded weights, scales)
+            mod = model.get_submodule(n)
+            mod.weight = torch.nn.Parameter(IntxUnpackedToInt8Tensor.from_hp(
+                mod.weight.data, (1, group_size), torch.int4, activation_quantization="int8_asym_per_token",
+                intx_choose_qparams_algorithm=None, custom_scale=s,
+                custom_zero_point=torch.zeros_like(s, dtype=torch.int8)), requires_grad=False)
     plain = [n for n in linears if type(model.get_submodule(n).weight.data) is torch.Tensor]
     if plain:  # torchao's own filters may skip more than the width rule above: never ship that silently
         raise EdgekitError(f"torchao left {len(plain)} linear(s) unquantized: {', '.join(plain[:6])}",
                            "use --precision fp32, or report the model's shapes as an edgekit bug")
-    return len(linears)
+    return {"quantized_linears": len(linears), "group_size": group_size,
+            "weight_rounding": "gptq" if calibration is not None else "round-to-nearest",
+            **({"calibration_tokens": sum(b.numel() for b in calibration)} if calibration is not None else {})}
 
 
 # --- export ----------------------------------------------------------------------------------------------------
@@ -198,13 +236,13 @@ def export(model_dir: Path, out: Path, cfg) -> dict:
     from edgekit.fsutil import atomic_write_bytes
     from edgekit.models import load_torch_model
 
-    model, _ = load_torch_model(model_dir)
+    model, tok = load_torch_model(model_dir)
     n_ctx = cache_length(cfg.context_length, model.config)
     info: dict = {}
     with torch.no_grad():
         if cfg.precision == "8da4w":
-            info["quantized_linears"] = quantize_8da4w(model)
-            info["group_size"] = GROUP_SIZE
+            calib = calibration_batches(tok, cfg.calibration) if cfg.calibrate and tok is not None else None
+            info = quantize_8da4w(model, calibration=calib)
         spell_out_tanh_gelu(model)
         with warnings.catch_warnings():  # "mutation on a buffer ... meaningless initial state": the mask covers it
             warnings.simplefilter("ignore")

@@ -94,7 +94,7 @@ def test_pruned_8da4w_gate_and_size(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from edgekit.exporters.executorch import quantize_8da4w
+    from edgekit.exporters.executorch import calibration_batches, quantize_8da4w
     from edgekit.models import load_torch_model
     from edgekit.runtime import open_artifact
     from edgekit.runtime.base import sequence_logits
@@ -105,16 +105,17 @@ def test_pruned_8da4w_gate_and_size(tmp_path):
     meta = export(model_dir, out, precision="8da4w")
     check_artifact(meta, out)
     assert meta["quantized_linears"] == 2 * 7 + 1 and meta["group_size"] == 32  # q k v o gate up down, lm_head
+    assert meta["weight_rounding"] == "gptq" and meta["calibration_tokens"] > 0  # calibrated by default
     assert meta["model"]["intermediate_size"] == 96 and meta["model"]["num_kv_heads"] == 1
     fp32_bytes = sum(t.numel() * 4 for t in load_file(model_dir / "model.safetensors").values())
     assert meta["size_bytes"] < 0.7 * fp32_bytes
 
     ids = load_reference(out / "reference.npz")["input_ids"]
     got = sequence_logits(open_artifact(out), ids, chunk=16)
-    model, _ = load_torch_model(model_dir)
+    model, tok = load_torch_model(model_dir)
     with torch.no_grad():
         fp32 = model(torch.from_numpy(ids)[None], use_cache=False).logits[0].numpy()
-        quantize_8da4w(model)
+        quantize_8da4w(model, calibration=calibration_batches(tok))  # GPTQ is deterministic: the same weights
         eager = model(torch.from_numpy(ids)[None], use_cache=False).logits[0].numpy()
     shift = np.abs(eager - fp32).max()  # what int4 weights do to the logits
     assert shift > 0.05  # really quantized, not fp32 passed off
