@@ -183,7 +183,8 @@ def main(argv=None) -> int:
             rows.append(run_case(n, CASES[n], Path(model_dir), work, seqs, ref_logp, a.threads))
             print(f"{n}: ppl {rows[-1]['ppl']:.3f} KL {rows[-1]['kl']:.4f} ({rows[-1]['export_s']} s export)",
                   file=sys.stderr, flush=True)
-    print(f"`{' '.join(['python bench/quantize_quality.py', *map(shlex.quote, sys.argv[1:] if argv is None else argv)])}`"
+    args = sys.argv[1:] if argv is None else argv
+    print(f"`{' '.join(['python bench/quantize_quality.py', *map(shlex.quote, args)])}`"
           f"  model {Path(model_dir).name}, {len(seqs)} x {SEQ} held-out tokens, {a.threads} threads; "
           f"fp32 PyTorch perplexity {fp32_ppl:.3f}\n")
     print(table(rows, fp32_ppl))

@@ -42,7 +42,7 @@ from edgekit.exporters.gguf_vocab import (  # noqa: F401
 ENTRY = "model.gguf"
 FTYPES = {"q8_0": 7, "q5_k_m": 17, "q4_k_m": 15, "q4_0": 2}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
 K_QUANTS = ("q5_k_m", "q4_k_m")
-IMATRIX = ("q5_k_m", "q4_k_m", "q4_0")  # the types whose quantizer weighs columns by an importance matrix (Q8_0 has none)
+IMATRIX = ("q5_k_m", "q4_k_m", "q4_0")  # quantizers that weigh columns by an importance matrix (Q8_0's has none)
 FLOAT_TYPES = {"fp32": "f32", "fp16": "f16"}  # edgekit's precision -> the GGUF tensor type written directly
 BLOCK = 32  # Q8_0 and every K-quant fallback type (Q5_0, Q5_1, Q8_0) pack a row in blocks of 32
 K_BLOCK = 256  # K-quant super-block: rows of other widths silently fall back to a 32-block type

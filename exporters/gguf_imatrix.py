@@ -107,7 +107,7 @@ def to_gguf_names(stats: dict[str, np.ndarray], p) -> dict[str, np.ndarray]:
             target = names.get_name(name, try_suffixes=(".weight", ".bias"))
             if target is None:
                 raise EdgekitError(f"no GGUF tensor for {name!r} (arch {p.arch}) to give its importance matrix",
-                                   "export without calibration (--no-calibrate), and report the model")
+                                   "report the model; meanwhile --precision q8_0 needs no importance matrix")
             out[target] = v
     return out
 
@@ -142,7 +142,8 @@ def c_array(im: Imatrix):
         buf = np.ascontiguousarray(v, dtype=np.float32)
         if not np.isfinite(buf).all():
             raise EdgekitError(f"the importance matrix of {name} is not finite (the model overflows on the "
-                               "calibration text)", "export without calibration (--no-calibrate)")
+                               "calibration text)",
+                               "use --precision q8_0 (no importance matrix), or other calibration text")
         keep.append(buf)
         arr[i].name = name.encode()
         arr[i].data = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))

@@ -142,3 +142,17 @@ def test_q4_0_and_q5_k_m_export_with_their_types(tmp_path, precision, types):
     plain = _export(src, tmp_path / "b", precision, calibrate=False)
     assert plain["imatrix"] is None
     assert (tmp_path / "a" / "model.gguf").read_bytes() != (tmp_path / "b" / "model.gguf").read_bytes()
+
+
+def test_calibration_text_is_the_users_and_a_missing_one_is_one_line(tmp_path, cli):
+    src = make_tiny_model("llama", tmp_path / "m", seed=7)
+    text = tmp_path / "notes.txt"
+    text.write_text("def f(x):\n    return x * 2\n\n" * 400)
+    meta = _export(src, tmp_path / "a", "q4_0", calibration=text)
+    assert meta["imatrix"]["text"] == str(text) and meta["imatrix"]["tokens"] > 0
+    r = cli("export", src, "--backend", "gguf", "-p", "q4_0", "--calibration", tmp_path / "nope.txt",
+            "-o", tmp_path / "b")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"edgekit: error: calibration text not found: {tmp_path / 'nope.txt'} (fix: pass a .txt or .jsonl file or "
+        "a folder of them to --calibration)"]
+    assert not (tmp_path / "b").exists()

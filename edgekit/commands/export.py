@@ -31,6 +31,10 @@ def register(sub) -> None:
     p.add_argument("--target", "-t", help="target profile (needed by tensorrt: the engine is tied to its GPU and TensorRT)")
     p.add_argument("--group-size", type=int, help="int4: weights per scale, 32 (default), 64 or 128; it must divide "
                    "the model's widths")
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false", help="plain round-to-nearest "
+                   "quantization (GGUF: no importance matrix; ONNX Runtime int4: no HQQ)")
+    p.add_argument("--calibration", type=Path, help="text to calibrate quantization on (.txt, .jsonl with a 'text' "
+                   "field, or a folder of them; default: edgekit's shipped calibration text)")
     p.add_argument("--accept-gate-failure", action="store_true", help="keep an artifact that fails the gate")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
@@ -47,8 +51,14 @@ def run(a) -> int:
     model = resolve_model(a.model)
     model_context(model.config, a.context)  # a context beyond the model: refused before anything is read or written
     check_output(a.out, [model.path], ARTIFACT_FILE, a.force)
+    if a.calibration is not None and not a.calibration.exists():
+        from edgekit.errors import EdgekitError
+
+        raise EdgekitError(f"calibration text not found: {a.calibration}",
+                           "pass a .txt or .jsonl file or a folder of them to --calibration")
     cfg = ExportConfig(backend=a.backend, precision=a.precision, context_length=a.context,
                        accept_gate_failure=a.accept_gate_failure, group_size=a.group_size,
+                       calibrate=a.calibrate, calibration=a.calibration,
                        target=get_target(a.target) if a.target else None).resolved()
     meta = export_model(model.path, a.out, cfg, log=log)
     if a.json:
