@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity",
                        help="print only errors and the one-line result (no logs, progress or tables)")
         g.add_argument("-v", "--verbose", action="store_const", const=1, dest="verbosity",
-                       help="also show debug lines and the libraries' own logs")
+                       help="also show the libraries' own logs and warnings on the terminal")
     return p
 
 

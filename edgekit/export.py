@@ -19,6 +19,7 @@ from edgekit.errors import EdgekitError, GateFailed
 from edgekit.extras import require
 from edgekit.fsutil import atomic_dir, atomic_write_json, sha256_file
 from edgekit.runtime.base import ARTIFACT_FILE, REFERENCE_FILE
+from edgekit.ui import status
 
 SCHEMA = 1
 # Beside every backend's files: the tokenizer with its chat template, and the model's config and generation
@@ -117,8 +118,6 @@ def export_model(model_dir: Path, out: Path, cfg: ExportConfig, log=print) -> di
     cfg = replace(cfg, context_length=model_context(config, cfg.context_length))
     t0 = time.perf_counter()
     with atomic_dir(out) as tmp:
-        from edgekit.ui import status
-
         log(f"export: converting to {cfg.backend} {cfg.precision}")
         with status(f"export: converting to {cfg.backend} {cfg.precision}"):  # lowering can take minutes
             extra = backend.export(Path(model_dir), tmp, cfg)

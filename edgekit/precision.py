@@ -83,11 +83,6 @@ def get_precision(name: str) -> Precision:
     return p
 
 
-def canonical(name: str) -> str:
-    """The registry's name for `name` (an alias or any case), or a one-line error."""
-    return get_precision(name).name
-
-
 def backends_for(name: str) -> list[str]:
     """The backends whose registry entry declares this precision."""
     from edgekit.exporters import REGISTRY
@@ -96,4 +91,4 @@ def backends_for(name: str) -> list[str]:
     return [s.name for s in REGISTRY.values() if p.name in s.precisions]
 
 
-__all__ = ["PRECISIONS", "Precision", "Thresholds", "backends_for", "canonical", "get_precision", "lookup"]
+__all__ = ["PRECISIONS", "Precision", "Thresholds", "backends_for", "get_precision", "lookup"]

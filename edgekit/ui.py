@@ -7,7 +7,7 @@ import sys
 from contextlib import contextmanager
 
 
-# -1: -q (errors and the one-line result only), 0: normal, 1: -v (library logs and debug lines on the terminal)
+# -1: -q (errors and the one-line result only), 0: normal, 1: -v (the libraries' logs and warnings too)
 VERBOSITY = 0
 
 
@@ -29,11 +29,6 @@ def log(msg: str) -> None:
         return
     c = _console()
     c.print(msg, markup=False) if c else print(msg, file=sys.stderr)
-
-
-def debug(msg: str) -> None:
-    if VERBOSITY > 0:
-        log(msg)
 
 
 def print_json(obj) -> None:
@@ -125,22 +120,21 @@ def quiet_libraries() -> None:
 
 @contextmanager
 def library_log(path):
-    """Third-party INFO logging (onnxruntime's quantizer logs one line per skipped node; basicConfig handlers that
-    libraries install at import) goes to `path`, not the terminal; -v keeps it on the terminal as well."""
+    """Third-party INFO logging (onnxruntime's quantizer logs one line per skipped node) goes to `path`, not the
+    terminal; -v keeps it on the terminal as well. While our handler sits on root, a library's import-time
+    logging.basicConfig() is a no-op, so it cannot re-attach stderr."""
     import logging
 
     root = logging.getLogger()
-    saved = root.handlers[:], root.level
+    saved_handlers, saved_level = list(root.handlers), root.level
     handler = logging.FileHandler(path, delay=True)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    root.handlers = [handler] + ([h for h in saved[0]] if VERBOSITY > 0 else [])
+    root.handlers = [handler] + (saved_handlers if VERBOSITY > 0 else [])
     root.setLevel(logging.INFO)
-    real_basic_config = logging.basicConfig
-    logging.basicConfig = lambda *a, **k: None  # a library's basicConfig must not re-attach stderr
     try:
         yield
     finally:
-        logging.basicConfig = real_basic_config
-        # handlers added while we ran (a library's own StreamHandler on root) go too: they pointed at the terminal
-        root.handlers, _ = saved[0], root.setLevel(saved[1])
+        # handlers a library added to root while we ran go too: they pointed at the terminal
+        root.handlers = saved_handlers
+        root.setLevel(saved_level)
         handler.close()

@@ -9,7 +9,7 @@ import pytest
 
 from edgekit.errors import EdgekitError
 from edgekit.exporters import REGISTRY
-from edgekit.precision import PRECISIONS, backends_for, canonical, get_precision
+from edgekit.precision import PRECISIONS, backends_for, get_precision
 
 # Shapes the planner meets: a tiny model, SmolLM2-135M, Qwen2.5-0.5B (untied), Llama-3.2-3B, a Gemma 3 (sliding).
 CONFIGS = {
@@ -44,7 +44,7 @@ def test_every_declared_precision_is_registered_and_every_precision_has_a_backen
 @pytest.mark.parametrize("alias,name", [("F32", "fp32"), ("float32", "fp32"), ("f16", "fp16"), ("FP16", "fp16"),
                                         ("Q4_K_M", "q4_k_m"), (" q8_0 ", "q8_0"), ("INT8", "int8"), ("8DA4W", "8da4w")])
 def test_names_are_case_insensitive_with_peer_tool_aliases(alias, name):
-    assert canonical(alias) == name
+    assert get_precision(alias).name == name
 
 
 def test_unknown_precision_and_a_backend_that_lacks_one_are_one_line_errors():
