@@ -118,7 +118,7 @@ def collect(build_dir: Path, manifest: dict) -> dict:
         "plan_vs_measured": _plan_vs_measured((stages.get("plan") or {}).get("result") or {}, bench),
         "pruning": {k: prune.get(k) for k in ("params_before", "params_after", "removed_fraction", "uniform",
                                               "dense_search_loss", "pruned_search_loss") if k in prune} | (
-            {"heldout_perplexity_after_distill": distill["heldout_perplexity"]}
+            {"heldout_perplexity": distill["heldout_perplexity"]}  # teacher, before and after distillation
             if distill.get("heldout_perplexity") is not None else {}),
         "fidelity": fidelity,
         "bench": {k: v for k, v in bench.items() if k not in ("memory_timeline", "decode_latency_samples_ms")},
@@ -341,8 +341,10 @@ def _rows(data: dict) -> list[tuple[str, list[tuple]]]:
             rows.append(("calibration loss before / after pruning",
                          f"{pr['dense_search_loss']:.4f} / {pr['pruned_search_loss']:.4f} nats "
                          f"(+{pr['pruned_search_loss'] - pr['dense_search_loss']:.4f})"))
-        if pr.get("heldout_perplexity_after_distill") is not None:
-            rows.append(("held-out perplexity after distillation", f"{pr['heldout_perplexity_after_distill']:.2f}"))
+        if pr.get("heldout_perplexity"):
+            ppl = pr["heldout_perplexity"]
+            rows.append(("held-out perplexity: teacher / pruned / distilled",
+                         f"{ppl['teacher']:.2f} / {ppl['before']:.2f} / {ppl['after']:.2f}"))
         sections.append(("Pruning cost", rows))
     for f in data["fidelity"]:
         sections.append((f"Fidelity: {f['stage']}", fidelity_rows(f)))

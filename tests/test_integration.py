@@ -61,6 +61,8 @@ def test_build_prunes_distills_then_exports(cli, tiny_models, tmp_path):
     before = rep["layer_widths"]["before"][0]["intermediate_size"]
     after = rep["layer_widths"]["after"][0]["intermediate_size"]
     assert after < before
+    ppl = st["distill"]["result"]["heldout_perplexity"]  # the pruning cost and its recovery, in the report's words
+    assert f"{ppl['teacher']:.2f} / {ppl['before']:.2f} / {ppl['after']:.2f}" in (out / "report.md").read_text()
 
 
 def test_non_uniform_into_executorch(non_uniform, tmp_path):
