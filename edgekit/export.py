@@ -169,3 +169,10 @@ def export_model(model_dir: Path, out: Path, cfg: ExportConfig, log=print) -> di
 
 
 __all__ = ["ExportConfig", "export_model", "model_summary"]
+
+# `edgekit.export(...)` is the API verb (edgekit/api/exporting.py); this module stays importable as before
+import sys as _sys  # noqa: E402
+
+from edgekit import _CallableModule  # noqa: E402
+
+_sys.modules[__name__].__class__ = _CallableModule

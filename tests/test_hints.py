@@ -141,6 +141,9 @@ REACH = {
     "edgekit/stages/": ("build",), "edgekit/pipeline.py": ("build",), "edgekit/export.py": ("export", "build"),
     "exporters/": ("export", "build"), "edgekit/fsutil.py": ("export", "prune", "distill"),
     "edgekit/images.py": ("docker",), "edgekit/runtime/bench.py": ("bench",),
+    # the Python API: each verb's module speaks the flags of the command that is argparse around it
+    "edgekit/api/building.py": ("build",), "edgekit/api/pruning.py": ("prune",),
+    "edgekit/api/exporting.py": ("export",), "edgekit/api/benchmarking.py": ("bench",),
 }
 ERRORS = ("EdgekitError", "GateFailed")
 

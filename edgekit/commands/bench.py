@@ -3,6 +3,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+# the formats live with the result type (BenchResult.to_csv / to_markdown); the names stay importable from here
+from edgekit.api.benchmarking import model_size, write_outputs  # noqa: F401
+from edgekit.api.results import CSV_COLUMNS, point_records, to_csv, to_markdown  # noqa: F401
+
 FORMATS = ("table", "md", "csv", "json")
 
 
@@ -68,153 +72,37 @@ def bench_rows(b: dict) -> list[tuple]:
             ("runs", f"{b['runs']} in {b['duration_s']:.1f} s ({'valid' if b['valid'] else 'INVALID'})")]
 
 
-CSV_COLUMNS = ("model", "backend", "precision", "size_bytes", "threads", "prompt_tokens", "new_tokens", "runs",
-               "duration_s", "valid", "prefill_tokens_per_s", "prefill_tokens_per_s_sd", "decode_tokens_per_s",
-               "decode_tokens_per_s_sd", "ttft_p50_ms", "decode_p50_ms", "decode_p90_ms", "decode_p99_ms", "load_s",
-               "peak_rss_mb", "invalid_reason")
-
-
-def point_records(report: dict) -> list[dict]:
-    """One flat record per (prompt, new) point, the columns of the CSV."""
-    out = []
-    for r in report.get("results") or [report]:
-        lat = r["decode_latency_ms"]
-        out.append({"model": report.get("model"), "backend": report["backend"], "precision": report["precision"],
-                    "size_bytes": report.get("size_bytes"), "threads": report["config"].get("threads"),
-                    **{k: r.get(k) for k in ("prompt_tokens", "new_tokens", "runs", "duration_s", "valid",
-                                             "prefill_tokens_per_s", "prefill_tokens_per_s_sd",
-                                             "decode_tokens_per_s", "decode_tokens_per_s_sd", "invalid_reason")},
-                    "ttft_p50_ms": r["ttft_ms"]["p50"], "decode_p50_ms": lat["p50"], "decode_p90_ms": lat["p90"],
-                    "decode_p99_ms": lat["p99"], "load_s": report["load_s"], "peak_rss_mb": report["peak_rss_mb"]})
-    return out
-
-
-def to_csv(report: dict) -> str:
-    import csv
-    import io
-
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
-    w.writeheader()
-    w.writerows(point_records(report))
-    return buf.getvalue()
-
-
-def to_markdown(report: dict) -> str:
-    """llama-bench's layout: one row per point, throughput as mean ± sd over the repetitions."""
-    size = report.get("size_bytes")
-    head = ("| model | size | backend | precision | threads | prompt | new | prefill t/s | decode t/s | ttft p50 ms "
-            "| runs | valid |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in point_records(report):
-        lines.append("| " + " | ".join(str(x) for x in (
-            Path(str(r["model"])).name, f"{size / 2**20:.1f} MiB" if size else "?", r["backend"], r["precision"],
-            r["threads"] or "default", r["prompt_tokens"], r["new_tokens"],
-            f"{r['prefill_tokens_per_s']:.2f} ± {r['prefill_tokens_per_s_sd']:.2f}",
-            f"{r['decode_tokens_per_s']:.2f} ± {r['decode_tokens_per_s_sd']:.2f}", f"{r['ttft_p50_ms']:.2f}",
-            r["runs"], "yes" if r["valid"] else "NO")) + " |")
-    notes = [f"peak RSS {report['peak_rss_mb']:.0f} MB, load {report['load_s']:.3f} s, prompt: "
-             f"{report.get('prompt_source', 'reference text')}"] + list(report.get("notes") or [])
-    if report.get("gate"):
-        g = report["gate"]
-        notes.append(f"gate ({g['precision']}): {'passed' if g['passed'] else 'FAILED'}, top-1 "
-                     f"{g['top1_agreement']:.3f}, mean KL {g['mean_kl']:.3g}")
-    if not report["valid"]:
-        notes.append(f"INVALID: {report['invalid_reason']} (rule: {report.get('validity_rule')})")
-    return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
-
-
-def _int_list(a, dest: str, default: int) -> tuple[list[int], bool]:
-    """A comma list flag as ints, each finite and >= 1 (one-line refusal otherwise); (values, given?)."""
-    from types import SimpleNamespace
-
-    from edgekit.commands import check_numbers
-    from edgekit.errors import EdgekitError
-
-    text = getattr(a, dest)
-    if text is None:
-        return [default], False
-    flag = "--" + dest.replace("_", "-")
-    try:
-        values = [float(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values:
-        raise EdgekitError(f"{flag} {text!r} is not a comma list of integers", f"pass e.g. {flag} 128,512")
-    for v in values:
-        check_numbers(SimpleNamespace(**{dest: v}), {dest: (1, 1 << 20)})
-        if v != int(v):
-            raise EdgekitError(f"{flag} {v:g} is not a usable value", f"pass whole numbers to {flag}")
-    return list(dict.fromkeys(int(v) for v in values)), True
-
-
-def model_size(path: Path, meta: dict) -> int:
-    """Bytes on disk of what the runtime loads: the file, or an artifact's listed files (the reference excluded)."""
-    if Path(path).is_file():
-        return Path(path).stat().st_size
-    files = [Path(path) / n for n in meta.get("files", {}) if n != "reference.npz"]
-    return sum(f.stat().st_size for f in files if f.is_file())
-
-
 def run(a) -> int:
+    import edgekit.api
     from edgekit.commands import check_numbers
-    from edgekit.errors import EdgekitError, GateFailed
-    from edgekit.runtime import read_model
 
     check_numbers(a, {"repetitions": (1, 100_000), "warmup": (0, 1000), "seconds": (0, 86400),
                       "max_seconds": (1e-3, 86400), "threads": (1, 1024), "timeout": (1, None)})
-    from edgekit.runtime.bench import BenchConfig, bench_artifact, fit_points, gate, sweep
-
-    d = BenchConfig()
-    prompts, fixed_p = _int_list(a, "prompt_tokens", d.prompt_tokens)
-    news, fixed_n = _int_list(a, "new_tokens", d.new_tokens)
     fmt = "json" if a.json else a.format
-    meta = read_model(a.artifact)  # a clear error before a subprocess is spent
-    limit = meta.get("max_context") or (meta.get("model") or {}).get("max_position_embeddings")
-    points, notes = fit_points(sweep(prompts, news), limit, fixed_p, fixed_n)
-    cfg = BenchConfig(prompt_tokens=points[0][0], new_tokens=points[0][1], warmup=a.warmup, min_runs=a.repetitions,
-                      min_seconds=a.seconds, max_seconds=max(a.max_seconds, a.seconds), threads=a.threads)
     if a.device:
-        if meta.get("source") == "file":
-            raise EdgekitError("--device needs an artifact folder (its reference and hashes travel with it)",
-                               "export the model with `edgekit export`, or bench the plain file on this host")
-        if len(points) > 1 or a.reference:
-            raise EdgekitError("--device runs one ungated point per job" + (" (the device gates with the "
-                               "artifact's own reference)" if a.reference else ""),
-                               "pass one -p and one -n value and no --reference with --device")
-        return run_device(a, cfg)
-    g = None
-    if a.reference:
-        g = gate(a.artifact, a.reference, a.precision, threads=a.threads)
-        if not g["passed"]:
-            raise GateFailed(f"{a.artifact} fails the {g['precision']} gate against {a.reference}: "
-                             f"{'; '.join(g['failures'])}", "pass --precision for looser thresholds, or fix the model")
-    elif a.precision:
-        raise EdgekitError("--precision chooses gate thresholds and needs --reference",
-                           "add --reference path/to/reference.npz, or drop --precision")
-    report = bench_artifact(a.artifact, cfg, points=points if len(points) > 1 else None, reference=a.reference,
-                            timeout=len(points) * (cfg.max_seconds + 120) + 60)
-    report["size_bytes"] = model_size(a.artifact, meta)
-    report["notes"] = notes
-    if g:
-        report["gate"] = {k: v for k, v in g.items() if k != "thresholds"} | {"thresholds": g["thresholds"]}
-    write_outputs(a.out, report)
-    print_report(report, fmt, a.artifact)
+        return run_device(a, _device_config(a))
+    res = edgekit.api.bench(a.artifact, prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens,
+                            repetitions=a.repetitions, warmup=a.warmup, seconds=a.seconds, max_seconds=a.max_seconds,
+                            threads=a.threads, out=a.out, reference=a.reference, precision=a.precision, verbose=True)
+    print_report(res.to_dict(), fmt, a.artifact)
     return 0
 
 
-def write_outputs(out: Path | None, report: dict) -> None:
-    if out is None:
-        return
+def _device_config(a):
+    """The one point a device job runs (the same refusals as the host bench, and the device's own)."""
+    from edgekit.api.benchmarking import prepare
     from edgekit.errors import EdgekitError
-    from edgekit.fsutil import atomic_write_json, atomic_write_text
+    from edgekit.runtime import read_model
 
-    if out.exists() and not out.is_dir():
-        raise EdgekitError(f"-o {out} is a file", "pass a folder to -o (bench.json, bench.csv, bench.md go there)")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "bench.json", report)
-    atomic_write_text(out / "bench.csv", to_csv(report))
-    atomic_write_text(out / "bench.md", to_markdown(report))
+    points, _, cfg = prepare(a.artifact, a.prompt_tokens, a.new_tokens, a)
+    if read_model(a.artifact).get("source") == "file":
+        raise EdgekitError("--device needs an artifact folder (its reference and hashes travel with it)",
+                           "export the model with `edgekit export`, or bench the plain file on this host")
+    if len(points) > 1 or a.reference:
+        raise EdgekitError("--device runs one ungated point per job" + (" (the device gates with the "
+                           "artifact's own reference)" if a.reference else ""),
+                           "pass one -p and one -n value and no --reference with --device")
+    return cfg
 
 
 def print_report(report: dict, fmt: str, model: Path) -> None:

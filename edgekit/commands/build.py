@@ -57,75 +57,24 @@ def run(a) -> int:
 
 
 def _run(a) -> int:
-    from edgekit.commands import check_numbers
+    import edgekit.api
+    from edgekit.ui import print_json
 
-    check_numbers(a, {"context": (1, None), "prune_ratio": (0, 1), "min_decode_tps": (1e-6, None), "batch": (1, None), "distill_steps": (0, None), "bench_seconds": (0, 3600), "threads": (1, 1024)})
-    from edgekit.models import resolve_model
-    from edgekit.pipeline import BuildContext, BuildOptions, plan_stages, run_build
-    from edgekit.stages.prune import PruneStage
-    from edgekit.target import get_target
-    from edgekit.ui import log, print_json, progress
-
-    target = get_target(a.target)
-    opts = BuildOptions(backend=a.backend, precision=a.precision, context_length=a.context,
-                        prune_ratio=a.prune_ratio, distill_steps=a.distill_steps,
-                        min_decode_tps=a.min_decode_tps, batch=a.batch,
-                        accept_gate_failure=a.accept_gate_failure, bench=not a.no_bench,
-                        bench_seconds=a.bench_seconds, threads=a.threads, device=a.device,
-                        token_file=a.token_file)
-    _check_options(opts, target)
-    model = resolve_model(a.model)
-    out = a.out or Path("edgekit-build") / target.name
-    if not a.dry_run:
-        from edgekit.fsutil import check_output
-        from edgekit.pipeline import MANIFEST
-
-        # stage folders go inside the build directory (it is never wiped, so other files there are safe), but not
-        # inside the model: that would change the model's hash and with it every resume decision
-        check_output(out, [model.path], MANIFEST, force=True)
-    ctx = BuildContext(target=target, model=model, options=opts, build_dir=out, log=log)
-    ctx.plan  # the plan's refusals (a context beyond the model, nothing fits) come before anything is written
-    PruneStage().check(ctx)
-    if a.dry_run:
-        from edgekit.fsutil import sha256_tree
-
-        ctx.model_sha256 = sha256_tree(model.path)
-        rows = [{"stage": s.name, "action": "skip (unchanged)" if skip else s.describe(ctx), "fingerprint": fp[:12]}
-                for s, fp, skip in plan_stages(ctx)]
-        if a.json:
-            print_json({"dry_run": True, "build_dir": str(out), "target": target.name, "model": str(model.path),
-                        "resolved": {"backend": ctx.backend, "precision": ctx.precision,
-                                     "context_length": ctx.context_length}, "stages": rows})
-        else:
-            from edgekit.ui import table
-
-            table(f"edgekit build --dry-run: {model.source} -> {target.name} ({ctx.backend} {ctx.precision}) "
-                  f"in {out}", [(r["stage"], r["action"]) for r in rows], ("stage", "will"))
-        return 0
-    from edgekit.exporters import get
-    from edgekit.extras import require
-    from edgekit.stages import STAGES
-
-    require(get(ctx.backend).requires, f"building for {ctx.backend}")  # one line now, not a traceback at export
-    with progress(f"build {target.name}", total=len(STAGES), enabled=not a.json) as advance:
-        manifest = run_build(ctx, progress=advance)
+    res = edgekit.api.build(a.model, target=a.target, out=a.out, backend=a.backend, precision=a.precision,
+                            context=a.context, prune_ratio=a.prune_ratio, min_decode_tps=a.min_decode_tps,
+                            batch=a.batch, distill_steps=a.distill_steps, accept_gate_failure=a.accept_gate_failure,
+                            bench=not a.no_bench, bench_seconds=a.bench_seconds, threads=a.threads, device=a.device,
+                            token_file=a.token_file, dry_run=a.dry_run, verbose=True, progress=not a.json)
     if a.json:
-        print_json(manifest)
+        print_json(res.to_dict())
+    elif a.dry_run:
+        from edgekit.ui import table
+
+        table(f"edgekit build --dry-run: {res.model_source} -> {res.target} ({res.backend} {res.precision}) "
+              f"in {res.build_dir}", [(s.stage, s.action) for s in res.stages], ("stage", "will"))
     else:
-        print_summary(manifest, out)
+        print_summary(res.manifest, res.out_dir)
     return 0
-
-
-def _check_options(opts, target) -> None:
-    from edgekit.errors import EdgekitError
-    from edgekit.exporters import get
-
-    if opts.prune_ratio is not None and not 0 < opts.prune_ratio < 1:
-        raise EdgekitError(f"--prune-ratio must be between 0 and 1 (exclusive), got {opts.prune_ratio}",
-                           "e.g. --prune-ratio 0.3 removes 30% of parameters")
-    backend = get(opts.backend or target.build.backend)
-    if opts.precision:  # else the planner chooses among what this backend declares
-        backend.precision(opts.precision)
 
 
 def print_summary(manifest: dict, out: Path) -> None:

@@ -41,31 +41,18 @@ def register(sub) -> None:
 
 
 def run(a) -> int:
-    from edgekit.export import ExportConfig, export_model, model_context
-    from edgekit.fsutil import check_output
-    from edgekit.models import resolve_model
-    from edgekit.runtime.base import ARTIFACT_FILE
-    from edgekit.target import get_target
-    from edgekit.ui import log, print_json
+    import edgekit.api
+    from edgekit.ui import print_json
 
-    model = resolve_model(a.model)
-    model_context(model.config, a.context)  # a context beyond the model: refused before anything is read or written
-    check_output(a.out, [model.path], ARTIFACT_FILE, a.force)
-    if a.calibration is not None and not a.calibration.exists():
-        from edgekit.errors import EdgekitError
-
-        raise EdgekitError(f"calibration text not found: {a.calibration}",
-                           "pass a .txt or .jsonl file or a folder of them to --calibration")
-    cfg = ExportConfig(backend=a.backend, precision=a.precision, context_length=a.context,
-                       accept_gate_failure=a.accept_gate_failure, group_size=a.group_size,
-                       calibrate=a.calibrate, calibration=a.calibration,
-                       target=get_target(a.target) if a.target else None).resolved()
-    meta = export_model(model.path, a.out, cfg, log=log)
+    res = edgekit.api.export(a.model, backend=a.backend, out=a.out, precision=a.precision, context=a.context,
+                             target=a.target, group_size=a.group_size, calibrate=a.calibrate,
+                             calibration=a.calibration, accept_gate_failure=a.accept_gate_failure, force=a.force,
+                             verbose=True)
     if a.json:
-        print_json(meta)
+        print_json(res.to_dict())
     else:
-        g = meta["gate"]
-        print(f"{a.out}: {meta['backend']} {meta['precision']}, gate {'passed' if g['passed'] else 'FAILED'} "
-              f"(max |dlogit| {g['max_abs_logit_delta']:.3g}, top-1 {g['top1_agreement']:.3f}, "
-              f"KL {g['mean_kl']:.3g}, greedy {'identical' if g['greedy_match'] else 'differs'})")
+        g = res.gate
+        print(f"{a.out}: {res.backend} {res.precision}, gate {'passed' if g.passed else 'FAILED'} "
+              f"(max |dlogit| {g.max_abs_logit_delta:.3g}, top-1 {g.top1_agreement:.3f}, "
+              f"KL {g.mean_kl:.3g}, greedy {'identical' if g.greedy_match else 'differs'})")
     return 0

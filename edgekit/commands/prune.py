@@ -52,46 +52,25 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def config_from_args(a):
-    from edgekit.errors import EdgekitError
-    from edgekit.prune import Budget, PruneConfig
-
-    try:
-        protect = tuple(int(x) for x in a.protect.split(",") if x.strip())
-    except ValueError:
-        raise EdgekitError(f"--protect takes comma-separated layer numbers, got {a.protect!r}", "e.g. --protect 0,1")
-    return PruneConfig(budget=Budget(ratio=a.ratio, params=a.params, bytes=a.bytes, bytes_per_param=a.bytes_per_param),
-                       criterion=a.criterion, non_uniform=a.non_uniform, align=a.align, hidden_keep=a.hidden_keep,
-                       attn_weight=a.attn_weight, protected_layers=protect, calibration=a.calibration,
-                       num_samples=a.samples, seq_len=a.seq_len, reconstruct=not a.no_reconstruct)
-
-
 def run(a) -> int:
-    from edgekit.commands import check_numbers
-
-    check_numbers(a, {"ratio": (0, 1), "params": (1, None), "bytes": (1, None), "bytes_per_param": (1e-3, 64), "align": (1, 4096), "hidden_keep": (0, 1), "attn_weight": (0, None), "samples": (1, None), "seq_len": (2, None)})
-    from edgekit.fsutil import check_output
-    from edgekit.models import resolve_model
-    from edgekit.prune import prune_model
-    from edgekit.prune.api import REPORT_FILE
+    import edgekit.api
     from edgekit.prune.report import table_rows
-    from edgekit.ui import log, print_json, table
+    from edgekit.ui import print_json, table
 
-    cfg = config_from_args(a)
-    cfg.check()
-    if cfg.budget.ratio is not None:
-        cfg.budget.removed(100)  # a bad ratio fails before the model is read
-    model = resolve_model(a.model)
-    check_output(a.out, [model.path] + ([a.calibration] if a.calibration else []), REPORT_FILE, a.force)
-    report = prune_model(model.path, a.out, cfg, log=log)
+    res = edgekit.api.prune(a.model, out=a.out, ratio=a.ratio, params=a.params, bytes=a.bytes,
+                            bytes_per_param=a.bytes_per_param, criterion=a.criterion, non_uniform=a.non_uniform,
+                            align=a.align, hidden_keep=a.hidden_keep, attn_weight=a.attn_weight, protect=a.protect,
+                            calibration=a.calibration, samples=a.samples, seq_len=a.seq_len,
+                            reconstruct=not a.no_reconstruct, force=a.force, verbose=True)
+    report = res.report
     if a.json:
-        print_json(report)
+        print_json(res.to_dict())
         return 0
-    table(f"{a.out}: {report['arch']} pruned with {cfg.criterion} ({'uniform' if report['uniform'] else 'non-uniform'}"
+    table(f"{a.out}: {report['arch']} pruned with {a.criterion} ({'uniform' if res.uniform else 'non-uniform'}"
           f", hidden {report['hidden_size']['before']} -> {report['hidden_size']['after']})", table_rows(report),
           ("layer", "intermediate", "heads", "kv heads", "params"))
-    print(f"parameters {report['params_before']:,} -> {report['params_after']:,} "
-          f"({report['removed_fraction']:.1%} removed); calibration loss {report['dense_search_loss']:.3f} -> "
+    print(f"parameters {res.params_before:,} -> {res.params_after:,} "
+          f"({res.removed_fraction:.1%} removed); calibration loss {res.dense_loss:.3f} -> "
           + (f"{report['cut_search_loss']:.3f} cut -> " if "cut_search_loss" in report else "")
-          + f"{report['pruned_search_loss']:.3f}")
+          + f"{res.pruned_loss:.3f}")
     return 0

@@ -11,3 +11,10 @@ from edgekit.prune.api import REPORT_FILE, plan_pruning, prune_model, score_mode
 from edgekit.prune.config import Budget, PruneConfig
 
 __all__ = ["Budget", "PruneConfig", "prune_model", "plan_pruning", "score_model", "REPORT_FILE"]
+
+# `edgekit.prune(...)` is the API verb (edgekit/api/pruning.py); this package stays importable as before
+import sys as _sys  # noqa: E402
+
+from edgekit import _CallableModule  # noqa: E402
+
+_sys.modules[__name__].__class__ = _CallableModule

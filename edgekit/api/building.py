@@ -1,0 +1,100 @@
+"""edgekit.build(): plan -> prune -> distill -> quantize -> export -> verify -> bench for a target, resumably.
+`edgekit build` is argparse around this function."""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
+
+from edgekit.api.common import api_function, as_path, console
+from edgekit.api.results import BuildPlan, BuildResult, StagePlan
+
+if TYPE_CHECKING:
+    from edgekit.pipeline import BuildOptions
+    from edgekit.target import Target
+
+# {BuildOptions field: the keyword (and CLI flag) that sets it}, where the two names differ
+_KEYWORD = {"context_length": "context"}
+_RANGES = {"context": (1, None), "prune_ratio": (0, 1), "min_decode_tps": (1e-6, None), "batch": (1, None),
+           "distill_steps": (0, None), "bench_seconds": (0, 3600), "threads": (1, 1024)}
+
+
+@api_function("build")
+def build(model: str | Path | None = None, *, target: str | Path | Target, out: str | Path | None = None,
+          backend: str | None = None, precision: str | None = None, context: int | None = None,
+          prune_ratio: float | None = None, min_decode_tps: float | None = None, batch: int = 1,
+          distill_steps: int = 0, accept_gate_failure: bool = False, bench: bool = True,
+          bench_seconds: float = 2.0, threads: int | None = None, device: str | None = None,
+          token_file: str | Path | None = None, options: BuildOptions | None = None, dry_run: bool = False,
+          verbose: bool = False, progress: bool | None = None) -> BuildResult | BuildPlan:
+    """Build a verified artifact of `model` (a Hugging Face folder or .gguf; None: the embedded SmolLM2-135M) for
+    `target` (a name, an alias, a .toml path or a Target) in `out` (default edgekit-build/TARGET).
+
+    The keywords are `edgekit build`'s flags (`bench=False` is --no-bench); `options` (a pipeline.BuildOptions) may
+    carry them instead, and a keyword left at its default does not override it. Precision and target names take
+    the CLI's aliases (f32, Q4_K_M, rpi5). Rerunning with the same inputs skips every finished stage.
+    Returns a BuildResult, or with dry_run=True a BuildPlan (nothing written). Raises EdgekitError (GateFailed
+    when the artifact fails its fidelity gate and accept_gate_failure is False).
+    verbose=True prints the CLI's log lines and progress on stderr; progress (default: verbose) the stage bar."""
+    from edgekit.commands import check_numbers
+    from edgekit.models import resolve_model
+    from edgekit.pipeline import BuildContext, BuildOptions, plan_stages, run_build
+    from edgekit.stages.prune import PruneStage
+    from edgekit.target import Target, get_target
+
+    given = {"backend": backend, "precision": precision, "context_length": context, "prune_ratio": prune_ratio,
+             "min_decode_tps": min_decode_tps, "batch": batch, "distill_steps": distill_steps,
+             "accept_gate_failure": accept_gate_failure, "bench": bench, "bench_seconds": bench_seconds,
+             "threads": threads, "device": device, "token_file": None if token_file is None else str(token_file)}
+    base = options or BuildOptions()
+    defaults = BuildOptions()
+    opts = replace(base, **{k: v for k, v in given.items() if v != getattr(defaults, k)})
+    check_numbers(SimpleNamespace(**{_KEYWORD.get(f.name, f.name): getattr(opts, f.name) for f in fields(opts)}),
+                  _RANGES)
+    with console(verbose) as log:
+        t = target if isinstance(target, Target) else get_target(str(target))
+        _check_options(opts, t)
+        ref = resolve_model(None if model is None else str(model))
+        out_dir = as_path(out) or Path("edgekit-build") / t.name
+        if not dry_run:
+            from edgekit.fsutil import check_output
+            from edgekit.pipeline import MANIFEST
+
+            # stage folders go inside the build directory (it is never wiped, so other files there are safe), but
+            # not inside the model: that would change the model's hash and with it every resume decision
+            check_output(out_dir, [ref.path], MANIFEST, force=True)
+        ctx = BuildContext(target=t, model=ref, options=opts, build_dir=out_dir, log=log)
+        ctx.plan  # the plan's refusals (a context beyond the model, nothing fits) come before anything is written
+        PruneStage().check(ctx)
+        if dry_run:
+            from edgekit.fsutil import sha256_tree
+
+            ctx.model_sha256 = sha256_tree(ref.path)
+            rows = tuple(StagePlan(s.name, "skip (unchanged)" if skip else s.describe(ctx), fp[:12])
+                         for s, fp, skip in plan_stages(ctx))
+            return BuildPlan(build_dir=out_dir, target=t.name, model=ref.path,
+                             model_source=ref.source, backend=ctx.backend,
+                             precision=ctx.precision, context_length=ctx.context_length, stages=rows)
+        from edgekit.exporters import get
+        from edgekit.extras import require
+        from edgekit.stages import STAGES
+        from edgekit.ui import progress as bar
+
+        require(get(ctx.backend).requires, f"building for {ctx.backend}")  # one line now, not a traceback at export
+        with bar(f"build {t.name}", total=len(STAGES), enabled=verbose if progress is None else progress) as advance:
+            manifest = run_build(ctx, progress=advance)
+    return BuildResult.from_manifest(out_dir, manifest)
+
+
+def _check_options(opts, target) -> None:
+    from edgekit.errors import EdgekitError
+    from edgekit.exporters import get
+
+    if opts.prune_ratio is not None and not 0 < opts.prune_ratio < 1:
+        raise EdgekitError(f"--prune-ratio must be between 0 and 1 (exclusive), got {opts.prune_ratio}",
+                           "e.g. --prune-ratio 0.3 removes 30% of parameters")
+    backend = get(opts.backend or target.build.backend)
+    if opts.precision:  # else the planner chooses among what this backend declares
+        backend.precision(opts.precision)
