@@ -30,6 +30,9 @@ class Precision:
     quantized: bool  # False: the weights are the model's own numbers in a float format
     description: str
     aliases: tuple[str, ...] = ()
+    # the fake-quantization recipe quantization-aware training uses for this format (edgekit/qat.py RECIPES: the
+    # same grid and scale rule its exporter applies); None: no QAT for it
+    fake_quant: str | None = None
 
     @property
     def bytes_per_weight(self) -> float:
@@ -63,7 +66,8 @@ PRECISIONS: dict[str, Precision] = {
                   "llama.cpp Q4_0: 4-bit blocks of 32 with an f16 scale"),
         # torchao int8 dynamic activations x int4 weights, an fp32 scale per group of 32
         Precision("8da4w", 4 + 32 / 32, Thresholds(max_abs=None, top1=0.65, mean_kl=0.35, greedy_exact=False), True,
-                  "int4 weights (group 32) with int8 dynamic activations (torchao, XNNPACK)", ("a8w4",)),
+                  "int4 weights (group 32) with int8 dynamic activations (torchao, XNNPACK)", ("a8w4",),
+                  fake_quant="int8dyn-int4sym"),
     )
 }
 
@@ -83,6 +87,11 @@ def get_precision(name: str) -> Precision:
     return p
 
 
+def qat_schemes() -> list[str]:
+    """The precisions quantization-aware training can target (those with a fake-quantization recipe)."""
+    return [p.name for p in PRECISIONS.values() if p.fake_quant]
+
+
 def backends_for(name: str) -> list[str]:
     """The backends whose registry entry declares this precision."""
     from edgekit.exporters import REGISTRY
@@ -91,4 +100,4 @@ def backends_for(name: str) -> list[str]:
     return [s.name for s in REGISTRY.values() if p.name in s.precisions]
 
 
-__all__ = ["PRECISIONS", "Precision", "Thresholds", "backends_for", "get_precision", "lookup"]
+__all__ = ["PRECISIONS", "Precision", "Thresholds", "backends_for", "get_precision", "lookup", "qat_schemes"]

@@ -13,6 +13,8 @@ examples:
   edgekit distill --teacher orig/ --student pruned/ --data corpus/ --steps 500 -o recovered
   edgekit distill ... --top-k 64 --teacher-cache                         skip the teacher on later epochs/resumes
   edgekit distill ... --hidden-weight 1 --hidden-layers 8:8,16:16        also match hidden states
+  edgekit distill ... --qat 8da4w --qat-start 0.5                      the second half as quantization-aware
+                                                                         training; export lowers 8da4w on that grid
   torchrun --nproc_per_node 2 -m edgekit distill ...                     data-parallel (gloo on CPU, NCCL on GPU)
 
 Checkpoints go to OUT.ckpt/ every --checkpoint-every steps; rerun the same command to resume exactly.
@@ -54,6 +56,13 @@ def register(sub) -> None:
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--grad-clip", type=float, help="max gradient norm (default 1; 0 = off)")
     g.add_argument("--seed", type=int)
+    g = p.add_argument_group("quantization-aware training (the last training step; export then lowers the scheme)")
+    g.add_argument("--qat", metavar="SCHEME", help="train through this precision's fake quantization (e.g. 8da4w); "
+                   "the output records it in qat.json and export quantizes on the same grid")
+    g.add_argument("-b", "--backend", help="the backend that will lower the scheme (default: the first declaring it)")
+    g.add_argument("--group-size", type=int, help="weights per quantization scale (default 32)")
+    g.add_argument("--qat-start", type=float, help="fraction of the steps before fake quantization starts "
+                   "(default 0: the whole run)")
     g = p.add_argument_group("checkpoints and cache")
     g.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 50)")
     g.add_argument("--checkpoint-dir", type=Path, help="default: OUT.ckpt next to OUT")
@@ -80,6 +89,11 @@ def config_from_args(a):
            "micro_batch_size": a.micro_batch_size, "seed": a.seed, "checkpoint_every": a.checkpoint_every,
            "teacher_cache": a.teacher_cache or None}
     base.update({k: v for k, v in top.items() if v is not None})
+    qat = {"qat": a.qat, "qat_backend": a.backend, "qat_group_size": a.group_size, "qat_start": a.qat_start}
+    if not a.qat and any(v is not None for v in qat.values()):
+        raise EdgekitError("--backend, --group-size and --qat-start only apply to quantization-aware training",
+                           "add --qat SCHEME (e.g. --qat 8da4w), or drop them")
+    base.update({k: v for k, v in qat.items() if v is not None})
     if a.temperature:
         if len(a.temperature) > 2:
             raise EdgekitError("--temperature takes T or START END", "e.g. --temperature 1 2")
@@ -106,7 +120,7 @@ def config_from_args(a):
 def run(a) -> int:
     from edgekit.commands import check_numbers
 
-    check_numbers(a, {"steps": (1, None), "tokens": (1, None), "kd_weight": (0, None), "top_k": (0, None), "hidden_weight": (0, None), "ce_weight": (0, None), "batch_size": (1, None), "micro_batch_size": (1, None), "block_size": (2, None), "lr": (0, 1), "warmup": (0, 1), "weight_decay": (0, None), "grad_clip": (0, None), "checkpoint_every": (0, None)})
+    check_numbers(a, {"steps": (1, None), "tokens": (1, None), "kd_weight": (0, None), "top_k": (0, None), "hidden_weight": (0, None), "ce_weight": (0, None), "batch_size": (1, None), "micro_batch_size": (1, None), "block_size": (2, None), "lr": (0, 1), "warmup": (0, 1), "weight_decay": (0, None), "grad_clip": (0, None), "checkpoint_every": (0, None), "group_size": (2, None), "qat_start": (0, 0.999)})
     from edgekit.distill import distill
     from edgekit.distill.train import REPORT
     from edgekit.errors import EdgekitError
@@ -139,5 +153,8 @@ def run(a) -> int:
             ("held-out perplexity, student after", f"{ppl['after']:.3f} ({ppl['after_over_teacher']:.3f}x teacher)"),
             ("steps / tokens", f"{report['steps']} / {report['tokens']:,}"),
             ("train time / tokens/s", f"{report['train_seconds']:.1f}s / {report['tokens_per_s']}"),
-            ("processes", report["processes"])], ("metric", "value"))
+            ("processes", report["processes"])]
+            + ([("QAT", f"{report['qat']['scheme']} for {report['qat']['backend']}, group "
+                        f"{report['qat']['group_size']}, last {report['qat']['steps']} steps (after = fake-quantized)")]
+               if report.get("qat") else []), ("metric", "value"))
     return 0

@@ -59,6 +59,13 @@ class DistillConfig:
     keep_checkpoints: int = 2
     teacher_cache: bool = False  # cache the teacher's top-k logits on disk (needs loss.top_k > 0, hidden_weight 0)
     log_every: int = 10
+    # quantization-aware training (edgekit/qat.py): a QAT-able precision name ("" = plain float distillation), the
+    # backend that will lower it ("" = the first that declares it), the weight group size and the fraction of the
+    # steps after which fake quantization starts (0 = the whole run is QAT)
+    qat: str = ""
+    qat_backend: str = ""
+    qat_group_size: int = 32
+    qat_start: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,8 +130,18 @@ class DistillConfig:
             raise EdgekitError(f"block size {D.block_size} is too small", "use --block-size 64 or more")
         if not 0 <= D.heldout_fraction < 0.5:
             raise EdgekitError("heldout_fraction must be in [0, 0.5)", "e.g. 0.05")
+        if self.qat:
+            self.qat_plan()
         if O.lr <= 0 or not 0 <= O.warmup_fraction < 1 or not 0 <= O.min_lr_ratio <= 1:
             raise EdgekitError("invalid learning-rate schedule", "lr > 0, warmup in [0, 1), min_lr_ratio in [0, 1]")
+
+    def qat_plan(self):
+        """The QAT request resolved against the registries (one-line refusals), or None for float distillation."""
+        if not self.qat:
+            return None
+        from edgekit.qat import resolve
+
+        return resolve(self.qat, self.qat_backend or None, self.qat_group_size, self.qat_start)
 
     def total_steps(self) -> int:
         if self.steps:

@@ -23,9 +23,22 @@ def _config(path: Path, role: str) -> dict:
     return ref.config
 
 
-def check_trainable(student: Path) -> None:
-    """Refuse a quantized or exported student, with the reason."""
+QAT_REASON = ("quantization-aware training needs the full-precision weights to fake-quantize and update; a quantized "
+              "model has lost them, and " + ORDER_REASON)
+
+
+def check_trainable(student: Path, qat: bool = False) -> None:
+    """Refuse a quantized or exported student, with the reason (QAT's own when `qat`)."""
     student = Path(student)
+    if qat:
+        try:
+            check_trainable(student)
+        except EdgekitError as e:
+            msg = e.problem.partition("; " + ORDER_REASON)[0]
+            raise EdgekitError(f"cannot train {msg.removeprefix('the student ')} with QAT: " + QAT_REASON,
+                               "pass the full-precision (pruned or distilled) Hugging Face folder to --student "
+                               "and --qat; export quantizes it afterwards") from None
+        return
     if student.is_file() and student.suffix == ".gguf":
         raise EdgekitError(f"{student} is a GGUF file: a quantized deployment artifact, not a trainable model; "
                            + ORDER_REASON, "distill the full-precision (pruned) Hugging Face folder, then quantize")

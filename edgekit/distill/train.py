@@ -182,8 +182,9 @@ def distill(teacher: Path, student: Path, out: Path, cfg: DistillConfig, data: P
     log = log or (lambda m: print(m, file=sys.stderr))
     say = (lambda m: log(m)) if d.main else (lambda m: None)
     cfg.validate(d.world)
+    qat_plan = cfg.qat_plan()
     teacher, student = Path(teacher), Path(student)
-    check_trainable(student)
+    check_trainable(student, qat=qat_plan is not None)
     check_same_vocab(teacher, student)
     paths = default_paths(out, checkpoint_dir, cache_dir)
     L = cfg.loss
@@ -200,6 +201,15 @@ def distill(teacher: Path, student: Path, out: Path, cfg: DistillConfig, data: P
         raise EdgekitError("the data tokenizes to ids beyond the student's vocabulary",
                            "use the student's own tokenizer.json")
     eval_blocks = blocks.heldout[: cfg.data.max_eval_blocks]
+    qat_step = total
+    if qat_plan is not None:
+        from edgekit import qat
+
+        qat.check_widths(s_model, qat_plan)  # a group that does not divide a width: refused before any training
+        qat_step = min(total - 1, int(round(qat_plan.start_fraction * total)))
+        say(f"distill: QAT {qat_plan.scheme} ({qat.recipe(qat_plan).description}, group {qat_plan.group_size}) "
+            f"from step {qat_step}")
+    fake_quantized = 0
     say(f"distill: {len(blocks.train)} train blocks x {cfg.data.block_size} tokens from {blocks.source}, "
         f"{len(eval_blocks)} held-out; {total} steps of {cfg.batch_size} sequences "
         f"({total * cfg.batch_size * cfg.data.block_size:,} tokens), {d.world} process(es), accumulation {accum}")
@@ -287,6 +297,8 @@ def distill(teacher: Path, student: Path, out: Path, cfg: DistillConfig, data: P
     try:
         for step in range(st.step, total):
             t0 = time.perf_counter()
+            if step >= qat_step and not fake_quantized:  # the same Parameters: optimizer state carries over
+                fake_quantized = qat.prepare(s_model, qat_plan)
             T = temperature(step, total, L)
             g = batch_indices(step, cfg.batch_size, len(blocks.train), cfg.seed)
             per_rank = cfg.batch_size // d.world
@@ -346,7 +358,16 @@ def distill(teacher: Path, student: Path, out: Path, cfg: DistillConfig, data: P
     finally:
         bar.close()
     student_model = s_model
-    ppl_after = perplexity(student_model, eval_blocks, cfg.micro_batch_size, d)
+    if qat_plan is not None and not fake_quantized:  # resumed after the last step: evaluate what QAT trained for
+        fake_quantized = qat.prepare(s_model, qat_plan)
+    ppl_after = perplexity(student_model, eval_blocks, cfg.micro_batch_size, d)  # with QAT: fake-quantized
+    qat_record = None
+    if qat_plan is not None:
+        from importlib.metadata import version
+
+        qat.convert(s_model)  # plain linears holding the trained float weights; the exporter quantizes them
+        qat_record = {"fake_quantized_linears": fake_quantized, "start_step": qat_step, "steps": total - qat_step,
+                      "heldout_perplexity_fake_quant": round(ppl_after, 4), "torchao": version("torchao")}
     tokens = total * tokens_per_step
     report = {
         "teacher": str(teacher), "student": str(student), "data": blocks.source,
@@ -361,6 +382,7 @@ def distill(teacher: Path, student: Path, out: Path, cfg: DistillConfig, data: P
         "projection": {"used": proj.active, "pairs": [list(p) for p in pairs] if use_hidden else [],
                        "student_width": s_model.config.hidden_size, "teacher_width": t_model.config.hidden_size},
         "teacher_cache": cache.stats() if cache else None,
+        "qat": {**qat_plan.to_dict(), **qat_record} if qat_plan is not None else None,
         "config": cfg.to_dict(),
         "history_columns": ["step", "loss", "kd", "hidden", "ce", "lr", "T"],
         "history": st.history,
@@ -372,6 +394,8 @@ def distill(teacher: Path, student: Path, out: Path, cfg: DistillConfig, data: P
             student_model.config.use_cache = True
             student_model.save_pretrained(tmp, safe_serialization=True)  # the student alone: projections dropped
             tok.save_pretrained(tmp)
+            if qat_plan is not None:
+                qat.write(tmp, qat_plan, qat_record)  # export lowers this scheme on this grid
             atomic_write_json(tmp / REPORT, report)
         if not keep_checkpoints:
             for p in paths.checkpoints.glob(CKPT_PREFIX + "*"):

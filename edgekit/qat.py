@@ -1,0 +1,218 @@
+"""Quantization-aware training (QAT) by distillation: the student trains through the exporter's own quantization grid.
+
+`edgekit distill --qat 8da4w` swaps the student's linears for torchao's FakeQuantizedLinear (torchao.quantization.qat,
+the same module torchao's QATConfig prepare step installs) for the last part of training; the forward pass then
+sees the weights (and activations) exactly as the runtime will, while the gradient passes straight through the
+rounding to the float weights. After training the swap is undone (torchao's `to_linear`, the weights stay the trained
+float numbers) and the folder records the scheme in qat.json. Export reads it and quantizes those weights with the
+same grid and scale rule by round-to-nearest: calibrated rounding (GPTQ, importance matrices) would move them off
+the grid QAT trained for.
+
+A recipe says what the fake quantization is; each QAT-able precision names its recipe in the precision registry
+(edgekit/precision.py `fake_quant`). Which linears a recipe covers is read through the model family (edgekit/arch),
+so no projection name appears here. Importing this module imports no torch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from edgekit.errors import EdgekitError
+
+QAT_FILE = "qat.json"
+DEFAULT_GROUP = 32
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    weight_bits: int
+    act_int8_per_token: bool  # dynamic asymmetric int8 activations per token (XNNPACK's qd8)
+    scale_dtype: str  # the dtype group scales are rounded to, as the runtime stores them
+    lm_head: bool  # the output head is quantized like the other linears
+    description: str
+
+
+RECIPES = {r.name: r for r in (
+    # torchao's symmetric rule: scale = max|w| / 7.5 per group, q = clamp(round(w / scale), -8, 7); XNNPACK stores
+    # the scales in bf16, so they are rounded to bf16 before rounding the weights (exporters/executorch.py does too)
+    Recipe("int8dyn-int4sym", 4, True, "bfloat16", True,
+           "int8 dynamic per-token activations x int4 symmetric per-group weights (torchao 8da4w, bf16 scales)"),
+)}
+
+
+@dataclass(frozen=True)
+class QATPlan:
+    scheme: str  # canonical precision name
+    backend: str
+    group_size: int
+    recipe: str
+    start_fraction: float = 0.0  # fake quantization from this fraction of the steps on (0 = the whole run)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve(scheme: str, backend: str | None = None, group_size: int | None = None,
+            start_fraction: float = 0.0) -> QATPlan:
+    """The QAT request as a plan, refused in one line when the backend lacks the scheme or the scheme has no recipe
+    (torch-free: runs before any model loads)."""
+    from edgekit.exporters import REGISTRY, get
+    from edgekit.precision import backends_for, get_precision, qat_schemes
+
+    p = get_precision(scheme)
+    able = [b for b in backends_for(p.name)]
+    if backend is not None:
+        spec = get(backend)
+        if p.name not in spec.precisions:
+            mine = [s for s in qat_schemes() if s in spec.precisions]
+            where = f"; {p.name} is built by {', '.join(able)}" if able else ""
+            raise EdgekitError(f"backend {spec.name} cannot lower the QAT scheme {p.name!r}{where}",
+                               f"pass --qat {' or --qat '.join(mine)}" if mine else
+                               f"QAT-able schemes: {', '.join(f'{s} ({backends_for(s)[0]})' for s in qat_schemes())}")
+    if not p.fake_quant:
+        raise EdgekitError(f"precision {p.name} has no quantization-aware training recipe in edgekit",
+                           f"pass {' or '.join(f'--qat {q} (-b {backends_for(q)[0]})' for q in qat_schemes())}, "
+                           f"or distill without --qat and export -p {p.name} afterwards")
+    if backend is None:
+        backend = able[0]
+    elif backend not in REGISTRY:
+        get(backend)
+    g = DEFAULT_GROUP if group_size is None else int(group_size)
+    if g < 2 or g % 2:
+        raise EdgekitError(f"QAT group size must be an even number >= 2, got {g}", f"e.g. --group-size {DEFAULT_GROUP}")
+    if not 0 <= start_fraction < 1:
+        raise EdgekitError(f"--qat-start must be in [0, 1), got {start_fraction}",
+                           "0 = fake quantization for the whole run, 0.5 = the second half")
+    return QATPlan(p.name, backend, g, p.fake_quant, float(start_fraction))
+
+
+def recipe(plan: QATPlan) -> Recipe:
+    return RECIPES[plan.recipe]
+
+
+def target_linears(model, rec: Recipe) -> list[tuple[str, object]]:
+    """(name, module) of every linear the recipe fake-quantizes, found through the model's family: the attention and
+    MLP projections of each layer (fused ones once) and, when the recipe quantizes it, the output head."""
+    from edgekit.arch import get_family
+
+    fam = get_family(model.config.model_type)
+    mods = []
+    for layer in fam.layers(model):
+        mods += [p.module for p in fam.qkv(layer)] + [fam.o(layer)] + [p.module for p in fam.gate_up(layer)]
+        mods.append(fam.down(layer))
+    if rec.lm_head:
+        mods.append(model.get_output_embeddings())
+    names = {id(m): n for n, m in model.named_modules()}
+    out, seen = [], set()
+    for m in mods:
+        if id(m) not in seen:
+            seen.add(id(m))
+            out.append((names[id(m)], m))
+    return out
+
+
+def check_widths(model, plan: QATPlan) -> None:
+    """Every fake-quantized linear's input width must be a multiple of the group size (one line naming them)."""
+    bad = [(n, m.in_features) for n, m in target_linears(model, recipe(plan)) if m.in_features % plan.group_size]
+    if bad:
+        widths = sorted({w for _, w in bad})
+        shown = ", ".join(f"{n} (in {w})" for n, w in bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        ok = [g for g in (32, 64, 128) if all(w % g == 0 for w in widths)]
+        raise EdgekitError(f"QAT group size {plan.group_size} does not divide the input width of {len(bad)} linear(s): "
+                           f"{shown}", f"pass --group-size {ok[0]}" if ok else
+                           f"pass a --group-size that divides {', '.join(map(str, widths))}")
+
+
+def fake_quant_configs(plan: QATPlan):
+    """(activation, weight) torchao IntxFakeQuantizeConfig of the plan's recipe."""
+    import torch
+    from torchao.quantization.qat import IntxFakeQuantizeConfig
+
+    rec = recipe(plan)
+    act = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False) if rec.act_int8_per_token else None
+    weight = IntxFakeQuantizeConfig(getattr(torch, f"int{rec.weight_bits}"), group_size=plan.group_size,
+                                    is_symmetric=True, scale_precision=getattr(torch, rec.scale_dtype))
+    return act, weight
+
+
+def prepare(model, plan: QATPlan) -> int:
+    """Swap the recipe's linears for torchao FakeQuantizedLinear in place (the Parameters are the same objects, so
+    an optimizer built before keeps its state and a tied head stays tied); returns how many."""
+    from torchao.quantization.qat.linear import FakeQuantizedLinear
+
+    check_widths(model, plan)
+    act, weight = fake_quant_configs(plan)
+    n = 0
+    for name, mod in target_linears(model, recipe(plan)):
+        if isinstance(mod, FakeQuantizedLinear):
+            continue
+        model.set_submodule(name, FakeQuantizedLinear.from_linear(mod, act, weight))
+        n += 1
+    return n
+
+
+def convert(model) -> int:
+    """Undo `prepare`: plain nn.Linear with the trained float weights (the exporter quantizes them); how many."""
+    from torchao.quantization.qat.linear import FakeQuantizedLinear
+
+    fq = [(n, m) for n, m in model.named_modules() if isinstance(m, FakeQuantizedLinear)]
+    for n, m in fq:
+        model.set_submodule(n, m.to_linear())
+    return len(fq)
+
+
+def weight_grid(weight, plan: QATPlan):
+    """(fake-quantized weight, fp32 group scales) exactly as training's weight fake quantizer computes them: the
+    exporter hands both to torchao (custom scales), which re-derives the very integers QAT trained through."""
+    import torch
+    from torchao.quantization.qat.fake_quantizer import FakeQuantizerBase
+
+    fq = FakeQuantizerBase.from_config(fake_quant_configs(plan)[1])
+    with torch.no_grad():
+        w = fq(weight.detach())
+    return w, fq.scale.float()
+
+
+def export_settings(plan: QATPlan, backend: str, precision: str | None, group_size: int | None) -> dict:
+    """ExportConfig fields for exporting a QAT-trained folder: its scheme, group and plain rounding on its own
+    backend; a float precision exports as asked (the QAT is unused then); another quantized format is refused."""
+    from edgekit.precision import get_precision
+
+    asked = get_precision(precision) if precision is not None else None
+    if (asked is not None and not asked.quantized) or (asked is None and backend != plan.backend):
+        return {}  # a float artifact (another backend's default is its most faithful precision)
+    if backend != plan.backend or (asked is not None and asked.name != plan.scheme):
+        what = f"{backend} {asked.name}" if asked is not None else backend
+        raise EdgekitError(f"this model was quantization-aware trained for {plan.backend} {plan.scheme} "
+                           f"({QAT_FILE}); exporting it as {what} would quantize it on a grid it was not trained for",
+                           f"export with -b {plan.backend} -p {plan.scheme}, or -p fp32")
+    if group_size is not None and group_size != plan.group_size:
+        raise EdgekitError(f"this model was quantization-aware trained with group size {plan.group_size}, not "
+                           f"{group_size}", f"drop --group-size or pass --group-size {plan.group_size}")
+    return {"precision": plan.scheme, "group_size": plan.group_size, "calibrate": False, "qat": plan}
+
+
+def write(folder: Path, plan: QATPlan, extra: dict | None = None) -> None:
+    from edgekit.fsutil import atomic_write_json
+
+    atomic_write_json(Path(folder) / QAT_FILE, {**plan.to_dict(), **(extra or {})})
+
+
+def read(folder: Path) -> QATPlan | None:
+    """The QAT plan a distilled folder was trained for, or None."""
+    f = Path(folder) / QAT_FILE
+    if not f.is_file():
+        return None
+    try:
+        d = json.loads(f.read_text())
+        return QATPlan(d["scheme"], d["backend"], int(d["group_size"]), d["recipe"], float(d.get("start_fraction", 0)))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise EdgekitError(f"{f} is not a QAT record edgekit wrote ({e})",
+                           f"restore it from the distill output, or delete it to export as a plain model") from e
+
+
+__all__ = ["DEFAULT_GROUP", "QAT_FILE", "QATPlan", "RECIPES", "Recipe", "check_widths", "convert", "export_settings", "weight_grid",
+           "prepare", "read", "resolve", "target_linears", "write"]
