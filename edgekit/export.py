@@ -41,6 +41,7 @@ class ExportConfig:
     group_size: int | None = None  # weights per quantization scale (ONNX Runtime int4: 32, 64, 128); None: 32
     calibrate: bool = True  # calibrated quantization where the precision has it (GGUF: an importance matrix)
     calibration: Path | None = None  # text to calibrate on (.txt/.jsonl/folder); None: edgekit's shipped text
+    qat: Any = None  # edgekit.qat.QATPlan the model was trained for (read from its qat.json by export_model)
 
     def resolved(self) -> "ExportConfig":
         from edgekit.exporters import get
@@ -110,6 +111,14 @@ def export_model(model_dir: Path, out: Path, cfg: ExportConfig, log=print) -> di
     from edgekit.runtime import open_artifact
     from edgekit.verify import compare, make_reference, save_reference, thresholds_for
 
+    from edgekit import qat
+
+    plan = qat.read(model_dir)
+    if plan is not None:  # a QAT-trained folder: lower the scheme it trained for, on the grid it trained through
+        cfg = replace(cfg, **qat.export_settings(plan, cfg.backend, cfg.precision, cfg.group_size))
+        if cfg.qat is not None:
+            log(f"export: {plan.scheme} on the QAT grid recorded in {qat.QAT_FILE} (round-to-nearest, group "
+                f"{plan.group_size}; calibrated rounding would leave the grid QAT trained for)")
     cfg = cfg.resolved()
     spec = get(cfg.backend)
     backend = spec.load()
@@ -135,11 +144,15 @@ def export_model(model_dir: Path, out: Path, cfg: ExportConfig, log=print) -> di
             "files": files,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "versions": library_versions("torch", "transformers", *spec.libraries),
+            **({"qat": cfg.qat.to_dict()} if cfg.qat is not None else {}),
             **extra,
         }
         atomic_write_json(tmp / ARTIFACT_FILE, meta)
         log("verify: PyTorch reference on held-out text")
         model, tok = load_torch_model(model_dir)
+        if cfg.qat is not None:  # the model QAT trained (and distill scored) is the fake-quantized one: gate the
+            qat.prepare(model, cfg.qat)  # runtime against it; its float weights are an intermediate never meant to run
+            meta["gate_reference"] = "fake-quantized eager model (QAT)"
         ref = make_reference(model, tok)
         del model
         save_reference(tmp / REFERENCE_FILE, ref)

@@ -161,18 +161,30 @@ def _bf16(s: torch.Tensor) -> torch.Tensor:
     return s.to(torch.bfloat16).float()  # XNNPACK stores group scales in bf16: choose and round with what runs
 
 
-def quantize_8da4w(model, group_size: int = GROUP_SIZE, calibration: list | None = None) -> dict:
+def quantize_8da4w(model, group_size: int = GROUP_SIZE, calibration: list | None = None, qat=None) -> dict:
     """int8 dynamic activations + int4 grouped weights on every linear (torchao); returns what was done.
 
     With `calibration` (batches of token ids) the int4 weights are GPTQ's (edgekit/gptq.py) rather than torchao's
     round-to-nearest: on SmolLM2-135M mean KL vs fp32 0.62 -> 0.17. The tied LM head stays 4-bit like the rest
-    (8 bits measured no better once calibrated)."""
+    (8 bits measured no better once calibrated). With `qat` (edgekit.qat.QATPlan) the weights were trained through
+    that plan's fake quantizer: each linear is rounded on exactly its grid (round-to-nearest, bf16 scales), which is
+    what QAT trained for; GPTQ would move them off it."""
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxUnpackedToInt8Tensor, quantize_
     from torchao.quantization.granularity import PerGroup
 
     check_group_widths(model, group_size)
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    if calibration is None:
+    if qat is not None:
+        from edgekit.qat import weight_grid
+
+        for n in linears:  # torchao re-derives the fake quantizer's integers from (its output, its scales)
+            mod = model.get_submodule(n)
+            w, s = weight_grid(mod.weight, qat)
+            mod.weight = torch.nn.Parameter(IntxUnpackedToInt8Tensor.from_hp(
+                w, (1, group_size), torch.int4, activation_quantization="int8_asym_per_token",
+                intx_choose_qparams_algorithm=None, custom_scale=s,
+                custom_zero_point=torch.zeros_like(s, dtype=torch.int8)), requires_grad=False)
+    elif calibration is None:
         quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
                                                                weight_granularity=PerGroup(group_size)))
     else:
@@ -198,7 +210,8 @@ def quantize_8da4w(model, group_size: int = GROUP_SIZE, calibration: list | None
         raise EdgekitError(f"torchao left {len(plain)} linear(s) unquantized: {', '.join(plain[:6])}",
                            "use --precision fp32, or report the model's shapes as an edgekit bug")
     return {"quantized_linears": len(linears), "group_size": group_size,
-            "weight_rounding": "gptq" if calibration is not None else "round-to-nearest",
+            "weight_rounding": "qat-grid" if qat is not None else "gptq" if calibration is not None
+            else "round-to-nearest",
             **({"calibration_tokens": sum(b.numel() for b in calibration)} if calibration is not None else {})}
 
 
@@ -241,8 +254,10 @@ def export(model_dir: Path, out: Path, cfg) -> dict:
     info: dict = {}
     with torch.no_grad():
         if cfg.precision == "8da4w":
-            calib = calibration_batches(tok, cfg.calibration) if cfg.calibrate and tok is not None else None
-            info = quantize_8da4w(model, calibration=calib)
+            qat = getattr(cfg, "qat", None)
+            calib = calibration_batches(tok, cfg.calibration) if cfg.calibrate and tok is not None and qat is None \
+                else None
+            info = quantize_8da4w(model, group_size=qat.group_size if qat else GROUP_SIZE, calibration=calib, qat=qat)
         spell_out_tanh_gelu(model)
         with warnings.catch_warnings():  # "mutation on a buffer ... meaningless initial state": the mask covers it
             warnings.simplefilter("ignore")

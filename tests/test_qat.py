@@ -1,0 +1,173 @@
+"""Quantization-aware training by distillation (edgekit/qat.py): distill --qat trains through the exporter's grid,
+records the scheme, export lowers it on that grid and the real ExecuTorch runtime reproduces the fake-quantized
+eager model; bad QAT requests are one line and write nothing; fake-quant insertion goes through each family."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+TOK_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny teacher and a random student of a narrower MLP (96: a multiple of 32) sharing its tokenizer."""
+    from edgekit.testing import make_tiny_model
+
+    root = tmp_path_factory.mktemp("qat")
+    teacher = make_tiny_model("llama", root / "teacher", seed=0)
+    student = make_tiny_model("llama", root / "student", seed=1, tokenizer=False, intermediate_size=96)
+    for f in TOK_FILES:
+        shutil.copy(teacher / f, student / f)
+    return {"teacher": teacher, "student": student}
+
+
+def _cfg(**kw):
+    from edgekit.distill import DataConfig, DistillConfig, LossConfig, OptimConfig
+
+    base = dict(steps=16, batch_size=8, micro_batch_size=4, checkpoint_every=0, qat="8da4w",
+                loss=LossConfig(ce_weight=0.0), data=DataConfig(block_size=64, max_eval_blocks=8),
+                optim=OptimConfig(lr=3e-3))
+    return DistillConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def qat_run(models, tmp_path_factory):
+    from edgekit.distill import distill
+
+    out = tmp_path_factory.mktemp("qatrun") / "student-qat"
+    rep = distill(models["teacher"], models["student"], out, _cfg(qat_start=0.25), progress=False,
+                  log=lambda *_: None)
+    return out, rep
+
+
+def test_distill_qat_trains_and_records_the_scheme(qat_run):
+    out, rep = qat_run
+    kd = [h[2] for h in rep["history"]]
+    assert kd[-1] < 0.75 * kd[0], kd  # the KD loss falls, through the fake quantizer for the last 12 steps
+    q = rep["qat"]
+    assert q["scheme"] == "8da4w" and q["backend"] == "executorch" and q["group_size"] == 32
+    assert q["start_step"] == 4 and q["steps"] == 12 and q["fake_quantized_linears"] == 2 * 7 + 1
+    assert rep["heldout_perplexity"]["after"] < rep["heldout_perplexity"]["before"]
+    rec = json.loads((out / "qat.json").read_text())
+    assert rec["scheme"] == "8da4w" and rec["recipe"] == "int8dyn-int4sym" and rec["group_size"] == 32
+    # the saved folder is a plain float HF model (no fake-quant modules, no quantization_config)
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg
+    from edgekit.models import load_torch_model
+
+    model, _ = load_torch_model(out)
+    assert all(type(m).__name__ != "FakeQuantizedLinear" for m in model.modules())
+
+
+def test_qat_export_lowers_the_scheme_and_matches_the_fake_quant_model(qat_run, tmp_path):
+    """What QAT trains is what ships: the .pte (real ExecuTorch runtime) reproduces the fake-quantized eager model
+    far more closely than it reproduces the float weights it was exported from."""
+    import torch
+
+    from edgekit import qat
+    from edgekit.export import ExportConfig, export_model
+    from edgekit.models import load_torch_model
+    from edgekit.runtime import open_artifact
+    from edgekit.runtime.base import sequence_logits
+
+    out, _ = qat_run
+    art = tmp_path / "pte"
+    meta = export_model(out, art, ExportConfig(backend="executorch", context_length=128), log=lambda *_: None)
+    assert meta["precision"] == "8da4w" and meta["qat"]["scheme"] == "8da4w"
+    assert meta["weight_rounding"] == "qat-grid" and meta["quantized_linears"] == 15 and meta["group_size"] == 32
+    assert meta["gate"]["passed"] and meta["gate_reference"].startswith("fake-quantized"), meta["gate"]["failures"]
+    model, _ = load_torch_model(out)
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, 48)
+    with torch.no_grad():
+        float_logits = model(input_ids=torch.tensor(ids)[None]).logits[0].numpy()
+        qat.prepare(model, qat.read(out))
+        fq_logits = model(input_ids=torch.tensor(ids)[None]).logits[0].numpy()
+    got = sequence_logits(open_artifact(art), ids)
+    d_fq, d_float = np.abs(got - fq_logits).max(), np.abs(got - float_logits).max()
+    scale = np.abs(fq_logits).max()
+    assert d_fq < 0.02 * scale and d_fq < 0.2 * d_float, (d_fq, d_float, scale)
+    assert (got.argmax(-1) == fq_logits.argmax(-1)).mean() >= 0.97
+
+
+def test_qat_export_refuses_another_grid(qat_run, tmp_path):
+    from edgekit.errors import EdgekitError
+    from edgekit.export import ExportConfig, export_model
+
+    out, _ = qat_run
+    with pytest.raises(EdgekitError, match="trained for executorch 8da4w"):
+        export_model(out, tmp_path / "a", ExportConfig(backend="gguf", precision="q4_0"), log=lambda *_: None)
+    with pytest.raises(EdgekitError, match="group size 32, not 64"):
+        export_model(out, tmp_path / "b", ExportConfig(backend="executorch", group_size=64), log=lambda *_: None)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_bad_qat_requests_are_one_line_and_write_nothing(models, tmp_path, cli):
+    T, S = models["teacher"], models["student"]
+    o = tmp_path / "o"
+    p = cli("distill", "--teacher", T, "--student", S, "--steps", 2, "--qat", "q4_k_m", "-b", "onnxruntime",
+            "-o", o, check=2)
+    assert "backend onnxruntime cannot lower the QAT scheme 'q4_k_m'" in p.stderr and "fix:" in p.stderr
+    assert p.stderr.count("edgekit: error:") == 1
+    p = cli("distill", "--teacher", T, "--student", S, "--steps", 2, "--qat", "q4_k_m", "-o", o, check=2)
+    assert "no quantization-aware training recipe" in p.stderr and "--qat 8da4w" in p.stderr
+    p = cli("distill", "--teacher", T, "--student", S, "--steps", 2, "--qat", "8da4w", "--group-size", 48,
+            "-o", o, check=2)
+    assert "group size 48 does not divide the input width" in p.stderr and "(in 64)" in p.stderr
+    assert "--group-size 32" in p.stderr
+    q = tmp_path / "quantized"
+    shutil.copytree(S, q)
+    cfg = json.loads((q / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "torchao"}
+    (q / "config.json").write_text(json.dumps(cfg))
+    p = cli("distill", "--teacher", T, "--student", q, "--steps", 2, "--qat", "8da4w", "-o", o, check=2)
+    assert "with QAT" in p.stderr and "is quantized" in p.stderr and "full-precision weights" in p.stderr
+    art = tmp_path / "artifact"
+    shutil.copytree(S, art)
+    (art / "artifact.json").write_text(json.dumps({"backend": "executorch", "precision": "8da4w"}))
+    p = cli("distill", "--teacher", T, "--student", art, "--steps", 2, "--qat", "8da4w", "-o", o, check=2)
+    assert "exported edgekit artifact" in p.stderr and "with QAT" in p.stderr
+    p = cli("distill", "--teacher", T, "--student", S, "--steps", 2, "--group-size", 32, "-o", o, check=2)
+    assert "only apply to quantization-aware training" in p.stderr
+    assert not o.exists() and not (tmp_path / "o.ckpt").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text", "phi3"])
+def test_fake_quant_covers_every_linear_the_exporter_quantizes(arch, tmp_path):
+    """Insertion goes through the family's module access: every nn.Linear the 8da4w exporter quantizes (fused
+    projections once, the head) is fake-quantized, gradients reach the float weights, convert restores the model."""
+    import torch
+    from torchao.quantization.qat.linear import FakeQuantizedLinear
+
+    from edgekit import qat
+    from edgekit.models import load_torch_model
+    from edgekit.testing import make_tiny_model
+
+    model, _ = load_torch_model(make_tiny_model(arch, tmp_path / arch, quirks=True))
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    keys = set(model.state_dict())
+    plan = qat.resolve("8da4w")
+    ids = torch.arange(16)[None] % model.config.vocab_size
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    assert qat.prepare(model, plan) == len(linears)
+    assert {n for n, m in model.named_modules() if isinstance(m, FakeQuantizedLinear)} == linears
+    out = model(input_ids=ids).logits
+    assert 0 < (out - ref).abs().max() < 0.5 * ref.abs().max()  # quantized numerics, not noise
+    out.square().mean().backward()
+    assert all(model.get_submodule(n).weight.grad is not None for n in linears)
+    assert qat.convert(model) == len(linears) and set(model.state_dict()) == keys
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, ref)  # the float weights are untouched without training
+
+
+def test_qat_recipes_live_in_the_precision_registry():
+    from edgekit import qat
+    from edgekit.precision import PRECISIONS, backends_for, qat_schemes
+
+    assert qat_schemes() == ["8da4w"]
+    for name in qat_schemes():
+        assert PRECISIONS[name].fake_quant in qat.RECIPES and PRECISIONS[name].quantized and backends_for(name)
+    assert qat.resolve("A8W4").scheme == "8da4w"  # aliases and case work like every precision flag
