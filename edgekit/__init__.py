@@ -17,9 +17,9 @@ _root = _Path(__file__).resolve().parent.parent
 if (_root / "exporters" / "__init__.py").is_file() and not (_Path(__file__).parent / "exporters").exists():
     __path__.append(str(_root))  # noqa: F821 (package __path__)
 
-_API = ("build", "prune", "export", "bench")
+_API = ("build", "prune", "export", "bench", "bench_matrix")
 _RESULTS = ("BuildResult", "BuildPlan", "StagePlan", "PruneResult", "LayerWidths", "ExportResult", "BenchResult",
-            "BenchPoint", "GateResult")
+            "BenchPoint", "GateResult", "MatrixResult", "MatrixRow")
 _CONFIGS = {"BuildOptions": "edgekit.pipeline", "PruneConfig": "edgekit.prune.config", "Budget": "edgekit.prune.config"}
 __all__ = ["__version__", *_API, *_RESULTS, *_CONFIGS]
 

@@ -448,3 +448,130 @@ def write_report(build_dir: Path, manifest: dict) -> dict[str, Path]:
     atomic_write_text(paths["md"], markdown(data))
     atomic_write_text(paths["html"], html_report(data, svgs))
     return paths
+
+
+# ---------------------------------------------------------------- the matrix (edgekit bench --matrix)
+
+MATRIX_HEADERS = ("device", "backend", "precision", "size MB", "peak RSS / budget MB", "TTFT ms", "prefill t/s",
+                  "decode t/s p50 / p99", "KL", "top-1", "ppl / fp32", "gate", "roofline", "result")
+
+
+def _f(v, fmt: str, none: str = "-") -> str:
+    return none if v is None else format(v, fmt)
+
+
+def matrix_table(data: dict) -> list[tuple]:
+    """One row of MATRIX_HEADERS per matrix row (terminal, Markdown and HTML show the same cells)."""
+    winners = set(v for v in (data.get("winners") or {}).values() if v)
+    out = []
+    for r in data["rows"]:
+        if r["status"] == "error" and r.get("size_bytes") is None:
+            out.append((r["device"], r["backend"], r.get("precision") or "-", *["-"] * 10,
+                        "ERROR: " + (r.get("error") or "?")))
+            continue
+        rss = r.get("peak_rss_mb")
+        fits = {True: "fits", False: "OVER", None: "?"}[r.get("fits")]
+        mem = (f"{rss:.0f} / {r['budget_mb']:.0f} {fits}" if rss is not None else
+               f"plan {_f(r.get('planned_mb'), '.0f')} / {r.get('budget_mb', 0):.0f} {fits}")
+        gate = {True: "passed", False: "FAILED", None: "-"}[r.get("gate_passed")]
+        result = ("WINNER" if r["id"] in winners else "") + (" (skipped: done earlier)" if r.get("skipped") else "")
+        if r.get("error"):
+            result = (result + " " + r["error"]).strip()
+        elif r.get("note"):
+            result = (result + " " + r["note"]).strip()
+        out.append((r["device"], r["backend"], r["precision"], _f((r.get("size_bytes") or 0) / 2**20, ".1f"), mem,
+                    _f(r.get("ttft_ms"), ".1f"), _f(r.get("prefill_tokens_per_s"), ".0f"),
+                    f"{_f(r.get('decode_tps_p50'), '.1f')} / {_f(r.get('decode_tps_p99'), '.1f')}",
+                    _f(r.get("mean_kl"), ".3g"), _f(r.get("top1_agreement"), ".1%"),
+                    _f(r.get("perplexity_ratio"), ".3f"), gate, _f(r.get("roofline_fraction"), ".2f"),
+                    result or ""))
+    return out
+
+
+def _matrix_notes(data: dict) -> list[str]:
+    bw = data["bandwidth"]
+    win = data.get("winner")
+    return [f"winner: {win or 'none (no row passed its gate and fits)'}",
+            f"winner rule: {data['winner_rule']}",
+            f"memory budget: {data['budget_mb']:.0f} MB ({data['target']}); fits = peak RSS of the benchmark "
+            "(host rows: on this host) within it, or the plan's estimate where no benchmark ran",
+            f"roofline = decode tokens/s x bytes read per token / bandwidth; host bandwidth "
+            f"{(bw.get('host_bytes_per_s') or 0) / 1e9:.1f} GB/s ({bw['method']}), devices "
+            f"{bw['device_bytes_per_s'] / 1e9:.1f} GB/s ({bw['device_method']})",
+            "KL, top-1 and perplexity are against the fp32 PyTorch model on the gate's held-out text; decode p99 is "
+            "the slowest 1% of steps, as tokens/s"]
+
+
+def matrix_markdown(data: dict) -> str:
+    lines = [f"# edgekit matrix: {data['target']} ({(data.get('model') or {}).get('source')})", ""]
+    lines += ["| " + " | ".join(MATRIX_HEADERS) + " |", "|" + "---|" * len(MATRIX_HEADERS)]
+    lines += ["| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in matrix_table(data)]
+    lines += [""] + [f"- {n}" for n in _matrix_notes(data)] + [""]
+    return "\n".join(lines)
+
+
+def matrix_svgs(data: dict) -> dict[str, str]:
+    """Quality against speed (marker area = file size, hollow = failed its gate) and peak memory against the
+    budget, one bar per row."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ModuleNotFoundError:
+        return {}
+    rows = [r for r in data["rows"] if r.get("decode_tps_p50") and r.get("mean_kl") is not None]
+    out = {}
+    if rows:
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        big = max(r.get("size_bytes") or 1 for r in rows)
+        for r in rows:
+            ok = bool(r.get("gate_passed")) and r.get("fits") is not False
+            ax.scatter(r["decode_tps_p50"], max(r["mean_kl"], 1e-7), s=40 + 400 * (r.get("size_bytes") or 0) / big,
+                       facecolors="#4477aa" if ok else "none", edgecolors="#4477aa" if ok else "#cc3311", zorder=3)
+            ax.annotate(f"{r['backend']} {r['precision']}" + ("" if r["device"] == "host" else f" @{r['device']}"),
+                        (r["decode_tps_p50"], max(r["mean_kl"], 1e-7)), fontsize=6, xytext=(4, 4),
+                        textcoords="offset points")
+        ax.set(xlabel="decode tokens/s (p50)", ylabel="mean KL vs fp32 (nats, lower is better)", yscale="log",
+               title="Quality / speed / size (area = file size; hollow = fails gate or budget)")
+        out["quality_speed"] = _svg(fig)
+    mem = [r for r in data["rows"] if r.get("peak_rss_mb") is not None or r.get("planned_mb") is not None]
+    if mem:
+        fig, ax = plt.subplots(figsize=(6, 0.5 + 0.35 * len(mem)))
+        ys = list(range(len(mem)))
+        vals = [r["peak_rss_mb"] if r.get("peak_rss_mb") is not None else r["planned_mb"] for r in mem]
+        ax.barh(ys, vals, color=["#228833" if r.get("fits") else "#cc3311" for r in mem], zorder=2)
+        ax.axvline(data["budget_mb"], color="#cc3311", linestyle="--", label=f"budget {data['budget_mb']:.0f} MB")
+        ax.set_yticks(ys, [f"{r['device']} {r['backend']} {r['precision']}" for r in mem], fontsize=7)
+        ax.set(xlabel="peak RSS (MB; planned where not measured)", title=f"Memory against {data['target']}'s budget")
+        ax.legend(fontsize=7)
+        out["memory_budget"] = _svg(fig)
+    return out
+
+
+def matrix_html(data: dict, svgs: dict[str, str]) -> str:
+    e = html.escape
+    title = f"edgekit matrix: {data['target']}"
+    parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{e(title)}</title><style>{CSS}"
+             "th{text-align:left;padding:.2em .8em;border-bottom:2px solid #ccc}body{max-width:1400px}</style>"
+             f"</head><body><h1>{e(title)}</h1><table><tr>"]
+    parts += [f"<th>{e(h)}</th>" for h in MATRIX_HEADERS]
+    parts.append("</tr>")
+    for row in matrix_table(data):
+        parts.append("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>")
+    parts.append("</table><ul>" + "".join(f"<li>{e(n)}</li>" for n in _matrix_notes(data)) + "</ul>")
+    if svgs:
+        parts.append("<h2>Plots</h2><div class=plots>")
+        parts += [f"<figure class=plot id=plot-{k}>{v}</figure>" for k, v in svgs.items()]
+        parts.append("</div>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_matrix_report(out: Path, data: dict) -> dict[str, Path]:
+    """matrix.md and matrix.html beside matrix.json (which the caller writes last, with these paths in it)."""
+    svgs = matrix_svgs(data)
+    paths = {"json": Path(out) / "matrix.json", "md": Path(out) / "matrix.md", "html": Path(out) / "matrix.html"}
+    atomic_write_text(paths["md"], matrix_markdown(data))
+    atomic_write_text(paths["html"], matrix_html(data, svgs))
+    return paths

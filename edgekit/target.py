@@ -70,6 +70,13 @@ class Build:
     precision: str  # the default, one of precisions
     width_alignment: int = 8
     context_length: int = 2048
+    # other backends the device runs, beside `backend`: `edgekit bench --matrix` builds each of them at every precision
+    # of `precisions` it declares (the planner and a plain build still use `backend` alone)
+    backends: tuple[str, ...] = ()
+
+    @property
+    def matrix_backends(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((self.backend, *self.backends)))
 
 
 @dataclass(frozen=True)
@@ -152,7 +159,7 @@ def _section(src: str, cls: type, raw: Any, name: str):
         elif want == "float" and not isinstance(v, float):
             raise _bad(src, f"[{name}].{k} must be a number, got {v!r}")
         elif want.startswith("tuple"):
-            if not (isinstance(v, list) and v and all(isinstance(x, str) for x in v)):
+            if not (isinstance(v, list) and (v or f.default == ()) and all(isinstance(x, str) for x in v)):
                 raise _bad(src, f"[{name}].{k} must be a non-empty list of strings, got {v!r}")
             v = tuple(v)
         kwargs[k] = v
@@ -210,10 +217,17 @@ def _validate(t: Target, src: str) -> None:
     b = t.build
     if b.backend not in REGISTRY:
         raise _bad(src, f"build.backend {b.backend!r} is not one of {sorted(REGISTRY)}")
-    supported = REGISTRY[b.backend].precisions
+    unknown = [x for x in b.backends if x not in REGISTRY]
+    if unknown:
+        raise _bad(src, f"build.backends {unknown} are not among {sorted(REGISTRY)}")
+    supported = [p for x in b.matrix_backends for p in REGISTRY[x].precisions]
     bad = [p for p in b.precisions if p not in supported]
     if bad:
-        raise _bad(src, f"build.precisions {bad} are not supported by {b.backend} (it supports {list(supported)})")
+        raise _bad(src, f"build.precisions {bad} are not supported by {' or '.join(b.matrix_backends)} (it supports "
+                        f"{list(dict.fromkeys(supported))})")
+    if b.precision not in REGISTRY[b.backend].precisions:
+        raise _bad(src, f"build.precision {b.precision!r} is not one {b.backend} builds "
+                        f"({list(REGISTRY[b.backend].precisions)})")
     if b.precision not in b.precisions:
         raise _bad(src, f"build.precision {b.precision!r} is not in build.precisions {list(b.precisions)}")
     if b.width_alignment < 1 or b.context_length < 1:

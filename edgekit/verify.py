@@ -65,6 +65,10 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
+def _perplexity(log_probs: np.ndarray, ids: np.ndarray) -> float:
+    return float(np.exp(-log_probs[np.arange(len(ids) - 1), ids[1:]].mean()))
+
+
 def compare(ref: dict[str, np.ndarray], runner: Runner, th: Thresholds) -> dict:
     """Run the artifact on the reference's inputs and score it against the thresholds."""
     ids = ref["input_ids"]
@@ -79,6 +83,8 @@ def compare(ref: dict[str, np.ndarray], runner: Runner, th: Thresholds) -> dict:
         full = ref["logits"]
         res["max_abs_logit_delta"] = float(np.abs(got - full).max())
         p_log, q_log = _log_softmax(full), _log_softmax(got)
+        # next-token perplexity of the gate text under the artifact and under PyTorch: the quality the matrix compares
+        res["perplexity"], res["reference_perplexity"] = _perplexity(q_log, ids), _perplexity(p_log, ids)
     else:  # on the device only the tail travels
         res["max_abs_logit_delta"] = float(np.abs(tail - ref["logits_tail"]).max())
         p_log, q_log = _log_softmax(ref["logits_tail"]), _log_softmax(tail)

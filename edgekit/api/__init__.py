@@ -13,9 +13,10 @@ problem and fix; GateFailed for a failed fidelity gate). Quiet unless verbose=Tr
 from edgekit.api.benchmarking import bench
 from edgekit.api.building import build
 from edgekit.api.exporting import export
+from edgekit.api.matrix import bench_matrix
 from edgekit.api.pruning import prune
 from edgekit.api.results import (BenchPoint, BenchResult, BuildPlan, BuildResult, ExportResult, GateResult,
-                                 LayerWidths, PruneResult, StagePlan)
+                                 LayerWidths, MatrixResult, MatrixRow, PruneResult, StagePlan)
 
-__all__ = ["build", "prune", "export", "bench", "BuildResult", "BuildPlan", "StagePlan", "PruneResult",
+__all__ = ["build", "prune", "export", "bench", "bench_matrix", "MatrixResult", "MatrixRow", "BuildResult", "BuildPlan", "StagePlan", "PruneResult",
            "LayerWidths", "ExportResult", "BenchResult", "BenchPoint", "GateResult"]

@@ -299,3 +299,63 @@ class BuildResult:
     def to_dict(self) -> dict:
         """manifest.json, as `edgekit build --json` prints it."""
         return copy.deepcopy(self.manifest)
+
+
+@dataclass(frozen=True)
+class MatrixRow:
+    """One backend x precision on one device (`host` or an agent's host:port) of `edgekit.bench_matrix`."""
+
+    id: str  # DEVICE:BACKEND/PRECISION
+    device: str
+    backend: str
+    precision: str | None
+    status: str  # "ok" | "gate-failed" | "error"
+    error: str | None  # one line, for a row that could not be built, gated or benchmarked
+    skipped: bool  # finished by an earlier run, read back
+    size_bytes: int | None
+    peak_rss_mb: float | None
+    budget_mb: float | None
+    fits: bool | None
+    ttft_ms: float | None
+    prefill_tokens_per_s: float | None
+    decode_tokens_per_s: float | None  # mean over the runs
+    decode_tps_p50: float | None  # 1000 / the median decode step latency
+    decode_tps_p99: float | None  # 1000 / the 99th-percentile step latency (the slow tail)
+    mean_kl: float | None
+    top1_agreement: float | None
+    perplexity_ratio: float | None  # perplexity on the gate text over PyTorch fp32's
+    gate_passed: bool | None
+    roofline_fraction: float | None
+    artifact: Path | None
+    record: dict = field(repr=False)
+
+    @classmethod
+    def from_dict(cls, r: dict) -> "MatrixRow":
+        names = [f for f in cls.__dataclass_fields__ if f not in ("record", "artifact")]
+        return cls(**{k: r.get(k) for k in names}, artifact=Path(r["artifact"]) if r.get("artifact") else None,
+                   record=r)
+
+
+@dataclass(frozen=True)
+class MatrixResult:
+    """`edgekit.bench_matrix(...)`: every row, the winner by `winner_rule`, and the table's files."""
+
+    out_dir: Path
+    target: str
+    rows: tuple[MatrixRow, ...]
+    winner: MatrixRow | None  # the first device's winner when devices ran, else the host's
+    winners: dict  # {device: row id or None}
+    winner_rule: str
+    report: dict = field(repr=False)  # matrix.json
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MatrixResult":
+        data = _plain(data)
+        rows = tuple(MatrixRow.from_dict(r) for r in data["rows"])
+        win = next((r for r in rows if r.id == data.get("winner")), None)
+        return cls(out_dir=Path(data["out_dir"]), target=data["target"], rows=rows, winner=win,
+                   winners=dict(data.get("winners") or {}), winner_rule=data["winner_rule"], report=data)
+
+    def to_dict(self) -> dict:
+        """matrix.json, as `edgekit bench --matrix --json` prints it."""
+        return copy.deepcopy(self.report)

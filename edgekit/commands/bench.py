@@ -22,10 +22,14 @@ def register(sub) -> None:
                        "  edgekit bench model.gguf -p 128,512 -n 128 -r 5 --format md\n"
                        "  edgekit bench art --format csv -o results/      # also writes bench.json/.csv/.md there\n"
                        "  edgekit bench model.onnx --reference art/reference.npz --precision fp32   # gated first\n"
-                       "  edgekit bench art --device http://jetson.local:8765 --token-file token --target jetson-orin",
+                       "  edgekit bench art --device http://jetson.local:8765 --token-file token --target jetson-orin\n"
+                       "  edgekit bench --matrix --target x86-cpu            every backend x precision, one table\n"
+                       "  edgekit bench --matrix -t rpi5 model -o m/ --device http://pi1:8765 --device http://pi2:8765 "
+                       "--token-file token",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("artifact", type=Path, metavar="MODEL",
-                   help="an artifact folder (has artifact.json) or a plain .gguf, .onnx (with KV cache) or .pte file")
+    p.add_argument("artifact", type=Path, metavar="MODEL", nargs="?",
+                   help="an artifact folder (has artifact.json) or a plain .gguf, .onnx (with KV cache) or .pte file; "
+                   "with --matrix: the model to build (default: embedded SmolLM2-135M)")
     p.add_argument("-p", "--prompt-tokens", metavar="N[,N...]",
                    help=f"prompt lengths to sweep (default {d.prompt_tokens}, shortened to fit a shorter context)")
     p.add_argument("-n", "--new-tokens", metavar="N[,N...]",
@@ -48,10 +52,18 @@ def register(sub) -> None:
                    "against it first (exit 3 on failure) and use its text as the prompt")
     g.add_argument("--precision", help="whose gate thresholds to apply (default: the model's own precision)")
     dv = p.add_argument_group("on a device (through `edgekit agent serve` running there)")
-    dv.add_argument("--device", metavar="URL", help="the agent's URL, e.g. http://jetson.local:8765")
+    dv.add_argument("--device", metavar="URL", action="append", help="the agent's URL, e.g. "
+                    "http://jetson.local:8765 (with --matrix: repeat it for a fleet, driven concurrently)")
     dv.add_argument("--token-file", type=Path, help="file holding the agent's token")
     dv.add_argument("--target", help="target profile whose memory budget the device_tests enforce")
     dv.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the device's report")
+    mx = p.add_argument_group("matrix: which artifact to ship (edgekit/matrix.py; docs in README)")
+    mx.add_argument("--matrix", action="store_true", help="build every backend x precision --target runs from MODEL "
+                    "(resumably, one build folder per row under -o), gate and benchmark each, print one table and "
+                    "the winner: the fastest that passes its gate and fits, ties to quality")
+    mx.add_argument("--backends", metavar="B[,B...]", help="with --matrix: only these backends")
+    mx.add_argument("--precisions", metavar="P[,P...]", help="with --matrix: only these precisions")
+    mx.add_argument("--context", type=int, help="with --matrix: context length to build for (default: the target's)")
     p.set_defaults(func=run)
 
 
@@ -79,6 +91,19 @@ def run(a) -> int:
     check_numbers(a, {"repetitions": (1, 100_000), "warmup": (0, 1000), "seconds": (0, 86400),
                       "max_seconds": (1e-3, 86400), "threads": (1, 1024), "timeout": (1, None)})
     fmt = "json" if a.json else a.format
+    if a.matrix:
+        return run_matrix(a, fmt)
+    from edgekit.errors import EdgekitError
+
+    for flag in ("backends", "precisions", "context"):
+        if getattr(a, flag) is not None:
+            raise EdgekitError(f"--{flag} applies to --matrix only", f"add --matrix, or drop --{flag}")
+    if a.artifact is None:
+        raise EdgekitError("bench needs a MODEL (an artifact folder or a .gguf/.onnx/.pte file)",
+                           "pass the model to benchmark, or --matrix --target T to build and compare every backend")
+    if a.device and len(a.device) > 1:
+        raise EdgekitError("several --device URLs need --matrix", "pass one --device, or add --matrix")
+    a.device = a.device[0] if a.device else None
     if a.device:
         return run_device(a, _device_config(a))
     res = edgekit.api.bench(a.artifact, prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens,
@@ -187,3 +212,34 @@ def run_device(a, cfg) -> int:
         raise EdgekitError(f"the device job {job['id']} failed: {job.get('error')}",
                            f"read the report at {out} and the agent's log")
     return 0
+
+
+def run_matrix(a, fmt: str) -> int:
+    import edgekit.api
+    from edgekit.errors import EdgekitError
+    from edgekit.ui import log, print_json, table
+
+    if not a.target:
+        raise EdgekitError("--matrix needs --target", "pass --target NAME (see `edgekit targets list`)")
+    if fmt not in ("table", "json", "md"):
+        raise EdgekitError(f"--format {fmt} does not apply to --matrix", "pass --format table, md or json (--json)")
+    res = edgekit.api.bench_matrix(a.artifact, target=a.target, out=a.out, backends=a.backends,
+                                   precisions=a.precisions, context=a.context, bench_seconds=a.seconds,
+                                   threads=a.threads, devices=a.device or (), token_file=a.token_file,
+                                   timeout=a.timeout, verbose=fmt != "json")
+    data = res.to_dict()
+    if fmt == "json":
+        print_json(data)
+    elif fmt == "md":
+        from edgekit.report import matrix_markdown
+
+        print(matrix_markdown(data))
+    else:
+        from edgekit.report import MATRIX_HEADERS, _matrix_notes, matrix_table
+
+        table(f"matrix {data['target']}: {data['model']['source']} ({res.out_dir})", matrix_table(data),
+              MATRIX_HEADERS)
+        for n in _matrix_notes(data):
+            log(n)
+        log(f"report: {data['report']['html']} (and matrix.md, matrix.json)")
+    return 0 if any(r.status != "error" for r in res.rows) else 1
