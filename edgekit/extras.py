@@ -13,6 +13,7 @@ EXTRAS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "onnx": (("torch",), ("onnx", "onnxruntime", "onnxscript", "optimum")),
     "gguf": (("torch",), ("gguf", "llama_cpp")),
     "executorch": (("torch",), ("executorch", "torchao")),
+    "vlm": (("onnx",), ("PIL",)),
     # on a device: the agent plus the one runtime it serves
     "agent": ((), ("psutil", "pytest")),
     "agent-onnx": ((), ("onnxruntime",)),
@@ -20,7 +21,7 @@ EXTRAS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "dev": ((), ("setuptools", "pytest", "torch_pruning")),
 }
 # the first of these that brings a module names the fix (the runners name the agent-* extras themselves)
-_FIX_ORDER = ("torch", "onnx", "gguf", "executorch", "agent", "dev")
+_FIX_ORDER = ("torch", "onnx", "gguf", "executorch", "vlm", "agent", "dev")
 
 
 def modules(extra: str) -> tuple[str, ...]:

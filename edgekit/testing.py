@@ -201,3 +201,53 @@ def make_tiny_model(arch: str, out: Path, seed: int = 0, tokenizer: bool = True,
     if tokenizer:
         make_tokenizer(out, kw["vocab_size"], **({"kind": fam.tokenizer} if quirks else {}))
     return out
+
+
+# Tiny vision-language models (task "vlm"): each VLM family's real layout at tiny size. LLaVA-1.5-like: a CLIP tower
+# whose second-to-last layer feeds the projector (so the last layer's output is unused, as in the real model), the
+# CLS token dropped ("default"), a GELU MLP projector with biases, a Llama language model.
+VLM_TINY: dict[str, dict] = {
+    "llava": dict(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=128,
+                           num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8,
+                           projection_dim=32, hidden_act="quick_gelu"),
+        text_config=dict(model_type="llama", **{**TINY, "vocab_size": 512}, tie_word_embeddings=False),
+        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+        multimodal_projector_bias=True),
+}
+
+
+def make_tiny_vlm(arch: str, out: Path, seed: int = 0, **overrides) -> Path:
+    """Save a random `arch` VLM (a registered VLM family) with a byte-level BPE tokenizer holding an <image>
+    token and the vision tower's image processor (preprocessor_config.json), so the folder loads with
+    from_pretrained, AutoTokenizer and AutoImageProcessor offline."""
+    import torch
+    import transformers
+    from transformers import AutoTokenizer, CLIPImageProcessor
+
+    from edgekit.arch import get_vlm_family
+
+    fam = get_vlm_family(arch)
+    kw = {**VLM_TINY[arch], **overrides}
+    vocab = kw["text_config"]["vocab_size"]
+    out = Path(out)
+    make_tokenizer(out, vocab - 1)
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.add_special_tokens({"additional_special_tokens": [fam.image_token]})
+    tok.pad_token = tok.eos_token
+    tok.save_pretrained(out)
+    image_id = tok.convert_tokens_to_ids(fam.image_token)
+    assert image_id == vocab - 1, image_id
+    cfg = getattr(transformers, fam.config_class)(**kw, image_token_index=image_id,
+                                                  image_seq_length=fam.image_tokens({**kw}))
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForImageTextToText.from_config(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embedding" not in name:
+                p.normal_(0, 0.08)
+    model.save_pretrained(out, safe_serialization=True)
+    v = kw["vision_config"]
+    CLIPImageProcessor(size={"shortest_edge": v["image_size"]},
+                       crop_size={"height": v["image_size"], "width": v["image_size"]}).save_pretrained(out)
+    return out

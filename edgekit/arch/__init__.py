@@ -4,6 +4,9 @@ Adding a family: a module beside this one with a FAMILY record (subclass Family 
 differ from the Llama layout), its name in _MODULES, and a tiny config with its real quirks in edgekit/testing.py;
 tests/test_families.py then runs every stage over it and fails until each works. Importing this package imports no
 torch.
+
+Every FAMILY carries its task: "causal-lm" (decoder-only LMs: FAMILIES, what the decoder stages and the decoder
+meta-test take) or "vlm" (vision-language models: VLM_FAMILIES, edgekit/vlm and tests/test_vlm.py).
 """
 
 from __future__ import annotations
@@ -11,13 +14,17 @@ from __future__ import annotations
 import importlib
 
 from edgekit.arch.base import WIDTHS_KEY, Family, Geometry, LayerWidths, Proj
+from edgekit.arch.vlm import VlmFamily, VlmGeometry
 from edgekit.errors import EdgekitError
 
-_MODULES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3")
-FAMILIES: dict[str, Family] = {}
+_MODULES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "llava")
+REGISTRY: dict[str, object] = {}  # every family, any task
 for _m in _MODULES:
     _f = importlib.import_module(f"edgekit.arch.{_m}").FAMILY
-    FAMILIES[_f.model_type] = _f
+    REGISTRY[_f.model_type] = _f
+CAUSAL_LM, VLM = "causal-lm", "vlm"
+FAMILIES: dict[str, Family] = {k: f for k, f in REGISTRY.items() if f.task == CAUSAL_LM}
+VLM_FAMILIES: dict[str, VlmFamily] = {k: f for k, f in REGISTRY.items() if f.task == VLM}
 
 # llama.cpp architecture names (GGUF general.architecture) of the families edgekit reads from a .gguf file
 GGUF_ARCHS: dict[str, Family] = {}
@@ -30,6 +37,10 @@ def supported() -> str:
 
 
 def get_family(model_type: str | None) -> Family:
+    if model_type in VLM_FAMILIES:
+        raise EdgekitError(f"{model_type!r} is a vision-language model ({VLM_FAMILIES[model_type].name}); this "
+                           "command takes decoder-only causal LMs",
+                           "use `edgekit vlm prune` / `edgekit vlm export` for it")
     if model_type not in FAMILIES:
         raise EdgekitError(f"unsupported model family {model_type or '(none)'!r}; edgekit supports decoder-only "
                            f"causal LMs of these families: {supported()}",
@@ -44,9 +55,25 @@ def family_of(cfg: dict) -> Family:
     return fam
 
 
+def get_vlm_family(model_type: str | None) -> VlmFamily:
+    if model_type not in VLM_FAMILIES:
+        raise EdgekitError(f"{model_type or '(none)'!r} is not a vision-language family edgekit supports; it "
+                           f"supports {', '.join(f'{f.name} ({k})' for k, f in VLM_FAMILIES.items())}",
+                           "pass a LLaVA-style folder (config.json model_type llava), or use `edgekit prune` / "
+                           "`edgekit export` for a decoder-only LM")
+    return VLM_FAMILIES[model_type]
+
+
+def vlm_family_of(cfg: dict) -> VlmFamily:
+    fam = get_vlm_family(cfg.get("model_type"))
+    fam.check_config(cfg)
+    return fam
+
+
 def geometry(cfg: dict) -> Geometry:
     return get_family(cfg.get("model_type")).geometry(cfg)
 
 
-__all__ = ["FAMILIES", "GGUF_ARCHS", "WIDTHS_KEY", "Family", "Geometry", "LayerWidths", "Proj", "family_of",
-           "geometry", "get_family", "supported"]
+__all__ = ["CAUSAL_LM", "FAMILIES", "GGUF_ARCHS", "REGISTRY", "VLM", "VLM_FAMILIES", "WIDTHS_KEY", "Family",
+           "Geometry", "LayerWidths", "Proj", "VlmFamily", "VlmGeometry", "family_of", "geometry", "get_family",
+           "get_vlm_family", "supported", "vlm_family_of"]

@@ -113,6 +113,7 @@ class Family:
     config_class: str  # transformers config class that rebuilds a pruned config
     tokenizer: str  # the tokenizer kind its checkpoints ship: bpe-bytelevel | bpe-nfc | spm-bpe
     gguf_arch: str  # llama.cpp architecture for uniform widths
+    task: str = "causal-lm"  # the registry's task key (edgekit.arch: decoder families vs VLM families)
     qkv_bias: bool = False  # q/k/v biases always (Qwen2)
     attention_bias_key: str | None = None  # config key that adds biases to q/k/v/o
     mlp_bias_key: str | None = None

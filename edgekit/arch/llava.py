@@ -1,0 +1,58 @@
+"""LLaVA (`llava`, transformers' LlavaForConditionalGeneration): a CLIP vision tower, a two-layer MLP projector
+(linear_1 -> act -> linear_2) and a Llama-family language model reading the projected patches in place of the
+<image> tokens. The language model's module access is its own family's (Llama, Qwen2, ...)."""
+
+from __future__ import annotations
+
+from edgekit.arch.vlm import VlmFamily
+
+
+class LlavaFamily(VlmFamily):
+    def vision_tower(self, model):
+        return model.model.vision_tower
+
+    def vision_layers(self, model) -> list:
+        return list(model.model.vision_tower.vision_model.encoder.layers)
+
+    # one CLIP encoder layer
+    def vision_qkv(self, layer) -> tuple:
+        a = layer.self_attn
+        return a.q_proj, a.k_proj, a.v_proj
+
+    def vision_out(self, layer):
+        return layer.self_attn.out_proj
+
+    def vision_fc(self, layer) -> tuple:
+        return layer.mlp.fc1, layer.mlp.fc2
+
+    def vision_norms(self, layer) -> list:
+        return [layer.layer_norm1, layer.layer_norm2]
+
+    def projector(self, model):
+        p = model.model.multi_modal_projector
+        return p.linear_1, p.linear_2
+
+    def language_view(self, model):
+        import torch
+        import transformers
+
+        lm_cfg = model.config.get_text_config()
+        with torch.device("meta"):
+            lm = transformers.AutoModelForCausalLM.from_config(lm_cfg)
+        lm.model = model.model.language_model
+        lm.lm_head = model.lm_head
+        return lm.eval()
+
+    # tensor names in a saved folder
+    VISION_PREFIX = "model.vision_tower.vision_model."
+    PROJECTOR_PREFIX = "model.multi_modal_projector."
+    LANGUAGE_PREFIX = "model.language_model."
+
+    def language_state_name(self, name: str) -> str:
+        """A causal-LM tensor name (model.layers.0..., lm_head.weight) as this VLM stores it."""
+        return self.LANGUAGE_PREFIX + name[len("model."):] if name.startswith("model.") else name
+
+
+FAMILY = LlavaFamily(model_type="llava", name="LLaVA", config_class="LlavaConfig",
+                     vision_model_types=("clip_vision_model",),
+                     notes=("CLIP vision tower", "MLP projector", "Llama-family language model"))

@@ -1,0 +1,151 @@
+"""What a vision-language family is (task "vlm"): a vision tower, a projector into the language model's embedding
+space, and a decoder that is itself a registered causal-LM family.
+
+Geometry is torch-free (one counter for both towers plus the projector). Module access works on a loaded
+transformers model and hands the language model out as a plain causal LM view (edgekit's decoder pruner and the
+decoder exporters then work on it unchanged); the vision tower has its own access (layers, q/k/v/out, fc1/fc2,
+layer norms).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from edgekit.arch.base import Family, Geometry
+from edgekit.errors import EdgekitError
+
+VLM = "vlm"
+
+
+@dataclass(frozen=True)
+class VisionLayerWidths:
+    intermediate_size: int
+    num_attention_heads: int
+
+
+@dataclass(frozen=True)
+class VisionGeometry:
+    """A ViT encoder (CLIP layout): patch conv, class + position embeddings, pre/post layer norms, N layers with
+    biased q/k/v/out and fc1/fc2, two layer norms each."""
+
+    hidden_size: int
+    head_dim: int
+    image_size: int
+    patch_size: int
+    channels: int
+    layers: tuple[VisionLayerWidths, ...] = field(default_factory=tuple)
+    class_token: bool = True
+    pre_norm: bool = True
+    post_norm: bool = True
+    patch_bias: bool = False
+
+    @property
+    def patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def layer_params(self, w: VisionLayerWidths) -> dict[str, int]:
+        d, a = self.hidden_size, w.num_attention_heads * self.head_dim
+        return {"attention": 3 * (d * a + a) + a * d + d,
+                "mlp": d * w.intermediate_size + w.intermediate_size + w.intermediate_size * d + d, "norms": 4 * d}
+
+    def params(self) -> int:
+        d = self.hidden_size
+        emb = self.channels * self.patch_size ** 2 * d + (d if self.patch_bias else 0)
+        emb += (self.patches + int(self.class_token)) * d + (d if self.class_token else 0)
+        emb += 2 * d * (int(self.pre_norm) + int(self.post_norm))
+        return emb + sum(sum(self.layer_params(w).values()) for w in self.layers)
+
+    def with_(self, **kw) -> "VisionGeometry":
+        return replace(self, **kw)
+
+
+@dataclass(frozen=True)
+class VlmGeometry:
+    vision: VisionGeometry
+    language: Geometry
+    projector_in: int  # vision hidden x feature layers concatenated
+    projector_bias: bool
+    image_tokens: int  # positions one image takes in the language model's sequence (and its KV cache)
+
+    @property
+    def projector_params(self) -> int:
+        t = self.language.hidden_size
+        return self.projector_in * t + t * t + (2 * t if self.projector_bias else 0)
+
+    def params(self) -> int:
+        return self.vision.params() + self.projector_params + self.language.params()
+
+    def parts(self) -> dict[str, int]:
+        return {"vision": self.vision.params(), "projector": self.projector_params,
+                "language": self.language.params()}
+
+
+@dataclass(frozen=True)
+class VlmFamily:
+    """A vision-language family. `language_families`: the decoder families its text_config may name."""
+
+    model_type: str
+    name: str
+    config_class: str
+    vision_model_types: tuple[str, ...]
+    task: str = VLM
+    image_token: str = "<image>"
+    notes: tuple[str, ...] = ()
+
+    # -- config -> geometry (torch-free) ---------------------------------------------------------------------
+    def language_family(self, cfg: dict) -> Family:
+        from edgekit.arch import get_family
+
+        return get_family((cfg.get("text_config") or {}).get("model_type", "llama"))
+
+    def check_config(self, cfg: dict) -> None:
+        vt = (cfg.get("vision_config") or {}).get("model_type", "clip_vision_model")
+        if vt not in self.vision_model_types:
+            raise EdgekitError(f"this {self.name} model has a {vt!r} vision tower; edgekit carries "
+                               f"{', '.join(self.vision_model_types)}", "use a checkpoint with a CLIP vision tower")
+        self.language_family(cfg).check_config(self.text_config(cfg))
+
+    def text_config(self, cfg: dict) -> dict:
+        t = dict(cfg.get("text_config") or {})
+        t.setdefault("model_type", "llama")
+        return t
+
+    def vision_geometry(self, cfg: dict) -> VisionGeometry:
+        v = cfg.get("vision_config") or {}
+        d, h = v.get("hidden_size", 768), v.get("num_attention_heads", 12)
+        inter, n = v.get("intermediate_size", 3072), v.get("num_hidden_layers", 12)
+        return VisionGeometry(hidden_size=d, head_dim=d // h, image_size=v.get("image_size", 224),
+                              patch_size=v.get("patch_size", 32), channels=v.get("num_channels", 3),
+                              layers=(VisionLayerWidths(inter, h),) * n)
+
+    def feature_layers(self, cfg: dict) -> int:
+        f = cfg.get("vision_feature_layer", -2)
+        return 1 if isinstance(f, int) else len(f)
+
+    def image_tokens(self, cfg: dict) -> int:
+        g = self.vision_geometry(cfg)
+        full = cfg.get("vision_feature_select_strategy", "default") == "full"
+        return g.patches + (1 if full else 0)
+
+    def geometry(self, cfg: dict) -> VlmGeometry:
+        vis = self.vision_geometry(cfg)
+        t = self.text_config(cfg)
+        return VlmGeometry(vision=vis, language=self.language_family(cfg).geometry(t),
+                           projector_in=vis.hidden_size * self.feature_layers(cfg),
+                           projector_bias=bool(cfg.get("multimodal_projector_bias", True)),
+                           image_tokens=self.image_tokens(cfg))
+
+    # -- module access (a loaded transformers model) ---------------------------------------------------------
+    def vision_tower(self, model):
+        raise NotImplementedError
+
+    def vision_layers(self, model) -> list:
+        raise NotImplementedError
+
+    def projector(self, model):
+        raise NotImplementedError
+
+    def language_view(self, model):
+        """The language model as a plain causal LM sharing the VLM's parameters (gradients, cuts and saves go
+        through it), so the decoder family's module access applies unchanged."""
+        raise NotImplementedError
