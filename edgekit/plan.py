@@ -122,6 +122,11 @@ def memory(cfg: dict, backend: str, precision: str, req: PlanRequest, prune_rati
             # past protobuf's 2 GB the weights sit in model.onnx.data, which ONNX Runtime maps: the Gather table is
             # only paged in for the tokens used (Qwen2.5-0.5B fp32: 2,488 MB measured against 3,008 with the table)
             weights -= emb * 4
+    elif rt.weight_bytes:  # the backend counts its own bytes per tensor
+        import importlib
+
+        module, func = rt.weight_bytes.split(":")
+        weights = getattr(importlib.import_module(module), func)(cfg, prec.name) * (1 - prune_ratio)
     else:
         weights = params * bpw + (emb * bpw if rt.tied_stored_twice and s["tied"] else 0)
     stored = weights  # what a decode step reads
@@ -132,7 +137,7 @@ def memory(cfg: dict, backend: str, precision: str, req: PlanRequest, prune_rati
     # One prefill chunk, fp32: logits, attention scores against the whole context, MLP and residual activations.
     act = 4 * req.batch * chunk * ((s["vocab"] if rt.logits_per_chunk else 0) + rt.attn_buffers * s["heads"] *
                                    req.context + 3 * s["inter"] + 4 * s["hidden"]) + 4 * s["vocab"]
-    overhead = rt.overhead_mb * MiB
+    overhead = rt.overhead_mb * MiB + rt.vocab_bytes * s["vocab"]
     return {"weights_bytes": int(weights), "kv_cache_bytes": int(kv * rt.kv_copies), "activations_bytes": int(act),
             "runtime_overhead_bytes": int(overhead), "total_bytes": int(weights + kv * rt.kv_copies + act + overhead),
             "bytes_per_token": int(stored + kv / 2)}

@@ -22,6 +22,7 @@ class RuntimeMemory:
 
     overhead_mb: float  # interpreter, libraries, allocator arenas; on TensorRT the CUDA context
     kv_bytes: int  # bytes per KV-cache element
+    vocab_bytes: int = 0  # runtime tables per vocabulary entry (llama.cpp: token text, scores, merges)
     kv_bytes_unquantized: int | None = None  # when the weights are not quantized (llama.cpp: an f32 cache)
     kv_copies: float = 1.0  # ONNX Runtime: the runner holds `past` while the session writes `present`
     attn_buffers: int = 1  # score-sized (heads x chunk x context) fp32 buffers alive during a prefill chunk
@@ -29,6 +30,9 @@ class RuntimeMemory:
     fp32_embedding: bool = False  # ONNX Runtime: the Gather table stays fp32, and a tied LM head is a transposed copy
     tied_stored_twice: bool = False  # ExecuTorch: the .pte holds the embedding table and the LM head apart
     weight_factor: float = 1.0  # resident bytes per stored weight byte (ExecuTorch: program data + XNNPACK's packing)
+    # "module:function(cfg, precision) -> bytes" when the backend does not store every weight at the precision's
+    # nominal bits (llama.cpp mixes types per tensor and falls back on rows K-quants cannot tile)
+    weight_bytes: str | None = None
 
 
 @dataclass(frozen=True)
@@ -101,7 +105,10 @@ REGISTRY: dict[str, ExporterSpec] = {
         ExporterSpec("gguf", "edgekit.exporters.gguf", "edgekit.runtime.llamacpp",
                      ("fp32", "fp16", "q8_0", "q5_k_m", "q4_k_m", "q4_0"), "GGUF for llama.cpp", "gguf",
                      # f16 cache; unquantized artifacts get an f32 one (f16 alone adds ~1.5e-3 logit error)
-                     RuntimeMemory(overhead_mb=40, kv_bytes=2, kv_bytes_unquantized=4),
+                     # fitted on SmolLM2 (49k vocab), Gemma 3 270M (262k) and Qwen2.5-0.5B (152k) at q8_0 and q4_k_m:
+                     # 72 MB + 160 B per token of vocabulary, within 5% of peak RSS (bench/plan_calibration.md)
+                     RuntimeMemory(overhead_mb=72, vocab_bytes=160, kv_bytes=2, kv_bytes_unquantized=4,
+                                   weight_bytes="edgekit.exporters.gguf_types:planned_weight_bytes"),
                      ("gguf", "llama-cpp-python", "safetensors", "tokenizers")),
         # fitted on SmolLM2-135M (tied, 1517 MB at 2048) and Qwen2.5-Coder-0.5B (untied, 3976 MB at 1024): the Python
         # runtime imports torch (~400 MB) and resident weights are ~1.33x the .pte's (bench/plan_calibration.py)

@@ -60,4 +60,4 @@ class Phi3Family(LlamaFamily):
 
 
 FAMILY = Phi3Family(model_type="phi3", name="Phi-3 / Phi-4-mini", config_class="Phi3Config", tokenizer="spm-bpe",
-                    gguf_arch="phi3", notes=("fused qkv_proj and gate_up_proj", "partial rotary"))
+                    gguf_arch="phi3", fused=True, notes=("fused qkv_proj and gate_up_proj", "partial rotary"))
