@@ -2,9 +2,11 @@
 
 The Hugging Face model runs unchanged inside a thin wrapper that owns the cache: one K and one V buffer per layer,
 `max_context` long, mutated in place (ExecuTorch keeps mutable buffers inside the loaded method between calls).
-`forward(input_ids (1, T), input_pos (T,)) -> logits (1, T, vocab)` has a dynamic T, so one method serves a prefill
-of any length and single-token decode. The causal mask is built from `input_pos` over the whole cache, so positions
-not yet written never take part in attention (they need no zeroing on reset).
+`forward(input_ids (1, T), input_pos (T,)) -> logits (1, T, vocab)` has a dynamic T up to one prefill chunk
+(MAX_CHUNK), so one method serves prefill and single-token decode; the runner splits longer prompts. ExecuTorch
+plans (and the Python runtime allocates) activations for T's upper bound, so bounding T by the context instead cost
+SmolLM2 about 1 GB at 2048 tokens of context. The causal mask is built from `input_pos` over the whole cache, so
+positions not yet written never take part in attention (they need no zeroing on reset).
 
 8da4w = int8 dynamic activations, int4 weights in groups of GROUP_SIZE input channels (torchao). torchao and
 ExecuTorch's own recipe quietly leave a linear in fp32 when its input width is not a multiple of the group size;
@@ -25,6 +27,7 @@ from edgekit.errors import EdgekitError
 ENTRY = "model.pte"
 GROUP_SIZE = 32  # 8da4w weight group (input channels per scale); XNNPACK's kernels take multiples of 32
 MAX_CONTEXT = 2048  # a static cache costs memory and per-step attention over its whole length: cap it
+MAX_CHUNK = 512  # tokens per call: activations are planned for this many, not for the whole context
 EXAMPLE_TOKENS = 2  # export traces with T=2 so that neither 0 nor 1 gets specialized into the graph
 
 
@@ -234,7 +237,7 @@ def lower(wrapper: StaticCacheLM):
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    seq = torch.export.Dim("seq", min=1, max=wrapper.max_context)
+    seq = torch.export.Dim("seq", min=1, max=max(EXAMPLE_TOKENS, min(wrapper.max_context, MAX_CHUNK)))
     example = (torch.zeros((1, EXAMPLE_TOKENS), dtype=torch.long), torch.arange(EXAMPLE_TOKENS))
     with torch.no_grad():
         ep = torch.export.export(wrapper, example, dynamic_shapes=({1: seq}, {0: seq}), strict=False)
@@ -263,5 +266,6 @@ def export(model_dir: Path, out: Path, cfg) -> dict:
             warnings.simplefilter("ignore")
             prog, summary = lower(StaticCacheLM(model, n_ctx))
     atomic_write_bytes(out / ENTRY, prog.buffer)
-    return {"entry": ENTRY, "max_context": n_ctx, "size_bytes": (out / ENTRY).stat().st_size,
+    return {"entry": ENTRY, "max_context": n_ctx, "max_chunk": min(n_ctx, MAX_CHUNK),
+            "size_bytes": (out / ENTRY).stat().st_size,
             **summary, **info}

@@ -17,7 +17,7 @@ from edgekit.errors import EdgekitError
 
 
 class ExecuTorchRunner:
-    def __init__(self, pte: Path, meta: dict, threads: int | None = None):
+    def __init__(self, pte: Path, meta: dict, threads: int | None = None, all_logits: bool = True):
         try:
             import torch
             from executorch.runtime import Runtime
@@ -40,6 +40,9 @@ class ExecuTorchRunner:
         self._program = program  # keeps the program (and its data) alive as long as the method
         self.vocab_size = int(meta["model"]["vocab_size"])
         self.max_context = int(meta["max_context"])
+        # tokens one call may take (the method's planned bound); artifacts before it was recorded took the context
+        self.max_chunk = int(meta.get("max_chunk") or self.max_context)
+        self.all_logits = all_logits
         self.reset()
 
     def reset(self) -> None:
@@ -55,12 +58,20 @@ class ExecuTorchRunner:
             raise EdgekitError(f"sequence of {self.length + t} tokens exceeds the artifact's context "
                                f"({self.max_context})", "use a shorter prompt or export with a longer --context")
         torch = self._torch
-        pos = torch.arange(self.length, self.length + t, dtype=torch.long)
-        out = self.method.execute([torch.from_numpy(ids), pos])[0]
-        self.length += t
-        # Copy: the output may live in the method's planned memory, which the next call overwrites.
-        return np.array(out[0].numpy(), dtype=np.float32, copy=True)
+        parts = []
+        for i in range(0, t, self.max_chunk):
+            chunk = ids[:, i:i + self.max_chunk]
+            pos = torch.arange(self.length, self.length + chunk.shape[1], dtype=torch.long)
+            out = self.method.execute([torch.from_numpy(chunk), pos])[0][0].numpy()
+            self.length += chunk.shape[1]
+            # Copy: the output lives in the method's planned memory, which the next call overwrites. Generation
+            # needs the last row only: copying all of them held up to three chunk x vocab arrays at once.
+            if self.all_logits:
+                parts.append(np.array(out, dtype=np.float32, copy=True))
+            elif i + self.max_chunk >= t:
+                parts.append(np.array(out[-1:], dtype=np.float32, copy=True))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def load(path: Path, meta: dict, threads: int | None = None, all_logits: bool = True) -> ExecuTorchRunner:
-    return ExecuTorchRunner(Path(path) / meta["entry"], meta, threads=threads)
+    return ExecuTorchRunner(Path(path) / meta["entry"], meta, threads=threads, all_logits=all_logits)
