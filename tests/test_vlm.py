@@ -108,3 +108,147 @@ def test_bad_image_inputs_are_one_line(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"image": "x.png"}\n')
     with pytest.raises(EdgekitError, match="bad.jsonl:1 is not a JSON object"):
         load_pairs(tmp_path / "bad.jsonl")
+
+
+# -- pruning both towers --------------------------------------------------------------------------------------------
+
+def _prune(src, out, pairs, **kw):
+    from edgekit.vlm.prune import VlmPruneConfig, prune_vlm
+
+    return prune_vlm(src, out, VlmPruneConfig(calibration=pairs, num_samples=12, search_samples=4, **kw), log=quiet)
+
+
+def _reload(path):
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from edgekit.arch import vlm_family_of
+
+    cfg = json.loads((path / "config.json").read_text())
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    g = vlm_family_of(cfg).geometry(cfg)
+    assert sum(p.numel() for p in model.parameters()) == g.params()
+    return model, cfg, g
+
+
+@pytest.fixture(scope="session")
+def vlm_pruned(vlm_models, pairs, tmp_path_factory):
+    """{family: folder} cut by 30% with the cut shared between both towers and the LM hidden width narrowed."""
+    root = tmp_path_factory.mktemp("vlm-pruned")
+    return {f: (root / f, _prune(src, root / f, pairs, ratio=0.3, vision_share=0.3, hidden_keep=0.75))
+            for f, src in vlm_models.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", VLMS)
+def test_prune_both_towers_round_trips_through_from_pretrained(vlm_pruned, vlm_models, pairs, family):
+    import torch
+
+    from edgekit.vlm.data import collate, encode
+    from edgekit.vlm.prune import caption_loss
+
+    path, r = vlm_pruned[family]
+    model, cfg, g = _reload(path)
+    assert r["params_after"] == g.params() and 0.28 < r["removed_fraction"] < 0.4, r["removed_fraction"]
+    before, after = r["parts_before"], r["parts_after"]
+    assert after["vision"] < before["vision"] and after["language"] < before["language"]
+    # vision MLP neurons; language hidden channels, and the projector follows the LM hidden width
+    assert cfg["vision_config"]["intermediate_size"] < 128 and cfg["text_config"]["hidden_size"] == 48
+    assert model.model.multi_modal_projector.linear_2.out_features == 48 and after["projector"] < before["projector"]
+    # the reloaded folder computes what the report says, and is still close to the dense model
+    from edgekit.vlm.data import load_pairs
+
+    tok, _, items = encode(path, load_pairs(pairs)[12:16], VLM_FAMILIES[family], cfg)  # the held-out search pairs
+    loss = caption_loss(model.eval(), items, tok.pad_token_id)
+    assert abs(loss - r["pruned_search_loss"]) < 1e-4
+    assert r["pruned_search_loss"] < r["dense_search_loss"] + 1.0
+    assert (path / "preprocessor_config.json").is_file() and (path / "tokenizer.json").is_file()
+    with torch.no_grad():
+        b = collate(items[:2], 0)
+        assert torch.isfinite(model(input_ids=b.input_ids, pixel_values=b.pixel_values).logits).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", VLMS)
+def test_keep_vision_and_keep_language_split_the_cut(vlm_models, pairs, tmp_path, family):
+    src = vlm_models[family]
+    kv = _prune(src, tmp_path / "kv", pairs, ratio=0.2, keep_vision=True)
+    assert kv["parts_after"]["vision"] == kv["parts_before"]["vision"]
+    assert kv["parts_after"]["language"] < kv["parts_before"]["language"]
+    heads = kv["language"]  # the language cut goes through MLP neurons and, when it pays, heads and KV groups
+    assert heads["intermediate"][1] < heads["intermediate"][0]
+    kl = _prune(src, tmp_path / "kl", pairs, ratio=0.1, keep_language=True)
+    assert kl["parts_after"]["language"] == kl["parts_before"]["language"]
+    assert kl["parts_after"]["vision"] < kl["parts_before"]["vision"]
+    for p in ("kv", "kl"):
+        _reload(tmp_path / p)
+
+
+def test_saliency_is_normalized_per_block_and_modality(vlm_models, pairs):
+    """The two towers' raw saliencies sit on different scales; after normalization every block has mean 1."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from edgekit.vlm.data import encode, load_pairs
+    from edgekit.vlm.prune import normalize, saliency
+
+    src = vlm_models[VLMS[0]]
+    cfg = json.loads((src / "config.json").read_text())
+    fam = VLM_FAMILIES[VLMS[0]]
+    model = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32)
+    tok, _, items = encode(src, load_pairs(pairs)[:4], fam, cfg)
+    raw = saliency(model, fam, items, tok.pad_token_id)
+    # the last vision layer's output is not read (vision_feature_layer -2): no gradient reaches it
+    assert float(raw.vision_mlp[-1].abs().sum()) == 0 and float(raw.vision_mlp[0].sum()) > 0
+    n = normalize(raw)
+    for blocks in (n.vision_mlp[:-1], n.language.mlp, n.language.heads, n.language.kv):
+        for b in blocks:
+            assert abs(float(b.mean()) - 1) < 1e-6 or float(b.std()) == 0
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_vlm_prune_bad_requests_are_one_line(vlm_models, tmp_path, capsys):
+    from edgekit.cli import main
+
+    src = vlm_models[VLMS[0]]
+
+    def err(*argv):
+        assert main([str(a) for a in argv]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert lines[-1].startswith("edgekit: error: ") and "(fix: " in lines[-1]
+        return lines[-1]
+
+    line = err("vlm", "prune", src, "--ratio", "0.95", "-o", tmp_path / "p")
+    assert "can give at most" in line and "--ratio 0." in line
+    assert "--hidden-keep must be in (0, 1]" in err("vlm", "prune", src, "--ratio", "0.3", "--hidden-keep", "2",
+                                                     "-o", tmp_path / "p")
+    line = err("prune", src, "--ratio", "0.3", "-o", tmp_path / "p")  # the decoder pruner refuses a VLM
+    assert "vision-language model" in line and "edgekit vlm prune" in line
+    line = err("vlm", "prune", src, "--ratio", "0.3", "--calibration", tmp_path / "nothing", "-o", tmp_path / "p")
+    assert "holds no image captions" in line
+    assert not (tmp_path / "p").exists()
+
+
+# -- export -------------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", VLMS)
+@pytest.mark.parametrize("backend,precision", [("onnxruntime", "fp32"), ("gguf", "f16")])
+def test_export_vision_onnx_and_language_artifact_gates_pass(vlm_pruned, tmp_path, family, backend, precision, cli):
+    import numpy as np
+    import onnxruntime as ort
+
+    path, _ = vlm_pruned[family]
+    out = tmp_path / "art"
+    cli("vlm", "export", path, "-b", backend, "-p", precision, "--context", "128", "-o", out, check=0)
+    m = json.loads((out / "vlm.json").read_text())
+    assert m["vision"]["gate"]["passed"] and m["vision"]["gate"]["min_cosine"] > 0.9999
+    assert m["recomposed"]["passed"] and m["language"]["gate"]["passed"]
+    assert m["image_tokens"] == 16 and m["task"] == "vlm"
+    # the vision artifact alone reproduces its shipped reference in ONNX Runtime (what a device re-checks)
+    ref = np.load(out / "vision" / "reference.npz")
+    sess = ort.InferenceSession(str(out / "vision" / "vision_encoder.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"pixel_values": ref["pixel_values"][:1]})[0]  # batch is dynamic
+    assert got.shape == (1, 16, 48) and np.abs(got - ref["image_embeds"][:1]).max() < 1e-4
+    lang = json.loads((out / "language" / "artifact.json").read_text())
+    assert lang["backend"] == backend and lang["model"]["hidden_size"] == 48

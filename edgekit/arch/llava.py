@@ -32,6 +32,18 @@ class LlavaFamily(VlmFamily):
         p = model.model.multi_modal_projector
         return p.linear_1, p.linear_2
 
+    def image_features(self, model, pixel_values):
+        """(B, image_tokens, text hidden): what replaces the <image> tokens. Written out (not get_image_features,
+        which returns a per-image list) so a traced export keeps the batch dimension dynamic."""
+        cfg = model.config
+        layer, strategy = cfg.vision_feature_layer, cfg.vision_feature_select_strategy
+        hs = self.vision_tower(model)(pixel_values, output_hidden_states=True).hidden_states
+        layers = [layer] if isinstance(layer, int) else list(layer)
+        feats = [hs[i][:, 1:] if strategy == "default" else hs[i] for i in layers]
+        import torch
+
+        return model.model.multi_modal_projector(feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1))
+
     def language_view(self, model):
         import torch
         import transformers

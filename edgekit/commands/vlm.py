@@ -1,0 +1,126 @@
+"""`edgekit vlm`: vision-language models (task "vlm" in the family registry): image+caption data, pruning of both
+towers, export of the vision tower + projector and of the language model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+EPILOG = """\
+examples:
+  edgekit vlm data -o pairs --images 64                       a deterministic image+caption set (shapes, captions)
+  edgekit vlm prune ./my-llava --ratio 0.3 --calibration pairs -o pruned
+  edgekit vlm prune ./my-llava --ratio 0.2 --keep-vision -o pruned       only the language model is cut
+  edgekit vlm export pruned -b onnxruntime -o art              vision ONNX (gated by cosine) + language artifact
+  edgekit vlm export pruned -b gguf -p q8_0 -o art-gguf
+
+Calibration pairs: a folder with captions.jsonl ({"image": "images/0001.png", "text": "a caption"} per line, paths
+relative to it) or such a .jsonl file.
+"""
+
+
+def register(sub) -> None:
+    from edgekit.exporters import REGISTRY
+
+    p = sub.add_parser("vlm", help="vision-language models (LLaVA): prune both towers, export vision + language",
+                       description="Vision-language models: modality-aware pruning of the vision tower and the "
+                       "language model, and export of both parts, each gated against PyTorch.", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s = p.add_subparsers(dest="vlm_command", metavar="SUBCOMMAND", required=True)
+
+    d = s.add_parser("data", help="write a deterministic image+caption set (coloured shapes)")
+    d.add_argument("-o", "--out", type=Path, required=True)
+    d.add_argument("--images", type=int, default=64, help="how many pairs (default 64)")
+    d.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=run_data)
+
+    q = s.add_parser("prune", help="cut vision MLPs and language MLP/heads/KV groups, scored on image+caption pairs")
+    q.add_argument("model", type=Path, help="Hugging Face VLM folder (config.json model_type llava)")
+    q.add_argument("--ratio", type=float, required=True, help="fraction of all parameters to remove, in (0, 1)")
+    k = q.add_mutually_exclusive_group()
+    k.add_argument("--keep-vision", action="store_true", help="leave the vision tower whole (cut the language model)")
+    k.add_argument("--keep-language", action="store_true", help="leave the language model whole (cut the vision MLPs)")
+    k.add_argument("--vision-share", type=float, help="share of the cut taken from vision, in [0, 1] "
+                   "(default: searched on caption loss)")
+    q.add_argument("--hidden-keep", type=float, default=1.0, help="fraction of the language model's hidden "
+                   "channels kept (default 1: the projector's output follows when < 1)")
+    q.add_argument("--align", type=int, default=8, help="pruned widths are multiples of this (default 8)")
+    q.add_argument("--calibration", type=Path, help="image+caption pairs (default: generated shapes)")
+    q.add_argument("--samples", type=int, default=16, help="calibration pairs (default 16)")
+    q.add_argument("-o", "--out", type=Path, required=True)
+    q.add_argument("--force", action="store_true", help="replace -o even if it holds files edgekit did not write")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=run_prune)
+
+    e = s.add_parser("export", help="vision tower + projector to ONNX Runtime, the language model to a backend")
+    e.add_argument("model", type=Path, help="Hugging Face VLM folder")
+    e.add_argument("--backend", "-b", default="onnxruntime", choices=sorted(REGISTRY),
+                   help="backend for the language model (default onnxruntime)")
+    e.add_argument("--precision", "-p", help="language model precision (default: the backend's most faithful)")
+    e.add_argument("--context", type=int, help="context length of the language artifact")
+    e.add_argument("-o", "--out", type=Path, required=True)
+    e.add_argument("--force", action="store_true", help="replace -o even if it holds files edgekit did not write")
+    e.add_argument("--accept-gate-failure", action="store_true", help="keep an artifact that fails a gate")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=run_export)
+
+
+def run_data(a) -> int:
+    from edgekit.errors import EdgekitError
+    from edgekit.vlm.data import CAPTIONS, generate_pairs
+
+    if a.images < 1 or a.size < 16:
+        raise EdgekitError(f"--images {a.images} / --size {a.size} is too small", "pass --images 1+ and --size 16+")
+    if a.out.exists() and any(a.out.iterdir()):
+        raise EdgekitError(f"{a.out} exists and is not empty", "choose a new folder for -o")
+    generate_pairs(a.out, a.images, a.size, a.seed)
+    print(f"{a.out}: {a.images} images and {CAPTIONS}")
+    return 0
+
+
+def run_prune(a) -> int:
+    from edgekit.fsutil import check_output
+    from edgekit.ui import print_json
+    from edgekit.vlm.prune import REPORT_FILE, VlmPruneConfig, prune_vlm
+
+    cfg = VlmPruneConfig(ratio=a.ratio, keep_vision=a.keep_vision, keep_language=a.keep_language,
+                         vision_share=a.vision_share, hidden_keep=a.hidden_keep, align=a.align,
+                         calibration=a.calibration, num_samples=a.samples)
+    cfg.check()
+    out = check_output(a.out, [a.model], REPORT_FILE, a.force)
+    import sys
+
+    r = prune_vlm(a.model, out, cfg, log=lambda m: print(m, file=sys.stderr))
+    if a.json:
+        print_json(r)
+        return 0
+    pb, pa = r["parts_before"], r["parts_after"]
+    print(f"{a.out}: {r['arch']} parameters {r['params_before']:,} -> {r['params_after']:,} "
+          f"({r['removed_fraction']:.1%} removed): vision {pb['vision']:,} -> {pa['vision']:,}, projector "
+          f"{pb['projector']:,} -> {pa['projector']:,}, language {pb['language']:,} -> {pa['language']:,}; "
+          f"caption loss {r['dense_search_loss']:.3f} -> {r['pruned_search_loss']:.3f}")
+    return 0
+
+
+def run_export(a) -> int:
+    import sys
+
+    from edgekit.fsutil import check_output
+    from edgekit.ui import print_json
+    from edgekit.vlm.export import MANIFEST, VlmExportConfig, export_vlm
+
+    out = check_output(a.out, [a.model], MANIFEST, a.force)
+    m = export_vlm(a.model, out, VlmExportConfig(language_backend=a.backend, language_precision=a.precision,
+                                                  context_length=a.context,
+                                                  accept_gate_failure=a.accept_gate_failure),
+                   log=lambda s: print(s, file=sys.stderr))
+    if a.json:
+        print_json(m)
+        return 0
+    v, lg = m["vision"]["gate"], m["language"]["gate"] or {}
+    print(f"{a.out}: vision onnxruntime fp32 gate {'passed' if v['passed'] else 'FAILED'} (min cosine "
+          f"{v['min_cosine']:.6f}); language {m['language']['backend']} {m['language']['precision']} gate "
+          f"{'passed' if lg.get('passed') else 'FAILED'}; split vs whole max |dlogit| "
+          f"{m['recomposed']['max_abs_logit_delta']:.2e}")
+    return 0

@@ -1,0 +1,431 @@
+"""Widthwise pruning of both towers of a vision-language model, scored on image+caption pairs.
+
+Importance is UKMP-style first-order saliency: |w * dL/dw| of the caption loss (image tokens in, caption tokens
+scored), summed over each structure's weights, then normalized per block (each layer's MLP neurons, heads and KV
+groups divided by that block's mean) and per modality (vision vs language), so the two towers' scores are on one
+scale although their gradients differ by orders of magnitude. What is cut:
+
+- vision tower (CLIP): MLP neurons (fc1 rows, fc2 columns). CLIP's attention sizes its heads from the hidden width
+  (head_dim = hidden / heads, the output reshaped to the hidden width), so fewer heads at the same hidden width
+  would not load with from_pretrained: vision heads are scored and reported, not cut.
+- language model: MLP neurons, query heads and KV groups, and (with hidden_keep < 1) hidden channels, through
+  edgekit's decoder pruner (edgekit.prune: allocate + apply) on the language model's causal-LM view;
+- projector: linear_2's output follows the kept LM hidden channels, linear_1's output / linear_2's input (also
+  LM-hidden wide) keep their most salient units; linear_1's input is the vision hidden width (not cut).
+
+How the parameter budget is shared between the towers: candidate splits are ranked by the normalized saliency they
+remove (summed per modality) and the best few are scored by the caption loss of the real pruned model on held-out
+pairs; `keep_vision` / `keep_language` put the whole cut on the other tower. Widths are uniform, so the result is a
+plain Hugging Face folder (from_pretrained loads it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from edgekit.errors import EdgekitError
+
+REPORT_FILE = "edgekit-vlm-prune.json"
+SPLITS = (0.0, 0.15, 0.3, 0.5, 0.7, 0.85, 1.0)  # candidate shares of the removed parameters taken from vision
+
+
+@dataclass(frozen=True)
+class VlmPruneConfig:
+    ratio: float  # fraction of the whole model's parameters removed
+    keep_vision: bool = False
+    keep_language: bool = False
+    align: int = 8
+    hidden_keep: float = 1.0  # fraction of the language model's hidden channels kept
+    vision_share: float | None = None  # share of the removed parameters taken from vision (None: searched)
+    calibration: Path | None = None  # image+caption pairs (folder with captions.jsonl or a .jsonl); None: generated
+    num_samples: int = 16
+    search_samples: int = 4
+    batch_size: int = 4
+    evaluate_splits: int = 3  # best-ranked splits scored by caption loss
+
+    def check(self) -> None:
+        if not (isinstance(self.ratio, (int, float)) and math.isfinite(self.ratio) and 0 < self.ratio < 1):
+            raise EdgekitError(f"pruning ratio must be between 0 and 1 (exclusive), got {self.ratio}",
+                               "e.g. --ratio 0.3 removes 30% of the parameters")
+        if self.keep_vision and self.keep_language:
+            raise EdgekitError("--keep-vision and --keep-language together leave nothing to prune",
+                               "pass at most one of --keep-vision / --keep-language")
+        if self.align < 1:
+            raise EdgekitError(f"alignment must be a positive integer, got {self.align}", "e.g. --align 8")
+        if self.vision_share is not None and not (0 <= self.vision_share <= 1) or \
+                self.vision_share is not None and (self.keep_vision or self.keep_language):
+            raise EdgekitError(f"--vision-share {self.vision_share} must be in [0, 1] and without --keep-vision / "
+                               "--keep-language", "pass --vision-share 0.5 alone, or --keep-vision or --keep-language alone")
+        if not 0 < self.hidden_keep <= 1:
+            raise EdgekitError(f"--hidden-keep must be in (0, 1], got {self.hidden_keep}", "e.g. --hidden-keep 0.75")
+        for n in ("num_samples", "search_samples", "batch_size"):
+            if getattr(self, n) < 1:
+                raise EdgekitError(f"{n} must be at least 1, got {getattr(self, n)}", f"pass a positive {n}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["calibration"] = str(self.calibration) if self.calibration else None
+        return d
+
+
+# -- importance ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class VlmScores:
+    vision_mlp: list  # [layer] -> (intermediate,)
+    vision_heads: list  # [layer] -> (heads,)
+    language: object  # edgekit.prune.criteria.Scores of the language model
+    projector_inner: object  # (text hidden,): linear_1 rows + linear_2 columns
+
+
+def saliency(model, fam, items, pad_id: int, batch_size: int = 4) -> VlmScores:
+    """Raw first-order saliency |w * grad| of the caption loss, per structure of both towers."""
+    import torch
+
+    from edgekit.prune.criteria import weight_saliency
+    from edgekit.vlm.data import batches
+
+    model.zero_grad(set_to_none=True)
+    n = 0
+    for b in batches(items, batch_size, pad_id):
+        out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values,
+                    labels=b.labels, use_cache=False)
+        (out.loss * b.input_ids.shape[0]).backward()
+        n += b.input_ids.shape[0]
+
+    def s(p):
+        return (p.grad * p.detach()).abs().double() / max(n, 1) if p.grad is not None else \
+            torch.zeros_like(p, dtype=torch.float64)
+
+    with torch.no_grad():
+        vcfg = model.config.vision_config
+        hd = vcfg.hidden_size // vcfg.num_attention_heads
+        vm, vh = [], []
+        for layer in fam.vision_layers(model):
+            fc1, fc2 = fam.vision_fc(layer)
+            vm.append(s(fc1.weight).sum(1) + s(fc1.bias) + s(fc2.weight).sum(0))
+            q, k, v = fam.vision_qkv(layer)
+            h = sum(s(m.weight).sum(1) + s(m.bias) for m in (q, k, v)) + s(fam.vision_out(layer).weight).sum(0)
+            vh.append(h.view(-1, hd).sum(1))
+        lfam = fam.language_family(model.config.to_dict())
+        lang = weight_saliency(fam.language_view(model), lfam, s)
+        l1, l2 = fam.projector(model)
+        inner = s(l1.weight).sum(1) + s(l2.weight).sum(0) + (s(l1.bias) if l1.bias is not None else 0)
+    model.zero_grad(set_to_none=True)
+    return VlmScores(vm, vh, lang, inner)
+
+
+def normalize(sc: VlmScores) -> VlmScores:
+    """Per block (each layer's MLP / heads / KV groups) to mean 1, then per modality to mean 1, so a unit's score
+    says how it compares with the other units of its block, whatever the tower's gradient scale."""
+    from edgekit.prune.criteria import Scores
+
+    def block(t):
+        m = t.mean()
+        return t / m if m > 0 else t * 0 + 1.0
+
+    def modality(blocks):
+        m = sum(float(b.sum()) for b in blocks) / max(sum(b.numel() for b in blocks), 1)
+        return [b / m if m > 0 else b for b in blocks]
+
+    vm = modality([block(t) for t in sc.vision_mlp])
+    vh = modality([block(t) for t in sc.vision_heads])
+    L = sc.language
+    lang = Scores(modality([block(t) for t in L.mlp]), modality([block(t) for t in L.heads]),
+                  modality([block(t) for t in L.kv]), block(L.hidden))
+    return VlmScores(vm, vh, lang, block(sc.projector_inner))
+
+
+# -- plans --------------------------------------------------------------------------------------------------------
+
+@dataclass
+class VlmPlan:
+    vision_mlp: list | None  # per vision layer: kept fc neurons (None: vision untouched)
+    language: object | None  # edgekit.prune.allocate.Plan of the language model (None: untouched)
+    projector_inner: list | None  # kept linear_1 rows / linear_2 columns (None: all)
+
+    def vision_intermediate(self, full: int) -> int:
+        return len(self.vision_mlp[0]) if self.vision_mlp else full
+
+
+def _top(t, k):
+    from edgekit.prune.allocate import _top
+
+    return _top(t, k)
+
+
+def vision_plan(scores: VlmScores, vgeo, keep_mlp: int):
+    return [_top(s, keep_mlp) for s in scores.vision_mlp] if keep_mlp < vgeo.layers[0].intermediate_size else None
+
+
+def removed_saliency(scores: VlmScores, plan: VlmPlan) -> float:
+    """Normalized saliency a plan removes: per modality, the mean over its blocks of the removed share."""
+    def share(blocks, kept):
+        return sum(1 - float(b[k].sum()) / float(b.sum()) for b, k in zip(blocks, kept)) / len(blocks)
+
+    cost = 0.0
+    if plan.vision_mlp:
+        cost += share(scores.vision_mlp, plan.vision_mlp)
+    if plan.language:
+        L = scores.language
+        cost += (share(L.mlp, [lp.mlp for lp in plan.language.layers])
+                 + share(L.heads, [lp.heads for lp in plan.language.layers])) / 2
+    return cost
+
+
+# -- building the pruned model ------------------------------------------------------------------------------------
+
+def pruned_vlm(model, fam, plan: VlmPlan):
+    """(config dict, state dict) of the VLM cut to plan (standard names: from_pretrained loads the saved folder)."""
+    import torch
+
+    from edgekit.prune.apply import pruned_config, pruned_state
+
+    cfg = model.config.to_dict()
+    cfg.pop("_name_or_path", None)
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if plan.vision_mlp:
+        vp = fam.VISION_PREFIX
+        for i, kept in enumerate(plan.vision_mlp):
+            ix = torch.tensor(kept, dtype=torch.long)
+            p = f"{vp}encoder.layers.{i}.mlp."
+            sd[p + "fc1.weight"], sd[p + "fc1.bias"] = sd[p + "fc1.weight"][ix], sd[p + "fc1.bias"][ix]
+            sd[p + "fc2.weight"] = sd[p + "fc2.weight"][:, ix]
+        cfg["vision_config"]["intermediate_size"] = len(plan.vision_mlp[0])
+    if plan.language:
+        lm = fam.language_view(model)
+        lfam = fam.language_family(cfg)
+        for k in [k for k in sd if k.startswith(fam.LANGUAGE_PREFIX) or k == "lm_head.weight"]:
+            del sd[k]
+        for k, v in pruned_state(lm, lfam, plan.language).items():
+            sd[fam.language_state_name(k)] = v
+        text = pruned_config(lm, plan.language)
+        cfg["text_config"] = {**cfg["text_config"], **{k: text[k] for k in (
+            "hidden_size", "head_dim", "intermediate_size", "num_attention_heads", "num_key_value_heads")}}
+        hid = torch.tensor(plan.language.hidden, dtype=torch.long)
+        D = model.config.text_config.hidden_size
+        if len(hid) < D:
+            inner = torch.tensor(plan.projector_inner, dtype=torch.long)
+            pp = fam.PROJECTOR_PREFIX
+            sd[pp + "linear_1.weight"] = sd[pp + "linear_1.weight"][inner]
+            sd[pp + "linear_2.weight"] = sd[pp + "linear_2.weight"][hid][:, inner]
+            if pp + "linear_1.bias" in sd:
+                sd[pp + "linear_1.bias"] = sd[pp + "linear_1.bias"][inner]
+                sd[pp + "linear_2.bias"] = sd[pp + "linear_2.bias"][hid]
+    return cfg, sd
+
+
+def build_vlm(fam, cfg: dict, state: dict):
+    import torch
+    import transformers
+    from transformers.modeling_utils import no_init_weights
+
+    config = getattr(transformers, fam.config_class).from_dict(dict(cfg))
+    with no_init_weights():
+        model = transformers.AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = bool(config.get_text_config().tie_word_embeddings)
+    if set(missing) - ({"lm_head.weight"} if tied else set()) or unexpected:
+        raise ValueError(f"pruned VLM does not match its config: missing {missing}, unexpected {unexpected}")
+    if tied:
+        model.tie_weights()
+    return model.eval()
+
+
+def caption_loss(model, items, pad_id: int, batch_size: int = 4) -> float:
+    """Token-averaged caption cross-entropy (nats) given each image."""
+    import torch
+
+    from edgekit.vlm.data import batches
+
+    total, n = 0.0, 0
+    with torch.inference_mode():
+        for b in batches(items, batch_size, pad_id):
+            logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values,
+                           use_cache=False).logits[:, :-1].float()
+            tgt = b.labels[:, 1:]
+            total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                                       ignore_index=-100, reduction="sum").item()
+            n += int((tgt != -100).sum())
+    return total / max(n, 1)
+
+
+# -- the verb -----------------------------------------------------------------------------------------------------
+
+def _calibration(model_dir, fam, mcfg, cfg: VlmPruneConfig, log):
+    from edgekit.vlm.data import encode, generate_pairs, load_pairs
+
+    if cfg.calibration is None:
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix="edgekit-vlm-pairs-"))
+        log(f"prune: no --calibration given: scoring on {cfg.num_samples + cfg.search_samples} generated "
+            "shape images with captions (pass your own image+caption pairs for a real model)")
+        pairs = load_pairs(generate_pairs(tmp, cfg.num_samples + cfg.search_samples))
+    else:
+        pairs = load_pairs(cfg.calibration)
+    tok, _, items = encode(model_dir, pairs[:cfg.num_samples + cfg.search_samples], fam, mcfg)
+    if len(items) <= cfg.search_samples:
+        return tok, items, items
+    return tok, items[:-cfg.search_samples], items[-cfg.search_samples:]
+
+
+def prune_vlm(model_dir: Path, out: Path, cfg: VlmPruneConfig, log=print) -> dict:
+    """Prune the VLM folder model_dir into out (atomically); returns the report (also written to out)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from edgekit.arch import vlm_family_of
+    from edgekit.fsutil import atomic_dir, atomic_write_json
+    from edgekit.prune import allocate
+    from edgekit.prune.apply import norm_scales
+
+    t0 = time.perf_counter()
+    model_dir = Path(model_dir)
+    cfg.check()
+    if not (model_dir / "config.json").is_file():
+        raise EdgekitError(f"{model_dir} is not a model folder (no config.json)",
+                           "pass a Hugging Face VLM folder (config.json + safetensors)")
+    mcfg = json.loads((model_dir / "config.json").read_text())
+    fam = vlm_family_of(mcfg)
+    geo = fam.geometry(mcfg)
+    total = geo.params()
+    removed = int(round(cfg.ratio * total))
+    vis, lang = geo.vision, geo.language
+    A = cfg.align
+    vmlp_unit = len(vis.layers) * (2 * vis.hidden_size + 1)  # parameters of one vision MLP neuron in every layer
+    I_v = vis.layers[0].intermediate_size
+    v_most = 0 if cfg.keep_vision else (I_v - min(A, I_v)) * vmlp_unit
+    l_small = allocate.smallest_uniform(lang, A)[0]
+    l_most = 0 if cfg.keep_language else lang.params() - l_small
+    if removed > v_most + l_most:
+        most = math.floor((v_most + l_most) / total * 1000) / 1000
+        where = "the vision MLPs" if cfg.keep_language else "the language model" if cfg.keep_vision else \
+            "the vision MLPs and the language model"
+        raise EdgekitError(f"--ratio {cfg.ratio} removes {removed:,} parameters, but {where} can give at most "
+                           f"{v_most + l_most:,} at --align {A} ({most:.1%} of the model)",
+                           f"ask for --ratio {most} or less" + ("" if cfg.keep_language or cfg.keep_vision else
+                                                                 ", or a smaller --align"))
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok, calib, search = _calibration(model_dir, fam, mcfg, cfg, log)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    log(f"prune: scoring both towers on {len(calib)} image+caption pairs (|w * grad|, normalized per block and "
+        "modality)")
+    t1 = time.perf_counter()
+    raw = saliency(model, fam, calib, pad, cfg.batch_size)
+    scores = normalize(raw)
+    score_s = round(time.perf_counter() - t1, 2)
+    dense_loss = caption_loss(model, search, pad)
+    lm = fam.language_view(model)
+    lfam = fam.language_family(mcfg)
+    D = lang.hidden_size
+    d_keep = allocate.hidden_options(D, A, cfg.hidden_keep)[0] if cfg.hidden_keep < 1 else D
+    hidden = _top(scores.language.hidden, d_keep)
+    scales = None
+    if d_keep < D:  # RMSNorm correction for the removed channels, on the captions' text
+        seqs = _caption_sequences(calib, fam, mcfg)
+        scales = norm_scales(lm, lfam, seqs, {d_keep: hidden})[d_keep]
+    inner = _top(scores.projector_inner, d_keep) if d_keep < D else None
+
+    w0 = lang.layers[0]
+    attn_opts = allocate.attention_options(w0.num_attention_heads, w0.num_key_value_heads, lang.head_dim, A)
+
+    def lang_plan(keep_params, kg):
+        inter = allocate.solve_intermediate(lang, d_keep, kg[0] * kg[1], kg[0], keep_params, A, at_most=True)
+        if inter is None:
+            return None
+        p = allocate.uniform_plan(scores.language, lang, d_keep, kg[0], kg[1], inter)
+        p.hidden, p.norm_scales = hidden, scales
+        return p
+
+    def plans_for(share: float) -> list:
+        """Plans taking `share` of the cut from the vision MLPs; for the language model, the two widest
+        attention shapes (KV groups x heads per group) that leave an aligned MLP width on the budget."""
+        v_cut = min(int(round(share * removed)), v_most)
+        keep_mlp = I_v - math.ceil(v_cut / vmlp_unit / A) * A if v_cut else I_v
+        keep_mlp = max(keep_mlp, min(A, I_v))
+        l_cut = removed - (I_v - keep_mlp) * vmlp_unit
+        if l_cut > l_most:
+            return []
+        vp = vision_plan(scores, vis, keep_mlp)
+        if l_cut <= 0 and d_keep == D:
+            return [((share, None), VlmPlan(vp, None, inner))]
+        out = []
+        for kg in attn_opts:
+            lp = lang_plan(lang.params() - max(l_cut, 0), kg)
+            if lp is not None:
+                out.append(((share, kg), VlmPlan(vp, lp, inner)))
+            if len(out) == 2:
+                break
+        return out
+
+    shares = [0.0] if cfg.keep_vision else [1.0] if cfg.keep_language else \
+        [cfg.vision_share] if cfg.vision_share is not None else list(SPLITS)
+    cands = dict(kv for s in shares for kv in plans_for(s))
+    if not cands:
+        raise EdgekitError(f"no uniform cut of both towers lands on --ratio {cfg.ratio} at --align {A}",
+                           "pass a smaller --ratio or --align")
+    ranked = sorted(cands, key=lambda s: removed_saliency(scores, cands[s]))
+    tried = []
+    for key in ranked[:cfg.evaluate_splits]:
+        c, sd = pruned_vlm(model, fam, cands[key])
+        loss = caption_loss(build_vlm(fam, c, sd), search, pad)
+        share, kg = key
+        tried.append({"vision_share": share, "language_kv_heads": kg and kg[0],
+                      "language_heads": kg and kg[0] * kg[1],
+                      "removed_saliency": round(removed_saliency(scores, cands[key]), 4), "loss": loss, "key": key})
+        log(f"prune: {share:.0%} of the cut from vision" + (f", language heads {kg[0] * kg[1]}/{kg[0]} kv" if kg
+            else "") + f": normalized saliency removed {tried[-1]['removed_saliency']:.3f}, caption loss {loss:.4f}")
+    best = min(tried, key=lambda t: t["loss"])
+    plan = cands[best.pop("key")]
+    for t in tried:
+        t.pop("key", None)
+    new_cfg, state = pruned_vlm(model, fam, plan)
+    pruned = build_vlm(fam, new_cfg, state)
+    after = fam.geometry(json.loads(pruned.config.to_json_string()))
+    final_loss = caption_loss(pruned, search, pad)
+    report = {
+        "source": str(model_dir), "arch": fam.model_type, "task": fam.task, "config": cfg.to_dict(),
+        "params_before": total, "params_after": after.params(),
+        "removed_fraction": round(1 - after.params() / total, 5),
+        "parts_before": geo.parts(), "parts_after": after.parts(),
+        "vision": {"intermediate": [I_v, after.vision.layers[0].intermediate_size],
+                   "heads": [vis.layers[0].num_attention_heads] * 2,
+                   "heads_not_cut": "CLIP derives head_dim from the hidden width"},
+        "language": {"hidden": [D, after.language.hidden_size],
+                     "intermediate": [lang.layers[0].intermediate_size, after.language.layers[0].intermediate_size],
+                     "heads": [lang.layers[0].num_attention_heads, after.language.layers[0].num_attention_heads],
+                     "kv_heads": [lang.layers[0].num_key_value_heads, after.language.layers[0].num_key_value_heads]},
+        "splits": tried, "vision_share": best["vision_share"],
+        "importance": {"criterion": "ukmp-saliency", "seconds": score_s, "pairs": len(calib)},
+        "dense_search_loss": dense_loss, "pruned_search_loss": final_loss,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    with atomic_dir(Path(out)) as tmp:
+        pruned.save_pretrained(tmp, safe_serialization=True)
+        _copy_companions(model_dir, tmp)
+        atomic_write_json(tmp / REPORT_FILE, report)
+    return report
+
+
+def _caption_sequences(items, fam, mcfg) -> list:
+    """Equal-length caption token windows (the language model's text side) for the RMSNorm correction."""
+    n_img = fam.image_tokens(mcfg)
+    caps = [b.input_ids[0, n_img:] for b in items]
+    T = min(len(c) for c in caps)
+    return [c[:T] for c in caps]
+
+
+def _copy_companions(src: Path, dst: Path) -> None:
+    from edgekit.prune.apply import _COMPANIONS
+
+    import shutil
+
+    for f in Path(src).iterdir():
+        if f.is_file() and (any(f.match(p) for p in _COMPANIONS) or f.name == "preprocessor_config.json") \
+                and not (dst / f.name).exists():
+            shutil.copy2(f, dst / f.name)
