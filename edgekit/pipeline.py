@@ -35,6 +35,7 @@ class BuildOptions:
     min_decode_tps: float | None = None  # a decode-speed goal for the planner
     batch: int = 1
     distill_steps: int = 0
+    qat: str | None = None  # a QAT-able precision: distillation trains through its fake quantization (edgekit/qat.py)
     accept_gate_failure: bool = False
     bench: bool = True
     bench_seconds: float = 2.0

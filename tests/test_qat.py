@@ -171,3 +171,33 @@ def test_qat_recipes_live_in_the_precision_registry():
     for name in qat_schemes():
         assert PRECISIONS[name].fake_quant in qat.RECIPES and PRECISIONS[name].quantized and backends_for(name)
     assert qat.resolve("A8W4").scheme == "8da4w"  # aliases and case work like every precision flag
+
+
+def test_build_qat_dry_run_and_refusals(cli, tiny_models, tmp_path):
+    out = tmp_path / "b"
+    plan = json.loads(cli("build", "--target", "android-arm64", tiny_models["llama"], "-o", out, "--qat", "8da4w",
+                          "--distill-steps", 4, "--dry-run", "--json", check=0).stdout)
+    assert plan["resolved"]["backend"] == "executorch" and plan["resolved"]["precision"] == "8da4w"
+    assert "quantization-aware for 8da4w" in {s["stage"]: s["action"] for s in plan["stages"]}["distill"]
+    p = cli("build", "--target", "android-arm64", tiny_models["llama"], "-o", out, "--qat", "8da4w", check=2)
+    assert "add --distill-steps N" in p.stderr
+    p = cli("build", "--target", "android-arm64", tiny_models["llama"], "-o", out, "--qat", "8da4w", "-p", "fp32",
+            "--distill-steps", 4, check=2)
+    assert "--qat 8da4w trains for 8da4w, but --precision asks for fp32" in p.stderr
+    p = cli("build", "--target", "x86-cpu", "-b", "onnxruntime", tiny_models["llama"], "-o", out, "--qat", "8da4w",
+            "--distill-steps", 4, check=2)
+    assert "backend onnxruntime cannot lower the QAT scheme '8da4w'" in p.stderr
+    p = cli("build", "--target", "x86-cpu", tiny_models["llama"], "-o", out, "--qat", "q4_k_m", "--distill-steps", 4,
+            check=2)
+    assert "q4_k_m has no quantization-aware training recipe" in p.stderr
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_build_qat_distills_then_exports_the_scheme(cli, tiny_models, tmp_path):
+    m = json.loads(cli("build", "--target", "android-arm64", tiny_models["llama"], "-o", tmp_path / "b", "--qat",
+                       "8da4w", "--distill-steps", 4, "--context", 128, "--no-bench", "--json", check=0).stdout)
+    st = m["stages"]
+    assert st["distill"]["status"] == "done" and st["distill"]["result"]["qat"]["scheme"] == "8da4w"
+    ex = st["export"]["result"]
+    assert ex["precision"] == "8da4w" and ex["gate"]["passed"]

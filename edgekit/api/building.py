@@ -25,7 +25,7 @@ _RANGES = {"context": (1, None), "prune_ratio": (0, 1), "min_decode_tps": (1e-6,
 def build(model: str | Path | None = None, *, target: str | Path | Target, out: str | Path | None = None,
           backend: str | None = None, precision: str | None = None, context: int | None = None,
           prune_ratio: float | None = None, min_decode_tps: float | None = None, batch: int = 1,
-          distill_steps: int = 0, accept_gate_failure: bool = False, bench: bool = True,
+          distill_steps: int = 0, qat: str | None = None, accept_gate_failure: bool = False, bench: bool = True,
           bench_seconds: float = 2.0, threads: int | None = None, device: str | None = None,
           token_file: str | Path | None = None, options: BuildOptions | None = None, dry_run: bool = False,
           verbose: bool = False, progress: bool | None = None) -> BuildResult | BuildPlan:
@@ -45,7 +45,7 @@ def build(model: str | Path | None = None, *, target: str | Path | Target, out: 
     from edgekit.target import Target, get_target
 
     given = {"backend": backend, "precision": precision, "context_length": context, "prune_ratio": prune_ratio,
-             "min_decode_tps": min_decode_tps, "batch": batch, "distill_steps": distill_steps,
+             "min_decode_tps": min_decode_tps, "batch": batch, "distill_steps": distill_steps, "qat": qat,
              "accept_gate_failure": accept_gate_failure, "bench": bench, "bench_seconds": bench_seconds,
              "threads": threads, "device": device, "token_file": None if token_file is None else str(token_file)}
     base = options or BuildOptions()
@@ -55,7 +55,7 @@ def build(model: str | Path | None = None, *, target: str | Path | Target, out: 
                   _RANGES)
     with console(verbose) as log:
         t = target if isinstance(target, Target) else get_target(str(target))
-        _check_options(opts, t)
+        opts = _check_options(opts, t)
         ref = resolve_model(None if model is None else str(model))
         out_dir = as_path(out) or Path("edgekit-build") / t.name
         if not dry_run:
@@ -88,7 +88,7 @@ def build(model: str | Path | None = None, *, target: str | Path | Target, out: 
     return BuildResult.from_manifest(out_dir, manifest)
 
 
-def _check_options(opts, target) -> None:
+def _check_options(opts, target):
     from edgekit.errors import EdgekitError
     from edgekit.exporters import get
 
@@ -98,3 +98,16 @@ def _check_options(opts, target) -> None:
     backend = get(opts.backend or target.build.backend)
     if opts.precision:  # else the planner chooses among what this backend declares
         backend.precision(opts.precision)
+    if opts.qat:  # QAT is the last training step: the build then exports exactly the scheme it trained for
+        from edgekit.precision import get_precision
+        from edgekit.qat import resolve
+
+        plan = resolve(opts.qat, backend.name)
+        if opts.precision and get_precision(opts.precision).name != plan.scheme:
+            raise EdgekitError(f"--qat {plan.scheme} trains for {plan.scheme}, but --precision asks for "
+                               f"{get_precision(opts.precision).name}", f"drop --precision or pass -p {plan.scheme}")
+        if opts.distill_steps <= 0:
+            raise EdgekitError("--qat trains by distillation, but no distillation steps are asked",
+                               "add --distill-steps N (e.g. 200)")
+        opts = replace(opts, qat=plan.scheme, precision=plan.scheme)
+    return opts
