@@ -343,13 +343,16 @@ class Matrix:
                 t.join()
             for u in self.opts.devices:
                 rows += results.get(u, [])
-        self.bandwidth = measure_bandwidth(self.opts.threads)
+        # measured only when a host row has a decode speed to hold against it (about a second)
+        self.bandwidth = measure_bandwidth(self.opts.threads) if any(
+            r["device"] == HOST and r.get("decode_tokens_per_s") for r in rows) else None
         nominal = self.target.memory.bandwidth_gbps * 1e9
         for r in rows:
             bw = self.bandwidth if r["device"] == HOST else nominal
             r["bandwidth_bytes_per_s"] = bw
             r["roofline_fraction"] = (r["decode_tokens_per_s"] * r["bytes_read_per_token"] / bw
-                                      if r.get("decode_tokens_per_s") and r.get("bytes_read_per_token") else None)
+                                      if bw and r.get("decode_tokens_per_s") and r.get("bytes_read_per_token")
+                                      else None)
         winners = pick_winners(rows)
         first = next((winners[device_label(u)] for u in self.opts.devices if winners.get(device_label(u))), None)
         data = {"schema": MATRIX_SCHEMA, "target": self.target.name, "model": {"source": ref.source,

@@ -513,6 +513,8 @@ def matrix_markdown(data: dict) -> str:
 def matrix_svgs(data: dict) -> dict[str, str]:
     """Quality against speed (marker area = file size, hollow = failed its gate) and peak memory against the
     budget, one bar per row."""
+    if not any(r.get("decode_tps_p50") or r.get("peak_rss_mb") or r.get("planned_mb") for r in data["rows"]):
+        return {}
     try:
         import matplotlib
 

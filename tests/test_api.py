@@ -39,8 +39,8 @@ def test_import_is_cheap_silent_and_the_verbs_are_callable():
 def test_build_returns_a_gated_artifact_quietly(tiny_models, tmp_path, capfd):
     out = tmp_path / "b"
     capfd.readouterr()
-    res = edgekit.build(tiny_models["llama"], target="x86", precision="F32", out=str(out), context=128,
-                        bench=False)
+    res = edgekit.build(tiny_models["llama"], target="x86", backend="onnxruntime", precision="F32", out=str(out),
+                        context=128, bench=False)
     printed = capfd.readouterr()
     assert isinstance(res, edgekit.BuildResult)
     assert res.out_dir == out and res.backend == "onnxruntime" and res.precision == "fp32"  # aliases resolved

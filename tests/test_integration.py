@@ -51,7 +51,8 @@ def test_non_uniform_into_onnx_is_a_clear_error(non_uniform, tmp_path):
 
 def test_build_prunes_distills_then_exports(cli, tiny_models, tmp_path):
     out = tmp_path / "b"
-    m = json.loads(cli("build", "--target", "x86-cpu", tiny_models["llama"], "-o", out, "--prune-ratio", "0.25",
+    m = json.loads(cli("build", "--target", "x86-cpu", "-b", "onnxruntime", tiny_models["llama"], "-o", out,
+                       "--prune-ratio", "0.25",
                        "--distill-steps", "4", "--precision", "int8", "--bench-seconds", "0.3", "--json",
                        check=0).stdout)
     st = m["stages"]

@@ -232,7 +232,7 @@ def gguf_artifact(tiny_models, tmp_path_factory):
     (("export", "{model}", "-b", "gguf", "-o", "{out}"), "gguf"),
     (("export", "{model}", "-b", "executorch", "-o", "{out}"), "executorch"),
     (("export", "{model}", "-b", "tensorrt", "--target", "jetson-orin", "-o", "{out}"), "onnx"),
-    (("build", "{model}", "-t", "x86-cpu", "-o", "{out}"), "onnx"),
+    (("build", "{model}", "-t", "x86-cpu", "-o", "{out}"), "gguf"),  # x86-cpu builds GGUF q8_0 by default
     (("build", "{model}", "-t", "rpi5", "-o", "{out}"), "gguf"),
     (("prune", "{model}", "--ratio", "0.2", "-o", "{out}"), "torch"),
     (("distill", "--teacher", "{model}", "--student", "{model}", "--steps", "1", "-o", "{out}"), "torch"),

@@ -18,7 +18,7 @@ def _manifest(out):
 
 def test_build_then_rerun_skips_everything(cli, tiny_models, tmp_path):
     out = tmp_path / "b"
-    m = json.loads(cli("build", "--target", "x86-cpu", tiny_models["qwen2"], "-o", out, "--bench-seconds", "0.3",
+    m = json.loads(cli("build", "--target", "x86-cpu", "-b", "onnxruntime", tiny_models["qwen2"], "-o", out, "--bench-seconds", "0.3",
                        "--json", check=0).stdout)
     st = m["stages"]
     assert list(st) == ["plan", "prune", "distill", "quantize", "export", "verify", "bench"]
@@ -27,11 +27,11 @@ def test_build_then_rerun_skips_everything(cli, tiny_models, tmp_path):
     assert st["bench"]["result"]["decode_tokens_per_s"] > 0
     assert len(m["model"]["sha256"]) == 64 and m["versions"]["onnxruntime"] == "1.32.0"
     assert (out / "04-export" / "artifact" / "model.onnx").is_file()
-    m2 = json.loads(cli("build", "--target", "x86-cpu", tiny_models["qwen2"], "-o", out, "--bench-seconds", "0.3",
+    m2 = json.loads(cli("build", "--target", "x86-cpu", "-b", "onnxruntime", tiny_models["qwen2"], "-o", out, "--bench-seconds", "0.3",
                         "--json", check=0).stdout)
     assert all(r.get("skipped_last_run") for r in m2["stages"].values())
     # A changed option re-runs from the first stage it affects, and only from there.
-    m3 = json.loads(cli("build", "--target", "x86-cpu", tiny_models["qwen2"], "-o", out, "--precision", "int8",
+    m3 = json.loads(cli("build", "--target", "x86-cpu", "-b", "onnxruntime", tiny_models["qwen2"], "-o", out, "--precision", "int8",
                         "--bench-seconds", "0.3", "--json", check=0).stdout)
     assert m3["stages"]["export"]["result"]["precision"] == "int8"
     assert not m3["stages"]["plan"].get("skipped_last_run") and not m3["stages"]["export"].get("skipped_last_run")
@@ -93,7 +93,8 @@ def test_bad_inputs(cli, tiny_models, tmp_path):
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
     (gpt2 / "model.safetensors").write_bytes(b"")
     _one_error_line(cli("build", "--target", "x86-cpu", gpt2, "-o", out), "unsupported model family 'gpt2'")
-    _one_error_line(cli("build", "--target", "x86-cpu", tiny_models["llama"], "-o", out, "--precision", "q4_k_m"),
+    _one_error_line(cli("build", "--target", "x86-cpu", tiny_models["llama"], "-o", out, "-b", "onnxruntime",
+                        "--precision", "q4_k_m"),
                     "cannot produce precision 'q4_k_m'")
     _one_error_line(cli("build", "--target", "x86-cpu", tiny_models["llama"], "-o", out, "--prune-ratio", "1.5"),
                     "--prune-ratio 1.5 is not a usable value")

@@ -316,7 +316,8 @@ def test_unsupported_arch_in_prune_api(tmp_path):
 def test_build_prune_stage_feeds_export(cli, tiny_models, tmp_path):
     """`edgekit build --prune-ratio` prunes with the target's width alignment and exports the pruned model."""
     out = tmp_path / "b"
-    p = cli("build", "--target", "x86-cpu", tiny_models["llama"], "--prune-ratio", "0.3", "--no-bench", "-o", out,
+    p = cli("build", "--target", "x86-cpu", "-b", "onnxruntime", tiny_models["llama"], "--prune-ratio", "0.3", "--no-bench",
+            "-o", out,
             "--json", check=0)
     man = json.loads(p.stdout)
     pr = man["stages"]["prune"]

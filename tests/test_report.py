@@ -16,7 +16,8 @@ from report_screenshot import _Count, chromium, screenshot  # noqa: E402
 @pytest.fixture(scope="module")
 def build(cli, tiny_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "b"
-    cli("build", "--target", "x86-cpu", tiny_models["llama"], "-o", out, "--bench-seconds", "0.5", check=0)
+    cli("build", "--target", "x86-cpu", "-b", "onnxruntime", tiny_models["llama"], "-o", out, "--bench-seconds", "0.5",
+        check=0)
     return out
 
 

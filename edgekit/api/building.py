@@ -55,6 +55,8 @@ def build(model: str | Path | None = None, *, target: str | Path | Target, out: 
                   _RANGES)
     with console(verbose) as log:
         t = target if isinstance(target, Target) else get_target(str(target))
+        if opts.backend == "auto":  # the matrix's winner: the fastest row that passes its gate and fits
+            opts = _auto_backend(model, t, opts, as_path(out) or Path("edgekit-build") / t.name, dry_run, verbose)
         opts = _check_options(opts, t)
         ref = resolve_model(None if model is None else str(model))
         out_dir = as_path(out) or Path("edgekit-build") / t.name
@@ -86,6 +88,54 @@ def build(model: str | Path | None = None, *, target: str | Path | Target, out: 
         with bar(f"build {t.name}", total=len(STAGES), enabled=verbose if progress is None else progress) as advance:
             manifest = run_build(ctx, progress=advance)
     return BuildResult.from_manifest(out_dir, manifest)
+
+
+def _auto_backend(model, target, opts, out_dir: Path, dry_run: bool, verbose: bool):
+    """Run `edgekit bench --matrix` into OUT/matrix and take its winner. The winner's row is a finished build with
+    the same options, so OUT starts as a copy of it (hard links) and the pipeline skips every unchanged stage."""
+    import shutil
+
+    from edgekit.api.matrix import bench_matrix
+    from edgekit.errors import EdgekitError
+    from edgekit.pipeline import MANIFEST
+
+    if dry_run:
+        raise EdgekitError("--backend auto builds and benchmarks every backend to choose one, which --dry-run cannot",
+                           "drop --dry-run, or pass --backend NAME")
+    m = bench_matrix(model, target=target, out=out_dir / "matrix", precisions=opts.precision,
+                     context=opts.context_length, prune_ratio=opts.prune_ratio, distill_steps=opts.distill_steps,
+                     bench_seconds=opts.bench_seconds, threads=opts.threads, verbose=verbose)
+    w = m.winner
+    if w is None:
+        raise EdgekitError(f"no backend x precision of {target.name} passed its gate and fits its memory budget "
+                           f"(table: {out_dir / 'matrix' / 'matrix.md'})",
+                           "pass --backend NAME --precision P, with --accept-gate-failure to keep a failing one")
+    row = Path(w.record["build_dir"])
+    if not (out_dir / MANIFEST).exists() and (row / MANIFEST).is_file():
+        for p in row.iterdir():
+            if p.name.startswith("row") and p.suffix == ".json":
+                continue
+            dest = out_dir / p.name
+            if p.is_dir():
+                shutil.copytree(p, dest, copy_function=_link, dirs_exist_ok=True)
+            elif not dest.exists():
+                _link(p, dest)
+    if verbose:
+        from edgekit.ui import log
+
+        log(f"build: --backend auto chose {w.backend} {w.precision} ({w.decode_tps_p50:.1f} tokens/s p50, "
+            f"gate passed, fits): {m.winner_rule}")
+    return replace(opts, backend=w.backend, precision=w.precision)
+
+
+def _link(src, dst) -> None:
+    import os
+    import shutil
+
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system
+        shutil.copy2(src, dst)
 
 
 def _check_options(opts, target):

@@ -8,9 +8,10 @@ stages (in this order, always): plan -> prune -> distill -> quantize -> export -
 Each writes into OUT/NN-stage/ and OUT/manifest.json; rerun the same command to resume or to skip what is done.
 
 examples:
-  edgekit build --target x86-cpu                         the embedded SmolLM2-135M, ONNX Runtime fp32
+  edgekit build --target x86-cpu                         the embedded SmolLM2-135M, GGUF q8_0 (llama.cpp)
   edgekit build --target x86-cpu --precision int8 ./my-model -o build/int8
   edgekit build --target jetson-orin --dry-run           what would happen, nothing written
+  edgekit build --target x86-cpu --backend auto          every backend x precision compared, the winner built
   edgekit build --target my-board.toml model.gguf --json
   edgekit build --target jetson-orin --device http://jetson.local:8765 --token-file token
 """
@@ -23,7 +24,8 @@ def register(sub) -> None:
     p.add_argument("model", nargs="?", help="Hugging Face folder or .gguf file (default: embedded SmolLM2-135M)")
     p.add_argument("--target", "-t", required=True, help="target name, alias, or path to a .toml profile")
     p.add_argument("-o", "--out", type=Path, help="build directory (default: edgekit-build/TARGET)")
-    p.add_argument("--backend", "-b", help="override the target's backend")
+    p.add_argument("--backend", "-b", help="override the target's backend; `auto`: run `edgekit bench --matrix` "
+                   "into OUT/matrix and build its winner (the fastest that passes its gate and fits)")
     p.add_argument("--precision", "-p", help="override the target's default precision (any case; aliases such as "
                    "f32 or Q4_K_M work)")
     p.add_argument("--context", type=int, help="context length to plan and export for (default: the target's)")
