@@ -252,3 +252,37 @@ def test_export_vision_onnx_and_language_artifact_gates_pass(vlm_pruned, tmp_pat
     assert got.shape == (1, 16, 48) and np.abs(got - ref["image_embeds"][:1]).max() < 1e-4
     lang = json.loads((out / "language" / "artifact.json").read_text())
     assert lang["backend"] == backend and lang["model"]["hidden_size"] == 48
+
+
+# -- recovery -------------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", VLMS)
+def test_three_phase_distill_lowers_each_phase_loss(vlm_pruned, vlm_models, pairs, tmp_path, family):
+    from edgekit.vlm.distill import VlmDistillConfig, distill_vlm
+
+    student, _ = vlm_pruned[family]  # both towers cut: phase 2 has a real vision gap to close
+    r = distill_vlm(vlm_models[family], student, tmp_path / "d", VlmDistillConfig(
+        steps=(12, 12, 12), calibration=pairs, num_samples=16, held_out=8), log=quiet)
+    assert [p["phase"] for p in r["phases"]] == ["projector", "vision+projector", "whole"]
+    trainable = [p["trainable_params"] for p in r["phases"]]
+    assert trainable[0] < trainable[1] < trainable[2]
+    for p in r["phases"]:
+        assert p["held_out_loss_after"] < p["held_out_loss_before"], p
+    assert r["caption_loss"]["after"] < r["caption_loss"]["before"]
+    model, _, g = _reload(tmp_path / "d")
+    assert g.params() == trainable[2]
+
+
+def test_vlm_distill_bad_requests_are_one_line(vlm_models, tmp_path, capsys):
+    from edgekit.cli import main
+
+    src = vlm_models[VLMS[0]]
+    for argv, want in ((["--steps", "1,2"], "three non-negative step counts"),
+                       (["--steps", "a,b,c"], "not three comma-separated integers"),
+                       (["--temperature", "0"], "temperature must be positive")):
+        assert main(["vlm", "distill", "--teacher", str(src), "--student", str(src), *argv,
+                     "-o", str(tmp_path / "d")]) == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert want in line and "(fix: " in line
+    assert not (tmp_path / "d").exists()

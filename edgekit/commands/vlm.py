@@ -53,6 +53,20 @@ def register(sub) -> None:
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=run_prune)
 
+    t = s.add_parser("distill", help="recover a pruned VLM from the dense one: projector, then vision + projector, "
+                     "then the whole model")
+    t.add_argument("--teacher", type=Path, required=True, help="the dense VLM folder")
+    t.add_argument("--student", type=Path, required=True, help="the pruned VLM folder")
+    t.add_argument("--steps", default="30,30,30", help="optimizer steps per phase: projector, vision+projector, "
+                   "whole model (default 30,30,30; 0 skips a phase)")
+    t.add_argument("--temperature", type=float, default=2.0)
+    t.add_argument("--calibration", type=Path, help="image+caption pairs (default: generated shapes)")
+    t.add_argument("--samples", type=int, default=32, help="training pairs (default 32; 8 more are held out)")
+    t.add_argument("-o", "--out", type=Path, required=True)
+    t.add_argument("--force", action="store_true", help="replace -o even if it holds files edgekit did not write")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=run_distill)
+
     e = s.add_parser("export", help="vision tower + projector to ONNX Runtime, the language model to a backend")
     e.add_argument("model", type=Path, help="Hugging Face VLM folder")
     e.add_argument("--backend", "-b", default="onnxruntime", choices=sorted(REGISTRY),
@@ -100,6 +114,33 @@ def run_prune(a) -> int:
           f"({r['removed_fraction']:.1%} removed): vision {pb['vision']:,} -> {pa['vision']:,}, projector "
           f"{pb['projector']:,} -> {pa['projector']:,}, language {pb['language']:,} -> {pa['language']:,}; "
           f"caption loss {r['dense_search_loss']:.3f} -> {r['pruned_search_loss']:.3f}")
+    return 0
+
+
+def run_distill(a) -> int:
+    import sys
+
+    from edgekit.errors import EdgekitError
+    from edgekit.fsutil import check_output
+    from edgekit.ui import print_json
+    from edgekit.vlm.distill import REPORT_FILE, VlmDistillConfig, distill_vlm
+
+    try:
+        steps = tuple(int(x) for x in a.steps.split(","))
+    except ValueError:
+        raise EdgekitError(f"--steps {a.steps!r} is not three comma-separated integers",
+                           "e.g. --steps 30,30,30") from None
+    cfg = VlmDistillConfig(steps=steps, temperature=a.temperature, calibration=a.calibration, num_samples=a.samples)
+    cfg.check()
+    out = check_output(a.out, [a.teacher, a.student], REPORT_FILE, a.force)
+    r = distill_vlm(a.teacher, a.student, out, cfg, log=lambda m: print(m, file=sys.stderr))
+    if a.json:
+        print_json(r)
+        return 0
+    c = r["caption_loss"]
+    print(f"{a.out}: " + "; ".join(f"{p['phase']} {p['held_out_loss_before']:.3f} -> {p['held_out_loss_after']:.3f}"
+                                   for p in r["phases"])
+          + f"; caption loss {c['before']:.3f} -> {c['after']:.3f} (teacher {c['teacher']:.3f})")
     return 0
 
 
