@@ -144,6 +144,7 @@ REACH = {
     # the Python API: each verb's module speaks the flags of the command that is argparse around it
     "edgekit/api/building.py": ("build",), "edgekit/api/pruning.py": ("prune",),
     "edgekit/api/exporting.py": ("export",), "edgekit/api/benchmarking.py": ("bench",),
+    "edgekit/api/matrix.py": ("bench",), "edgekit/matrix.py": ("bench",),
     "edgekit/vlm/": ("vlm",),
 }
 ERRORS = ("EdgekitError", "GateFailed")
