@@ -46,6 +46,8 @@ def register(sub) -> None:
     q.add_argument("--hidden-keep", type=float, default=1.0, help="fraction of the language model's hidden "
                    "channels kept (default 1: the projector's output follows when < 1)")
     q.add_argument("--align", type=int, default=8, help="pruned widths are multiples of this (default 8)")
+    q.add_argument("--criterion", default="ukmp", choices=("ukmp", "activation"), help="importance: ukmp (|w * grad| "
+                   "normalized per block and modality, default) or activation (plain, a baseline)")
     q.add_argument("--calibration", type=Path, help="image+caption pairs (default: generated shapes)")
     q.add_argument("--samples", type=int, default=16, help="calibration pairs (default 16)")
     q.add_argument("-o", "--out", type=Path, required=True)
@@ -100,7 +102,7 @@ def run_prune(a) -> int:
 
     cfg = VlmPruneConfig(ratio=a.ratio, keep_vision=a.keep_vision, keep_language=a.keep_language,
                          vision_share=a.vision_share, hidden_keep=a.hidden_keep, align=a.align,
-                         calibration=a.calibration, num_samples=a.samples)
+                         calibration=a.calibration, num_samples=a.samples, criterion=a.criterion)
     cfg.check()
     out = check_output(a.out, [a.model], REPORT_FILE, a.force)
     import sys

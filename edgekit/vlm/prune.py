@@ -30,6 +30,7 @@ from pathlib import Path
 from edgekit.errors import EdgekitError
 
 REPORT_FILE = "edgekit-vlm-prune.json"
+CRITERIA = ("ukmp", "activation")
 SPLITS = (0.0, 0.15, 0.3, 0.5, 0.7, 0.85, 1.0)  # candidate shares of the removed parameters taken from vision
 
 
@@ -46,6 +47,7 @@ class VlmPruneConfig:
     search_samples: int = 4
     batch_size: int = 4
     evaluate_splits: int = 3  # best-ranked splits scored by caption loss
+    criterion: str = "ukmp"  # ukmp: normalized |w * grad|; activation: plain activation importance (a baseline)
 
     def check(self) -> None:
         if not (isinstance(self.ratio, (int, float)) and math.isfinite(self.ratio) and 0 < self.ratio < 1):
@@ -62,6 +64,9 @@ class VlmPruneConfig:
                                "--keep-language", "pass --vision-share 0.5 alone, or --keep-vision or --keep-language alone")
         if not 0 < self.hidden_keep <= 1:
             raise EdgekitError(f"--hidden-keep must be in (0, 1], got {self.hidden_keep}", "e.g. --hidden-keep 0.75")
+        if self.criterion not in CRITERIA:
+            raise EdgekitError(f"unknown VLM importance criterion {self.criterion!r}",
+                               f"use one of {', '.join(CRITERIA)}")
         for n in ("num_samples", "search_samples", "batch_size"):
             if getattr(self, n) < 1:
                 raise EdgekitError(f"{n} must be at least 1, got {getattr(self, n)}", f"pass a positive {n}")
@@ -83,22 +88,31 @@ class VlmScores:
 
 
 def saliency(model, fam, items, pad_id: int, batch_size: int = 4) -> VlmScores:
-    """Raw first-order saliency |w * grad| of the caption loss, per structure of both towers."""
-    import torch
-
-    from edgekit.prune.criteria import weight_saliency
+    """First-order saliency |w * grad| of the caption loss, per structure of both towers, accumulated batch by
+    batch (|w * g_b| summed over batches b, not |w * sum_b g_b|: near convergence the batches' gradients cancel in
+    the sum, and the score would measure that noise)."""
     from edgekit.vlm.data import batches
 
-    model.zero_grad(set_to_none=True)
-    n = 0
+    total, n = None, 0
     for b in batches(items, batch_size, pad_id):
+        model.zero_grad(set_to_none=True)
         out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values,
                     labels=b.labels, use_cache=False)
         (out.loss * b.input_ids.shape[0]).backward()
         n += b.input_ids.shape[0]
+        part = _grad_scores(model, fam)
+        total = part if total is None else _add(total, part)
+    model.zero_grad(set_to_none=True)
+    return _scale(total, 1 / max(n, 1))
+
+
+def _grad_scores(model, fam) -> VlmScores:
+    import torch
+
+    from edgekit.prune.criteria import weight_saliency
 
     def s(p):
-        return (p.grad * p.detach()).abs().double() / max(n, 1) if p.grad is not None else \
+        return (p.grad * p.detach()).abs().double() if p.grad is not None else \
             torch.zeros_like(p, dtype=torch.float64)
 
     with torch.no_grad():
@@ -115,7 +129,85 @@ def saliency(model, fam, items, pad_id: int, batch_size: int = 4) -> VlmScores:
         lang = weight_saliency(fam.language_view(model), lfam, s)
         l1, l2 = fam.projector(model)
         inner = s(l1.weight).sum(1) + s(l2.weight).sum(0) + (s(l1.bias) if l1.bias is not None else 0)
-    model.zero_grad(set_to_none=True)
+    return VlmScores(vm, vh, lang, inner)
+
+
+def _map(f, *scs: VlmScores) -> VlmScores:
+    from edgekit.prune.criteria import Scores
+
+    def lists(get):
+        return [f(*xs) for xs in zip(*(get(x) for x in scs))]
+
+    L = [x.language for x in scs]
+    lang = Scores([f(*xs) for xs in zip(*(l.mlp for l in L))], [f(*xs) for xs in zip(*(l.heads for l in L))],
+                  [f(*xs) for xs in zip(*(l.kv for l in L))], f(*(l.hidden for l in L)))
+    return VlmScores(lists(lambda x: x.vision_mlp), lists(lambda x: x.vision_heads), lang,
+                     f(*(x.projector_inner for x in scs)))
+
+
+def _add(a: VlmScores, b: VlmScores) -> VlmScores:
+    return _map(lambda x, y: x + y, a, b)
+
+
+def _scale(a: VlmScores, c: float) -> VlmScores:
+    return _map(lambda x: x * c, a)
+
+
+def activation_scores(model, fam, items, pad_id: int, batch_size: int = 4) -> VlmScores:
+    """Plain activation importance (Minitron-style, edgekit.prune.criteria.activation) on image+caption pairs, not
+    normalized: a vision MLP neuron scores E[h_j^2] * ||fc2[:, j]||^2, a head E||W_out,h a_h||^2; the language
+    model's scores come from the decoder criterion itself, its hooks fed by the VLM's forward."""
+    import torch
+
+    from edgekit.prune.criteria import activation
+    from edgekit.vlm.data import batches
+
+    vcfg = model.config.vision_config
+    hd = vcfg.hidden_size // vcfg.num_attention_heads
+    layers = fam.vision_layers(model)
+    mlp_sq, head_sq, hooks, toks = [0.0] * len(layers), [0.0] * len(layers), [], [0]
+
+    def mlp_hook(i):
+        def f(mod, inputs):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            mlp_sq[i] = mlp_sq[i] + x.pow(2).sum(0)
+            if i == 0:
+                toks[0] += x.shape[0]
+        return f
+
+    def head_hook(i, gram):
+        def f(mod, inputs):
+            a = inputs[0].detach().reshape(-1, gram.shape[0], hd).double()
+            head_sq[i] = head_sq[i] + torch.einsum("nhd,hde,nhe->h", a, gram, a)
+        return f
+
+    for i, layer in enumerate(layers):
+        o = fam.vision_out(layer)
+        w = o.weight.detach().double().view(o.out_features, -1, hd)
+        hooks.append(fam.vision_fc(layer)[1].register_forward_pre_hook(mlp_hook(i)))
+        hooks.append(o.register_forward_pre_hook(head_hook(i, torch.einsum("ohd,ohe->hde", w, w))))
+
+    def drive():  # the decoder criterion's hooks sit on the language modules the VLM forward runs
+        for b in batches(items, batch_size, pad_id):
+            model(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values,
+                  use_cache=False)
+        return iter(())
+
+    class _Drive:
+        def __iter__(self):
+            return drive()
+
+    try:
+        with torch.no_grad():
+            lang = activation(fam.language_view(model), fam.language_family(model.config.to_dict()), _Drive())
+    finally:
+        for h in hooks:
+            h.remove()
+    n = max(toks[0], 1)
+    vm = [mlp_sq[i] / n * fam.vision_fc(l)[1].weight.detach().double().pow(2).sum(0) for i, l in enumerate(layers)]
+    vh = [head_sq[i] / n for i in range(len(layers))]
+    l1, l2 = fam.projector(model)
+    inner = l2.weight.detach().double().pow(2).sum(0)
     return VlmScores(vm, vh, lang, inner)
 
 
@@ -313,11 +405,13 @@ def prune_vlm(model_dir: Path, out: Path, cfg: VlmPruneConfig, log=print) -> dic
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
     tok, calib, search = _calibration(model_dir, fam, mcfg, cfg, log)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    log(f"prune: scoring both towers on {len(calib)} image+caption pairs (|w * grad|, normalized per block and "
-        "modality)")
+    log(f"prune: scoring both towers on {len(calib)} image+caption pairs (" + (
+        "|w * grad|, normalized per block and modality)" if cfg.criterion == "ukmp" else "plain activations)"))
     t1 = time.perf_counter()
-    raw = saliency(model, fam, calib, pad, cfg.batch_size)
-    scores = normalize(raw)
+    if cfg.criterion == "ukmp":
+        scores = normalize(saliency(model, fam, calib, pad, cfg.batch_size))
+    else:
+        scores = activation_scores(model, fam, calib, pad, cfg.batch_size)
     score_s = round(time.perf_counter() - t1, 2)
     dense_loss = caption_loss(model, search, pad)
     lm = fam.language_view(model)
@@ -401,7 +495,7 @@ def prune_vlm(model_dir: Path, out: Path, cfg: VlmPruneConfig, log=print) -> dic
                      "heads": [lang.layers[0].num_attention_heads, after.language.layers[0].num_attention_heads],
                      "kv_heads": [lang.layers[0].num_key_value_heads, after.language.layers[0].num_key_value_heads]},
         "splits": tried, "vision_share": best["vision_share"],
-        "importance": {"criterion": "ukmp-saliency", "seconds": score_s, "pairs": len(calib)},
+        "importance": {"criterion": cfg.criterion, "seconds": score_s, "pairs": len(calib)},
         "dense_search_loss": dense_loss, "pruned_search_loss": final_loss,
         "seconds": round(time.perf_counter() - t0, 2),
     }
