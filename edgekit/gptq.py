@@ -94,16 +94,27 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, group: int, bits: int = 4, roun
          damp: float = 0.01, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """(integer weights int8 (out, in), scales (out, in/group)) with w ~= q * scale per group."""
     qmax = 2 ** (bits - 1) - 1
+    scales = group_scales(w.detach().float(), group, qmax, round_scale)
+    q = gptq_on_grid(w, hessian, scales, torch.zeros_like(scales), -qmax - 1, qmax, damp, block)
+    return q.to(torch.int8), scales
+
+
+def gptq_on_grid(w: torch.Tensor, hessian: torch.Tensor, a: torch.Tensor, b: torch.Tensor, qmin: int, qmax: int,
+                 damp: float = 0.01, block: int = 128) -> torch.Tensor:
+    """GPTQ's integer codes (out, in) on a fixed affine grid: value = a * q + b, q in [qmin, qmax], with one (a, b)
+    per row and group of in/a.shape[1] contiguous input columns (a runtime's block scales and minimums, chosen
+    beforehand). A zero scale (an all-zero block) rounds to q = 0."""
     w = w.detach().clone().float()
     h = hessian.clone().float()
     ncol = w.shape[1]
-    scales = group_scales(w, group, qmax, round_scale)
-    col_scale = scales.repeat_interleave(group, dim=1)
+    group = ncol // a.shape[1]
+    col_a, col_b = a.float().repeat_interleave(group, dim=1), b.float().repeat_interleave(group, dim=1)
+    safe_a = torch.where(col_a == 0, torch.ones_like(col_a), col_a)
     dead = torch.diag(h) == 0  # inputs that are always zero: any value is exact
     h[dead, dead] = 1
     w[:, dead] = 0
     perm = torch.argsort(torch.diag(h), descending=True)
-    w, h, col_scale = w[:, perm], h[perm][:, perm], col_scale[:, perm]
+    w, h, col_a, col_b, safe_a = w[:, perm], h[perm][:, perm], col_a[:, perm], col_b[:, perm], safe_a[:, perm]
     h += damp * torch.mean(torch.diag(h)) * torch.eye(ncol)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     q = torch.zeros_like(w)
@@ -112,10 +123,11 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, group: int, bits: int = 4, roun
         w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
         err1 = torch.zeros_like(w1)
         for i in range(i2 - i1):
-            col, s = w1[:, i], col_scale[:, i1 + i]
-            q[:, i1 + i] = torch.clamp(torch.round(col / s), -qmax - 1, qmax)
-            err = (col - q[:, i1 + i] * s) / hinv1[i, i]
+            col, s, o = w1[:, i], col_a[:, i1 + i], col_b[:, i1 + i]
+            qi = torch.clamp(torch.round((col - o) / safe_a[:, i1 + i]), qmin, qmax)
+            q[:, i1 + i] = torch.where(s == 0, torch.zeros_like(qi), qi)
+            err = (col - (q[:, i1 + i] * s + o)) / hinv1[i, i]
             w1[:, i:] -= err[:, None] @ hinv1[i, i:][None, :]
             err1[:, i] = err
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return q[:, torch.argsort(perm)].to(torch.int8), scales
+    return q[:, torch.argsort(perm)].to(torch.int16)

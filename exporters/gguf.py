@@ -43,6 +43,9 @@ ENTRY = "model.gguf"
 FTYPES = {"q8_0": 7, "q5_k_m": 17, "q4_k_m": 15, "q4_0": 2}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
 K_QUANTS = ("q5_k_m", "q4_k_m")
 IMATRIX = ("q5_k_m", "q4_k_m", "q4_0")  # quantizers that weigh columns by an importance matrix (Q8_0's has none)
+# GPTQ on the grids llama.cpp chose with the importance matrix (gguf_gptq.py): built and tested on tiny models, off
+# by default until it is measured on a real checkpoint (bench/quantize_quality.py gguf-q4_k_m vs gguf-q4_k_m-rtn)
+GPTQ_ROUNDING = False
 FLOAT_TYPES = {"fp32": "f32", "fp16": "f16"}  # edgekit's precision -> the GGUF tensor type written directly
 BLOCK = 32  # Q8_0 and every K-quant fallback type (Q5_0, Q5_1, Q8_0) pack a row in blocks of 32
 K_BLOCK = 256  # K-quant super-block: rows of other widths silently fall back to a 32-block type
@@ -514,12 +517,18 @@ def export(model_dir: Path, out: Path, cfg) -> dict:
         with tempfile.TemporaryDirectory(dir=out) as tmp:
             src = Path(tmp) / "f32.gguf"
             tok = write_gguf(model_dir, src, p, "f32")
-            imatrix = None
+            imatrix = rounding = None
             if cfg.calibrate and cfg.precision in IMATRIX:
                 from edgekit.exporters.gguf_imatrix import compute
 
                 imatrix = compute(model_dir, p, cfg.calibration, threads=cfg.threads)
-            quantize(src, final, cfg.precision, cfg.threads, imatrix)
+            made = Path(tmp) / ENTRY
+            quantize(src, made, cfg.precision, cfg.threads, imatrix)
+            if imatrix is not None and GPTQ_ROUNDING:  # the importance matrix chose the block scales; GPTQ rounds
+                from edgekit.exporters.gguf_gptq import calibrate
+
+                rounding = calibrate(model_dir, p, made, cfg.calibration, threads=cfg.threads)
+            os.replace(made, final)
     parity = tokenizer_parity(final, model_dir)  # held-out + mixed text, and chat-template text with specials
     if not parity["identical"] and not cfg.accept_gate_failure:
         part, at = (("held-out text", parity["first_difference"]) if parity["first_difference"] is not None else
@@ -547,6 +556,8 @@ def export(model_dir: Path, out: Path, cfg) -> dict:
         "kv_cache": "f32" if cfg.precision in FLOAT_TYPES else "f16",
         "tokenizer": {**tok, **parity},
         # None: llama.cpp's plain round-to-nearest (unquantized, Q8_0, --no-calibrate, or no tokenizer to read text)
-        **({"imatrix": imatrix.summary() if imatrix else None} if cfg.precision in FTYPES else {}),
+        **({"imatrix": imatrix.summary() if imatrix else None,
+            "rounding": rounding or ("llama.cpp, imatrix-weighted" if imatrix else "llama.cpp nearest")}
+           if cfg.precision in FTYPES else {}),
         **rep,
     }
