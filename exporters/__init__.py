@@ -29,7 +29,10 @@ class RuntimeMemory:
     logits_per_chunk: bool = False  # the graph emits every position's logits, not just the last
     fp32_embedding: bool = False  # ONNX Runtime: the Gather table stays fp32, and a tied LM head is a transposed copy
     tied_stored_twice: bool = False  # ExecuTorch: the .pte holds the embedding table and the LM head apart
-    weight_factor: float = 1.0  # resident bytes per stored weight byte (ExecuTorch: program data + XNNPACK's packing)
+    weight_factor: float = 1.0  # resident bytes per stored weight byte
+    # ExecuTorch: XNNPACK repacks each delegated weight at load and then frees the program's copy, so the largest one
+    # (the LM head, vocab x hidden) is briefly held twice: the peak, measured at load (bench/plan_calibration.md)
+    head_twice_at_load: bool = False
     # "module:function(cfg, precision) -> bytes" when the backend does not store every weight at the precision's
     # nominal bits (llama.cpp mixes types per tensor and falls back on rows K-quants cannot tile)
     weight_bytes: str | None = None
@@ -110,12 +113,12 @@ REGISTRY: dict[str, ExporterSpec] = {
                      RuntimeMemory(overhead_mb=72, vocab_bytes=160, kv_bytes=2, kv_bytes_unquantized=4,
                                    weight_bytes="edgekit.exporters.gguf_types:planned_weight_bytes"),
                      ("gguf", "llama-cpp-python", "safetensors", "tokenizers")),
-        # fitted on SmolLM2-135M (tied, 1517 MB at 2048) and Qwen2.5-Coder-0.5B (untied, 3976 MB at 1024): the Python
-        # runtime imports torch (~400 MB) and resident weights are ~1.33x the .pte's (bench/plan_calibration.py)
+        # fitted on SmolLM2-135M at 512 and 2048 tokens of context and Gemma 3 270M at 1024 (bench/plan_calibration.md):
+        # the Python runtime imports torch (~400 MB); one 512-token chunk's activations are planned (MAX_CHUNK)
         ExporterSpec("executorch", "edgekit.exporters.executorch", "edgekit.runtime.executorch",
                      ("fp32", "8da4w"), "ExecuTorch .pte lowered to XNNPACK (mobile CPUs)", "executorch",
-                     RuntimeMemory(overhead_mb=400, kv_bytes=4, attn_buffers=2, logits_per_chunk=True,
-                                   tied_stored_twice=True, weight_factor=1.33),
+                     RuntimeMemory(overhead_mb=400, kv_bytes=4, attn_buffers=6, logits_per_chunk=True,
+                                   tied_stored_twice=True, head_twice_at_load=True),
                      ("executorch", "torchao")),
         ExporterSpec("tensorrt", "edgekit.exporters.tensorrt", "edgekit.runtime.tensorrt",
                      ("fp32", "fp16"), "ONNX + trtexec plan; the engine is built on the Jetson itself", "onnx",

@@ -61,6 +61,10 @@ def test_memory_by_hand():
     assert ort8["weights_bytes"] == int((134_515_008 - emb) * (1 + 4 / 32) + emb * 8)  # embedding stays fp32
     half = memory(SMOL, "gguf", "q8_0", req, prune_ratio=0.5)
     assert half["weights_bytes"] == int(m["weights_bytes"] * 0.5)
+    et = memory(SMOL, "executorch", "fp32", req)
+    # the .pte holds the tied table twice (embedding and head), and XNNPACK briefly holds the head twice at load
+    assert et["weights_bytes"] == 134_515_008 * 4 + emb * 4 + emb * 4
+    assert et["activations_bytes"] == 4 * 10 * (49152 + 6 * 9 * 1000 + 3 * 1536 + 4 * 576) + 4 * 49152
 
 
 def test_quantization_alone_when_it_fits():
