@@ -26,7 +26,6 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -37,22 +36,9 @@ PRUNED_FFN = 768
 
 def copy_bandwidth(threads: int, mib: int = 512, repeats: int = 5) -> float:
     """Bytes/s moved (read + write) by numpy copies of a large buffer split across `threads` threads."""
-    src = np.ones(mib * 2**20 // 8, dtype=np.float64)
-    dst = np.empty_like(src)
-    parts = np.array_split(np.arange(src.size), threads)
-    bounds = [(p[0], p[-1] + 1) for p in parts]
+    from edgekit.runtime.roofline import measure_bandwidth
 
-    def run(b):
-        np.copyto(dst[b[0]:b[1]], src[b[0]:b[1]])  # numpy releases the GIL for the copy
-
-    best = 0.0
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(run, bounds))  # touch every page first
-        for _ in range(repeats):
-            t = time.perf_counter()
-            list(pool.map(run, bounds))
-            best = max(best, 2 * src.nbytes / (time.perf_counter() - t))
-    return best
+    return measure_bandwidth(threads, mib=mib, repeats=repeats)
 
 
 def prune_mlp_by_magnitude(src: Path, out: Path, keep: int) -> Path:
