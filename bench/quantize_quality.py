@@ -47,6 +47,7 @@ CASES: dict[str, Case] = {
     "gguf-q8_0": Case("gguf", "q8_0"),
     "gguf-q5_k_m": Case("gguf", "q5_k_m", note="imatrix from the calibration text"),
     "gguf-q5_k_m-rtn": Case("gguf", "q5_k_m", {"calibrate": False}, "llama.cpp round-to-nearest"),
+    "gguf-q4_k_m-gptq": Case("gguf", "q4_k_m", {"gptq": True}, "imatrix + GPTQ on llama.cpp's blocks (--gptq)"),
     "gguf-q4_k_m": Case("gguf", "q4_k_m", note="imatrix from the calibration text"),
     "gguf-q4_k_m-rtn": Case("gguf", "q4_k_m", {"calibrate": False}, "llama.cpp round-to-nearest"),
     "gguf-q4_0": Case("gguf", "q4_0", note="imatrix from the calibration text"),

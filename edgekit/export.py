@@ -41,6 +41,7 @@ class ExportConfig:
     group_size: int | None = None  # weights per quantization scale (ONNX Runtime int4: 32, 64, 128); None: 32
     calibrate: bool = True  # calibrated quantization where the precision has it (GGUF: an importance matrix)
     calibration: Path | None = None  # text to calibrate on (.txt/.jsonl/folder); None: edgekit's shipped text
+    gptq: bool = False  # GGUF 4/5-bit: GPTQ re-rounds the codes on llama.cpp's imatrix-chosen blocks (slow)
     qat: Any = None  # edgekit.qat.QATPlan the model was trained for (read from its qat.json by export_model)
 
     def resolved(self) -> "ExportConfig":

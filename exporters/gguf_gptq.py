@@ -7,7 +7,7 @@ the rounding instead: llama.cpp quantizes with the importance matrix, edgekit re
 over the columns not yet rounded (the layer's input Hessian from the calibration text, layers in order so each sees
 its already-rounded predecessors), and writes the new codes into the file's blocks in place. Scales, minimums, the
 per-tensor type mix and the file's layout stay llama.cpp's; only the codes change, so every reader of the file reads
-it as before. Off by default (exporters/gguf.py GPTQ_ROUNDING) until measured on a real checkpoint.
+it as before. Opt-in: `edgekit export -b gguf -p q4_k_m --gptq` (ExportConfig.gptq).
 
 The grid of each block type (values for code q in 0..qmax, one (a, b) per group of `group` weights):
   Q8_0  d * (q - 128), group 32        Q5_0  d * (q - 16)    Q4_0  d * (q - 8)    Q5_1 / Q4_1  d * q + m (32)

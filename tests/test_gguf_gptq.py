@@ -103,15 +103,12 @@ def test_gptq_rewrites_codes_on_the_same_grids_and_lowers_layer_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_calibrated_export_records_its_rounding_and_runs_in_llama_cpp(tmp_path, monkeypatch):
+def test_calibrated_export_records_its_rounding_and_runs_in_llama_cpp(tmp_path):
     from edgekit.export import export_model
-    from edgekit.exporters import gguf as gguf_exporter
-
-    monkeypatch.setattr(gguf_exporter, "GPTQ_ROUNDING", True)  # off by default until measured on SmolLM2
     from edgekit.runtime import open_artifact
 
     src = make_tiny_model("llama", tmp_path / "m", seed=6, **ALIGNED)
-    meta = export_model(src, tmp_path / "a", ExportConfig(backend="gguf", precision="q4_k_m",
+    meta = export_model(src, tmp_path / "a", ExportConfig(backend="gguf", precision="q4_k_m", gptq=True,
                                                           accept_gate_failure=True), log=lambda *a: None)
     assert meta["rounding"]["tensors"] == 15 and meta["rounding"]["tokens"] > 0
     assert meta["gate"]["top1_agreement"] > 0.3
@@ -120,3 +117,23 @@ def test_calibrated_export_records_its_rounding_and_runs_in_llama_cpp(tmp_path, 
     plain = export_model(src, tmp_path / "b", ExportConfig(backend="gguf", precision="q4_k_m", calibrate=False,
                                                            accept_gate_failure=True), log=lambda *a: None)
     assert plain["rounding"] == "llama.cpp nearest" and plain["imatrix"] is None
+
+
+@pytest.mark.parametrize("kw,needle", [
+    ({"backend": "onnxruntime", "precision": "int4"}, "--gptq re-rounds GGUF's 4- and 5-bit blocks, not onnxruntime"),
+    ({"backend": "gguf", "precision": "q8_0"}, "not gguf q8_0"),
+    ({"backend": "gguf", "precision": "Q4_K_M", "calibrate": False}, "which --no-calibrate turns off"),
+])
+def test_gptq_is_refused_where_it_cannot_apply(kw, needle, tiny_models, tmp_path):
+    import edgekit
+    from edgekit.errors import EdgekitError
+
+    with pytest.raises(EdgekitError, match=needle):
+        edgekit.export(tiny_models["llama"], out=tmp_path / "a", gptq=True, **kw)
+    assert not (tmp_path / "a").exists()
+
+
+def test_export_cli_refuses_gptq_on_another_backend(cli, tiny_models, tmp_path):
+    p = cli("export", tiny_models["llama"], "-b", "onnxruntime", "-p", "int4", "--gptq", "-o", tmp_path / "a",
+            check=2)
+    assert "--gptq re-rounds GGUF's" in p.stderr and "fix:" in p.stderr and not (tmp_path / "a").exists()

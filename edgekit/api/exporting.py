@@ -13,10 +13,25 @@ if TYPE_CHECKING:
     from edgekit.target import Target
 
 
+def _check_gptq(cfg) -> None:
+    """GPTQ is opt-in for GGUF only: ExecuTorch 8da4w is GPTQ-calibrated already, ONNX Runtime int4 is HQQ."""
+    from edgekit.errors import EdgekitError
+    from edgekit.exporters.gguf import IMATRIX
+
+    if cfg.backend != "gguf" or cfg.precision not in IMATRIX:
+        raise EdgekitError(f"--gptq re-rounds GGUF's 4- and 5-bit blocks, not {cfg.backend} {cfg.precision}",
+                           f"use -b gguf with -p {' / '.join(sorted(IMATRIX))}, or drop --gptq "
+                           "(ExecuTorch 8da4w is GPTQ-calibrated already)")
+    if not cfg.calibrate:
+        raise EdgekitError("--gptq rounds on the blocks the importance matrix chose, which --no-calibrate turns off",
+                           "drop one of --gptq / --no-calibrate")
+
+
 @api_function("export")
 def export(model: str | Path | None = None, *, backend: str, out: str | Path, precision: str | None = None,
            context: int | None = None, target: str | Path | Target | None = None, group_size: int | None = None,
-           calibrate: bool = True, calibration: str | Path | None = None, accept_gate_failure: bool = False,
+           calibrate: bool = True, gptq: bool = False, calibration: str | Path | None = None,
+           accept_gate_failure: bool = False,
            force: bool = False, threads: int | None = None, verbose: bool = False) -> ExportResult:
     """Write one artifact folder `out` for `backend` (onnxruntime, gguf, executorch, tensorrt) from `model` (a
     Hugging Face folder or .gguf; None: the embedded SmolLM2-135M), gated against PyTorch on held-out text.
@@ -44,6 +59,8 @@ def export(model: str | Path | None = None, *, backend: str, out: str | Path, pr
             target = get_target(str(target))
         cfg = ExportConfig(backend=backend, precision=precision, context_length=context,
                            accept_gate_failure=accept_gate_failure, group_size=group_size, calibrate=calibrate,
-                           calibration=calibration, target=target, threads=threads).resolved()
+                           gptq=gptq, calibration=calibration, target=target, threads=threads).resolved()
+        if gptq:
+            _check_gptq(cfg)
         meta = export_model(ref.path, out, cfg, log=log)
     return ExportResult.from_meta(out, meta)
