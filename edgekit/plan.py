@@ -130,7 +130,7 @@ def memory(cfg: dict, backend: str, precision: str, req: PlanRequest, prune_rati
     else:
         weights = params * bpw + (emb * bpw if rt.tied_stored_twice and s["tied"] else 0)
     stored = weights  # what a decode step reads
-    weights = weights * rt.weight_factor + (emb * bpw if rt.head_twice_at_load else 0)
+    weights += emb * bpw if rt.head_twice_at_load else 0
     kv_bytes = rt.kv_bytes_unquantized if rt.kv_bytes_unquantized and not prec.quantized else rt.kv_bytes
     kv = kv_elements(s, req.context, backend) * kv_bytes * req.batch
     chunk = min(req.prefill_chunk, req.context)

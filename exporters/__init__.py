@@ -29,7 +29,6 @@ class RuntimeMemory:
     logits_per_chunk: bool = False  # the graph emits every position's logits, not just the last
     fp32_embedding: bool = False  # ONNX Runtime: the Gather table stays fp32, and a tied LM head is a transposed copy
     tied_stored_twice: bool = False  # ExecuTorch: the .pte holds the embedding table and the LM head apart
-    weight_factor: float = 1.0  # resident bytes per stored weight byte
     # ExecuTorch: XNNPACK repacks each delegated weight at load and then frees the program's copy, so the largest one
     # (the LM head, vocab x hidden) is briefly held twice: the peak, measured at load (bench/plan_calibration.md)
     head_twice_at_load: bool = False

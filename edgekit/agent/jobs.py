@@ -193,7 +193,7 @@ def estimate_memory_bytes(meta: dict, artifact: Path, context: int) -> int:
     head = 0
     if rt.head_twice_at_load:  # the LM head's second copy while XNNPACK packs it (fp32: the worst case)
         head = 4 * dim("vocab_size", 0) * dim("hidden_size", 64)
-    return int(weights * rt.weight_factor + head + kv + act + rt.overhead_mb * 2**20)
+    return int(weights + head + kv + act + rt.overhead_mb * 2**20)
 
 
 def check_artifact_fits(artifact: Path, limit_bytes: int) -> dict:
