@@ -139,6 +139,7 @@ def test_the_nonuniform_shortfall_hint_is_true(tiny_models, tmp_path, cli):
 REACH = {
     "edgekit/prune/": ("prune",), "edgekit/distill/": ("distill",), "edgekit/plan.py": ("plan", "build"),
     "edgekit/stages/": ("build",), "edgekit/pipeline.py": ("build",), "edgekit/export.py": ("export", "build"),
+    "exporters/vision.py": ("vlm",), "exporters/mmproj.py": ("vlm",),  # VLM vision towers: `edgekit vlm export`
     "exporters/": ("export", "build"), "edgekit/fsutil.py": ("export", "prune", "distill"),
     "edgekit/images.py": ("docker",), "edgekit/runtime/bench.py": ("bench",),
     # the Python API: each verb's module speaks the flags of the command that is argparse around it

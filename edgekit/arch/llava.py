@@ -44,6 +44,15 @@ class LlavaFamily(VlmFamily):
 
         return model.model.multi_modal_projector(feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1))
 
+    def mmproj_tensors(self, model):
+        for n, t in self.vision_tower(model).state_dict().items():
+            if not n.endswith("position_ids"):
+                yield "vision:vision_tower." + n, t
+        for i, lin in zip((0, 2), self.projector(model)):  # llama.cpp's LLaVA MLP: mm.0 -> GELU -> mm.2
+            yield f"projector:mm.{i}.weight", lin.weight
+            if lin.bias is not None:
+                yield f"projector:mm.{i}.bias", lin.bias
+
     def language_view(self, model):
         import torch
         import transformers
@@ -66,5 +75,5 @@ class LlavaFamily(VlmFamily):
 
 
 FAMILY = LlavaFamily(model_type="llava", name="LLaVA", config_class="LlavaConfig",
-                     vision_model_types=("clip_vision_model",),
+                     vision_model_types=("clip_vision_model",), mmproj_projector_type="mlp",
                      notes=("CLIP vision tower", "MLP projector", "Llama-family language model"))

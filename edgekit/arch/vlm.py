@@ -91,6 +91,8 @@ class VlmFamily:
     task: str = VLM
     image_token: str = "<image>"
     notes: tuple[str, ...] = ()
+    # llama.cpp's clip.projector_type for this family's mmproj file; None: llama.cpp (or edgekit) has no mmproj for it
+    mmproj_projector_type: str | None = None
 
     # -- config -> geometry (torch-free) ---------------------------------------------------------------------
     def language_family(self, cfg: dict) -> Family:
@@ -143,6 +145,11 @@ class VlmFamily:
         raise NotImplementedError
 
     def projector(self, model):
+        raise NotImplementedError
+
+    def mmproj_tensors(self, model):
+        """(name, tensor) pairs for the mmproj writer: "vision:<HF name under the tower>" (mapped by gguf-py) or
+        "projector:<llama.cpp name>"."""
         raise NotImplementedError
 
     def language_view(self, model):

@@ -75,6 +75,12 @@ def register(sub) -> None:
                    help="backend for the language model (default onnxruntime)")
     e.add_argument("--precision", "-p", help="language model precision (default: the backend's most faithful)")
     e.add_argument("--context", type=int, help="context length of the language artifact")
+    e.add_argument("--vision-backend", default="onnxruntime",
+                   choices=sorted(n for n, sp in REGISTRY.items() if sp.vision_precisions),
+                   help="backend for the vision tower + projector (default onnxruntime; gguf = llama.cpp's mmproj, "
+                   "with -b gguf; tensorrt = ONNX + the trtexec engine command, with --target)")
+    e.add_argument("--vision-precision", help="vision tower precision (default: the vision backend's most faithful)")
+    e.add_argument("--target", help="device profile (name or .toml): needed by tensorrt, which ties the engine to it")
     e.add_argument("-o", "--out", type=Path, required=True)
     e.add_argument("--force", action="store_true", help="replace -o even if it holds files edgekit did not write")
     e.add_argument("--accept-gate-failure", action="store_true", help="keep an artifact that fails a gate")
@@ -153,16 +159,24 @@ def run_export(a) -> int:
     from edgekit.ui import print_json
     from edgekit.vlm.export import MANIFEST, VlmExportConfig, export_vlm
 
+    target = None
+    if a.target:
+        from edgekit.target import get_target
+
+        target = get_target(a.target)
+    cfg = VlmExportConfig(language_backend=a.backend, language_precision=a.precision, context_length=a.context,
+                          accept_gate_failure=a.accept_gate_failure, vision_backend=a.vision_backend,
+                          vision_precision=a.vision_precision, target=target)
+    cfg.vision()  # refuse a bad vision backend/precision before any output exists
     out = check_output(a.out, [a.model], MANIFEST, a.force)
-    m = export_vlm(a.model, out, VlmExportConfig(language_backend=a.backend, language_precision=a.precision,
-                                                  context_length=a.context,
-                                                  accept_gate_failure=a.accept_gate_failure),
+    m = export_vlm(a.model, out, cfg,
                    log=lambda s: print(s, file=sys.stderr))
     if a.json:
         print_json(m)
         return 0
     v, lg = m["vision"]["gate"], m["language"]["gate"] or {}
-    print(f"{a.out}: vision onnxruntime fp32 gate {'passed' if v['passed'] else 'FAILED'} (min cosine "
+    print(f"{a.out}: vision {m['vision']['backend']} {m['vision']['precision']} gate "
+          f"{'passed' if v['passed'] else 'FAILED'} (min cosine "
           f"{v['min_cosine']:.6f}); language {m['language']['backend']} {m['language']['precision']} gate "
           f"{'passed' if lg.get('passed') else 'FAILED'}; split vs whole max |dlogit| "
           f"{m['recomposed']['max_abs_logit_delta']:.2e}")

@@ -16,13 +16,16 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edgekit.errors import EdgekitError, GateFailed
 
 MANIFEST = "vlm.json"
 VISION_ONNX = "vision_encoder.onnx"
-# fp32 ONNX Runtime against fp32 PyTorch: the same arithmetic up to kernel order
-VISION_GATE = {"min_cosine": 0.9999, "max_abs_delta": 1e-3}
+# per vision precision: fp32 runtimes against fp32 PyTorch are the same arithmetic up to kernel order; fp16 weights
+VISION_GATES = {"fp32": {"min_cosine": 0.9999, "max_abs_delta": 1e-3},
+                "fp16": {"min_cosine": 0.999, "max_abs_delta": 0.05}}
+VISION_GATE = VISION_GATES["fp32"]
 
 
 @dataclass(frozen=True)
@@ -32,80 +35,121 @@ class VlmExportConfig:
     context_length: int | None = None
     gate_images: int = 4  # held-out images the vision gate compares on
     accept_gate_failure: bool = False
+    vision_backend: str = "onnxruntime"  # a backend whose ExporterSpec declares vision_precisions
+    vision_precision: str | None = None  # None: the vision backend's most faithful
+    target: Any = None  # edgekit.target.Target (tensorrt: the engine's TensorRT and SM)
+
+    def vision(self) -> tuple[str, str]:
+        """(vision backend, its precision), refused in one line when the backend has no vision exporter."""
+        from edgekit.exporters import get
+        from edgekit.precision import get_precision
+
+        spec = get(self.vision_backend)
+        if not spec.vision_precisions:
+            have = ", ".join(n for n, s in _registry().items() if s.vision_precisions)
+            raise EdgekitError(f"backend {spec.name} has no vision-tower exporter", f"pass --vision-backend with one "
+                               f"of {have}")
+        p = spec.vision_precisions[0] if self.vision_precision is None else get_precision(self.vision_precision).name
+        if p not in spec.vision_precisions:
+            raise EdgekitError(f"the {spec.name} vision tower is built in {', '.join(spec.vision_precisions)}, not {p}",
+                               f"pass --vision-precision {spec.vision_precisions[0]}")
+        if spec.name == "gguf" and self.language_backend != "gguf":
+            raise EdgekitError("llama.cpp's mmproj runs beside a GGUF language model",
+                               "pass -b gguf with --vision-backend gguf")
+        return spec.name, p
 
 
-class VisionEncoder:
-    """torch.nn.Module factory: pixel_values -> image embeddings through the family's module access."""
+def _registry():
+    from edgekit.exporters import REGISTRY
 
-    @staticmethod
-    def build(model, fam):
-        import torch
-
-        class _Enc(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.model = model
-
-            def forward(self, pixel_values):
-                return fam.image_features(self.model, pixel_values)
-
-        return _Enc().eval()
+    return REGISTRY
 
 
-def gate_images(model_dir: Path, n: int):
-    """(pixel_values) of n held-out generated images, preprocessed by the model's own image processor."""
+def gate_inputs(model_dir: Path, mcfg: dict, n: int, seed: int = 12345):
+    """VisionInputs of n held-out generated images drawn at the tower's own resolution (so no runtime resizes them:
+    llama.cpp preprocesses by itself), preprocessed by the model's image processor."""
     import tempfile
 
-    import torch
+    import numpy as np
     from transformers import AutoImageProcessor
 
+    from edgekit.exporters.vision import VisionInputs
     from edgekit.vlm.data import generate_pairs, load_image, load_pairs
 
     proc = AutoImageProcessor.from_pretrained(model_dir)
+    size = int(mcfg["vision_config"].get("image_size", 224))
     with tempfile.TemporaryDirectory() as d:
-        pairs = load_pairs(generate_pairs(Path(d), n, seed=12345))  # not the calibration seed
+        pairs = load_pairs(generate_pairs(Path(d), n, size=size, seed=seed))  # not the calibration seed
         ims = [load_image(p.image) for p in pairs]
-        return torch.as_tensor(proc(images=ims, return_tensors="np")["pixel_values"])
+        return VisionInputs(np.asarray(proc(images=ims, return_tensors="np")["pixel_values"], dtype=np.float32),
+                            np.stack([np.asarray(im, dtype=np.uint8) for im in ims]))
 
 
 def compare_embeddings(ref, got) -> dict:
     import numpy as np
 
     ref, got = np.asarray(ref, dtype=np.float64), np.asarray(got, dtype=np.float64)
+    if ref.shape != got.shape:
+        return {"min_cosine": -1.0, "mean_cosine": -1.0, "max_abs_delta": float("inf"), "shape": list(ref.shape),
+                "runtime_shape": list(got.shape)}
     cos = (ref * got).sum(-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1) + 1e-30)
     return {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
             "max_abs_delta": float(np.abs(ref - got).max()), "shape": list(ref.shape)}
 
 
-def export_vision(model, fam, model_dir: Path, out: Path, images: int = 4, log=print) -> dict:
-    """Write vision/ (ONNX + image processor config + reference) into out; returns its gate result."""
+def export_vision(model, fam, mcfg: dict, model_dir: Path, out: Path, backend: str = "onnxruntime",
+                  precision: str = "fp32", images: int = 4, target=None, language_gguf: Path | None = None,
+                  log=print) -> dict:
+    """Write vision/ (the backend's files + image processor config + reference) into out and run it in the backend's
+    runtime on held-out images; returns its meta with the gate result (image embeddings vs PyTorch)."""
     import numpy as np
-    import onnxruntime as ort
     import torch
 
+    from edgekit.exporters.vision import BACKENDS, VisionJob, encoder_module
+
     out.mkdir(parents=True, exist_ok=True)
-    enc = VisionEncoder.build(model, fam)
-    pix = gate_images(model_dir, max(images, 2))
+    inputs = gate_inputs(model_dir, mcfg, max(images, 2))
     with torch.no_grad():
-        ref = enc(pix).numpy()
+        ref = encoder_module(model, fam)(torch.as_tensor(inputs.pixel_values)).numpy()
+    export, run = BACKENDS[backend]
     t0 = time.perf_counter()
-    torch.onnx.export(enc, (pix[:2],), str(out / VISION_ONNX), input_names=["pixel_values"],
-                      output_names=["image_embeds"], dynamic_axes={"pixel_values": {0: "batch"},
-                                                                    "image_embeds": {0: "batch"}},
-                      opset_version=17, dynamo=False)
+    meta = export(VisionJob(model, fam, mcfg, Path(model_dir), out, precision, inputs, target, language_gguf))
     export_s = round(time.perf_counter() - t0, 2)
-    sess = ort.InferenceSession(str(out / VISION_ONNX), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {"pixel_values": pix.numpy()})[0]
+    got = run(out, meta, inputs)
     gate = compare_embeddings(ref, got)
-    gate["passed"] = gate["min_cosine"] >= VISION_GATE["min_cosine"] and \
-        gate["max_abs_delta"] <= VISION_GATE["max_abs_delta"]
-    gate["thresholds"] = dict(VISION_GATE)
-    np.savez(out / "reference.npz", pixel_values=pix.numpy(), image_embeds=ref)
+    th = VISION_GATES[precision]
+    gate["passed"] = gate["min_cosine"] >= th["min_cosine"] and gate["max_abs_delta"] <= th["max_abs_delta"]
+    gate["thresholds"] = dict(th)
+    gate["runtime"] = meta["runtime"]
+    if backend == "gguf" and not gate["passed"]:
+        from edgekit.exporters.mmproj import llamacpp_graph_reference
+
+        sim = llamacpp_graph_reference(model, fam, torch.as_tensor(inputs.pixel_values))
+        if sim is not None:  # the file is right if llama.cpp computes exactly its own (class-token-last) graph
+            gate["vs_llamacpp_graph"] = compare_embeddings(sim, got)
+    np.savez(out / "reference.npz", pixel_values=inputs.pixel_values, images=inputs.images, image_embeds=ref)
     shutil.copy2(Path(model_dir) / "preprocessor_config.json", out / "preprocessor_config.json")
-    log(f"export: vision tower + projector -> ONNX Runtime: min cosine {gate['min_cosine']:.7f}, "
+    log(f"export: vision tower + projector -> {backend} {precision}: min cosine {gate['min_cosine']:.7f}, "
         f"max |delta| {gate['max_abs_delta']:.2e} over {gate['shape'][0]} images x {gate['shape'][1]} tokens")
-    return {"file": VISION_ONNX, "export_seconds": export_s, "gate": gate,
-            "input": {"pixel_values": list(pix.shape[1:])}, "output": {"image_embeds": list(ref.shape[1:])}}
+    return {**meta, "backend": backend, "precision": precision, "export_seconds": export_s, "gate": gate,
+            "input": {"pixel_values": list(inputs.pixel_values.shape[1:])}, "output": {"image_embeds": list(ref.shape[1:])}}
+
+
+def vision_gate_error(vision: dict) -> GateFailed:
+    g = vision["gate"]
+    sim = g.get("vs_llamacpp_graph")
+    if sim and sim["min_cosine"] >= 0.9999:
+        import llama_cpp
+
+        return GateFailed(f"llama.cpp's mtmd (llama-cpp-python {llama_cpp.__version__}) computes LLaVA's CLIP tower "
+                          f"with the class token moved last (llama.cpp issue #25814): its image embeddings differ from "
+                          f"PyTorch (min cosine {g['min_cosine']:.4f}) although the mmproj reproduces that graph "
+                          f"exactly (min cosine {sim['min_cosine']:.6f})",
+                          "use --vision-backend onnxruntime or executorch, or a llama.cpp with the fix (PR #25844); "
+                          "--accept-gate-failure keeps the mmproj")
+    return GateFailed(f"the vision tower's {vision['backend']} embeddings differ from PyTorch (min cosine "
+                      f"{g['min_cosine']:.6f}, max |delta| {g['max_abs_delta']:.2e})",
+                      "report it with the model; --accept-gate-failure keeps the artifact")
 
 
 def save_language_model(model, fam, model_dir: Path, out: Path) -> Path:
@@ -123,28 +167,31 @@ def save_language_model(model, fam, model_dir: Path, out: Path) -> Path:
 RECOMPOSED_MAX_DELTA = 1e-3
 
 
-def recompose_check(model, fam, model_dir: Path, mcfg: dict, lm_dir: Path, onnx_path: Path) -> dict:
-    """Image+text prompts through the parts as a device runs them (the ONNX vision encoder's embeddings put in
-    place of the <image> tokens, then the saved language-model folder) against the whole PyTorch VLM: proves the
-    split loses nothing (the language artifact is then gated against that folder by its own exporter)."""
+def recompose_check(model, fam, model_dir: Path, mcfg: dict, lm_dir: Path, embed) -> dict:
+    """Image+text prompts through the parts as a device runs them (the exported vision tower's embeddings, from
+    `embed(VisionInputs)`, put in place of the <image> tokens, then the saved language-model folder) against the whole
+    PyTorch VLM: proves the split loses nothing (the language artifact is then gated against that folder by its own
+    exporter)."""
     import tempfile
 
-    import onnxruntime as ort
+    import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
 
-    from edgekit.vlm.data import encode, generate_pairs, load_pairs
+    from edgekit.exporters.vision import VisionInputs
+    from edgekit.vlm.data import encode, generate_pairs, load_image, load_pairs
 
+    size = int(mcfg["vision_config"].get("image_size", 224))
     with tempfile.TemporaryDirectory() as d:
-        pairs = load_pairs(generate_pairs(Path(d), 2, seed=54321))
+        pairs = load_pairs(generate_pairs(Path(d), 2, size=size, seed=54321))
         _, _, items = encode(model_dir, pairs, fam, mcfg)
+        images = [np.asarray(load_image(p.image), dtype=np.uint8) for p in pairs]
     lm = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32).eval()
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     worst = 0.0
     with torch.no_grad():
-        for b in items:
+        for b, im in zip(items, images):
             whole = model(input_ids=b.input_ids, pixel_values=b.pixel_values, use_cache=False).logits
-            img = torch.as_tensor(sess.run(None, {"pixel_values": b.pixel_values.numpy()})[0])
+            img = torch.as_tensor(embed(VisionInputs(b.pixel_values.numpy(), im[None])))
             emb = lm.get_input_embeddings()(b.input_ids)
             mask = b.input_ids[0] == mcfg["image_token_index"]
             emb[0, mask] = img[0]
@@ -156,7 +203,8 @@ def recompose_check(model, fam, model_dir: Path, mcfg: dict, lm_dir: Path, onnx_
 
 def export_vlm(model_dir: Path, out: Path, cfg: VlmExportConfig = VlmExportConfig(), log=print) -> dict:
     """Both parts into out (atomically); returns vlm.json. A failed vision gate raises GateFailed unless
-    accept_gate_failure (the language part's gate is the decoder exporter's own)."""
+    accept_gate_failure (the language part's gate is the decoder exporter's own). The language model is exported
+    first: llama.cpp's mmproj runs beside its GGUF."""
     import tempfile
 
     import torch
@@ -164,6 +212,7 @@ def export_vlm(model_dir: Path, out: Path, cfg: VlmExportConfig = VlmExportConfi
 
     from edgekit.arch import vlm_family_of
     from edgekit.export import ExportConfig, export_model
+    from edgekit.exporters.vision import BACKENDS
     from edgekit.fsutil import atomic_dir, atomic_write_json
 
     model_dir = Path(model_dir)
@@ -175,33 +224,44 @@ def export_vlm(model_dir: Path, out: Path, cfg: VlmExportConfig = VlmExportConfi
     if not (model_dir / "preprocessor_config.json").is_file():
         raise EdgekitError(f"{model_dir} has no preprocessor_config.json (the image processor)",
                            "save the model's image processor next to it (processor.save_pretrained)")
-    ExportConfig(backend=cfg.language_backend, precision=cfg.language_precision).resolved()  # refuse early
+    lang_cfg = ExportConfig(backend=cfg.language_backend, precision=cfg.language_precision,
+                            context_length=cfg.context_length, accept_gate_failure=cfg.accept_gate_failure,
+                            target=cfg.target)
+    lang_cfg.resolved()  # refuse early
+    vision_backend, vision_precision = cfg.vision()
+    if vision_backend == "gguf":
+        from edgekit.exporters.mmproj import check_supported
+
+        check_supported(fam, mcfg)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32,
                                                         attn_implementation="eager").eval()
     with atomic_dir(Path(out)) as tmp:
-        vision = export_vision(model, fam, model_dir, tmp / "vision", cfg.gate_images, log)
-        if not vision["gate"]["passed"] and not cfg.accept_gate_failure:
-            raise GateFailed(f"the vision tower's ONNX embeddings differ from PyTorch (min cosine "
-                             f"{vision['gate']['min_cosine']:.6f}, max |delta| {vision['gate']['max_abs_delta']:.2e})",
-                             "report it with the model; --accept-gate-failure keeps the artifact")
         with tempfile.TemporaryDirectory(prefix="edgekit-lm-") as d:
             lm_dir = save_language_model(model, fam, model_dir, Path(d) / "lm")
-            recomposed = recompose_check(model, fam, model_dir, mcfg, lm_dir, tmp / "vision" / VISION_ONNX)
-            log(f"export: ONNX image embeddings + the saved language model vs the whole PyTorch VLM on image+text "
-                f"prompts: max |delta logit| {recomposed['max_abs_logit_delta']:.2e}")
-            if not recomposed["passed"] and not cfg.accept_gate_failure:
-                raise GateFailed(f"the split VLM (ONNX vision + saved language model) differs from the whole model "
-                                 f"(max |delta logit| {recomposed['max_abs_logit_delta']:.2e})",
-                                 "report it with the model; --accept-gate-failure keeps the artifact")
             log(f"export: language model ({fam.language_family(mcfg).name}) -> {cfg.language_backend}")
-            lang = export_model(lm_dir, tmp / "language", ExportConfig(
-                backend=cfg.language_backend, precision=cfg.language_precision, context_length=cfg.context_length,
-                accept_gate_failure=cfg.accept_gate_failure), log=log)
+            lang = export_model(lm_dir, tmp / "language", lang_cfg, log=log)
+            gguf_lm = tmp / "language" / lang["entry"] if vision_backend == "gguf" else None
+            vision = export_vision(model, fam, mcfg, model_dir, tmp / "vision", vision_backend, vision_precision,
+                                   cfg.gate_images, cfg.target, gguf_lm, log)
+            if gguf_lm is not None:  # recorded relative: the folder moves into place
+                vision["language_gguf"] = str(Path("..") / "language" / lang["entry"])
+            if not vision["gate"]["passed"] and not cfg.accept_gate_failure:
+                raise vision_gate_error(vision)
+            run = BACKENDS[vision_backend][1]
+            meta = {**vision, "language_gguf": str(gguf_lm)} if gguf_lm is not None else vision
+            recomposed = recompose_check(model, fam, model_dir, mcfg, lm_dir,
+                                         lambda inp: run(tmp / "vision", meta, inp))
+            log(f"export: {vision_backend} image embeddings + the saved language model vs the whole PyTorch VLM on "
+                f"image+text prompts: max |delta logit| {recomposed['max_abs_logit_delta']:.2e}")
+            if not recomposed["passed"] and not cfg.accept_gate_failure:
+                raise GateFailed(f"the split VLM ({vision_backend} vision + saved language model) differs from the "
+                                 f"whole model (max |delta logit| {recomposed['max_abs_logit_delta']:.2e})",
+                                 "report it with the model; --accept-gate-failure keeps the artifact")
         manifest = {"task": fam.task, "arch": fam.model_type, "source": str(model_dir),
                     "image_token_index": mcfg["image_token_index"], "image_tokens": fam.image_tokens(mcfg),
                     "parts": fam.geometry(mcfg).parts(),
                     "recomposed": recomposed,
-                    "vision": {"backend": "onnxruntime", "precision": "fp32", "folder": "vision", **vision},
+                    "vision": {"folder": "vision", **vision},
                     "language": {"backend": lang["backend"], "precision": lang["precision"], "folder": "language",
                                  "gate": lang.get("gate")}}
         atomic_write_json(tmp / MANIFEST, manifest)

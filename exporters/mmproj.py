@@ -1,0 +1,197 @@
+"""llama.cpp's multimodal projector file (`mmproj`, GGUF arch `clip`) for a VLM's vision tower + projector, and the
+runner that encodes images with it through llama.cpp's own mtmd library (libmtmd, shipped in llama-cpp-python).
+
+What llama.cpp expects was read from its clip loader and llava graph (tools/mtmd): `clip.has_vision_encoder`,
+`clip.has_llava_projector`, `clip.projector_type` ("mlp" for LLaVA's linear -> GELU -> linear), the vision geometry
+under `clip.vision.*`, the image processor's mean/std, `clip.use_gelu` (else quick-GELU) and
+`clip.vision.feature_layer` (non-negative indices into the hidden-state list; llama.cpp runs the encoder only up to
+the deepest, and always drops the class token, i.e. transformers' "default" select strategy). Vision tensor names
+come from gguf-py's own HF -> GGUF map for MODEL_ARCH.MMPROJ; the projector's are the family's (mm.0 / mm.2 for
+LLaVA). A family without llama.cpp support (`mmproj_projector_type` None) is refused in one line.
+
+llama.cpp preprocesses images itself (resize to image_size, then mean/std), so the gate feeds it images already at
+the tower's resolution: no resize on either side, and the embeddings are compared with PyTorch's on the same pixels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+from pathlib import Path
+
+import numpy as np
+
+from edgekit.errors import EdgekitError
+
+ENTRY = "mmproj.gguf"
+PRECISIONS = {"fp32": "f32", "fp16": "f16"}
+
+
+def non_negative_layers(feature_layer, n_layers: int) -> list[int]:
+    """transformers' vision_feature_layer (an index into hidden_states, which holds n_layers + 1 entries: the
+    embeddings, then each layer's output) as llama.cpp's non-negative list."""
+    layers = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
+    return [f if f >= 0 else n_layers + 1 + f for f in layers]
+
+
+def check_supported(fam, mcfg: dict) -> None:
+    if fam.mmproj_projector_type is None:
+        raise EdgekitError(f"llama.cpp has no multimodal projector (mmproj) support for {fam.name} "
+                           f"({fam.model_type}) in edgekit", "export the vision tower with --vision-backend "
+                           "onnxruntime (or executorch); -b gguf still exports the language model")
+    if mcfg.get("vision_feature_select_strategy", "default") != "default":
+        raise EdgekitError("llama.cpp's LLaVA graph always drops the class token; this model keeps it "
+                           "(vision_feature_select_strategy 'full')",
+                           "export the vision tower with --vision-backend onnxruntime")
+
+
+def write_mmproj(model, fam, mcfg: dict, preproc: dict, path: Path, precision: str) -> dict:
+    """Write the vision tower + projector of a loaded VLM as an mmproj GGUF; returns what was written."""
+    import gguf
+
+    check_supported(fam, mcfg)
+    dtype = PRECISIONS[precision]
+    v = mcfg["vision_config"]
+    n_layers = v["num_hidden_layers"]
+    feature = non_negative_layers(mcfg.get("vision_feature_layer", -2), n_layers)
+    keep = max(feature)  # layers past the deepest feature layer are never run: not written
+    w = gguf.GGUFWriter(str(path), arch="clip")
+    w.add_name(Path(mcfg.get("_name_or_path") or "vlm").name or "vlm")
+    w.add_file_type(0 if dtype == "f32" else 1)
+    w.add_bool(gguf.Keys.Clip.HAS_VISION_ENCODER, True)
+    w.add_bool(gguf.Keys.Clip.HAS_LLAVA_PROJECTOR, True)
+    w.add_clip_projector_type(fam.mmproj_projector_type)
+    w.add_vision_image_size(v.get("image_size", 224))
+    w.add_vision_patch_size(v.get("patch_size", 32))
+    w.add_vision_embedding_length(v["hidden_size"])
+    w.add_vision_feed_forward_length(v["intermediate_size"])
+    w.add_vision_projection_dim(int(mcfg["text_config"]["hidden_size"]))
+    w.add_vision_head_count(v["num_attention_heads"])
+    w.add_vision_attention_layernorm_eps(float(v.get("layer_norm_eps", 1e-5)))
+    w.add_vision_block_count(keep)
+    w.add_array("clip.vision.feature_layer", feature)
+    w.add_vision_image_mean([float(x) for x in preproc["image_mean"]])
+    w.add_vision_image_std([float(x) for x in preproc["image_std"]])
+    act = v.get("hidden_act", "quick_gelu")
+    if act not in ("gelu", "quick_gelu"):
+        raise EdgekitError(f"the vision tower's activation {act!r} has no llama.cpp CLIP equivalent",
+                           "export the vision tower with --vision-backend onnxruntime")
+    w.add_vision_use_gelu(act == "gelu")
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, n_layers)
+    written = {}
+    for name, t in fam.mmproj_tensors(model):
+        if name.startswith("vision:"):
+            hf = name[len("vision:"):]
+            layer = hf.split("encoder.layers.")[1].split(".")[0] if "encoder.layers." in hf else None
+            if layer is not None and int(layer) >= keep:
+                continue
+            if "post_layernorm" in hf:  # the LLaVA graph reads a hidden state before it
+                continue
+            gname = names.get_name(hf, try_suffixes=(".weight", ".bias"))
+            if gname is None:
+                raise EdgekitError(f"no llama.cpp name for vision tensor {hf}", "report it as an edgekit bug")
+        else:
+            gname = name[len("projector:"):]
+        a = t.detach().float().numpy()
+        half = dtype == "f16" and a.ndim >= 2 and gname.endswith(".weight")  # norms, biases, class token stay f32
+        a = a.astype(np.float16 if half else np.float32)
+        w.add_tensor(gname, a)
+        written[gname] = list(a.shape)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return {"tensors": len(written), "vision_layers": keep, "feature_layer": feature,
+            "projector_type": fam.mmproj_projector_type, "type": dtype}
+
+
+class MtmdEncoder:
+    """Encodes RGB images into image embeddings with llama.cpp's mtmd (the mmproj + a llama model for its context)."""
+
+    def __init__(self, mmproj: Path, lm_gguf: Path, threads: int = 2):
+        import llama_cpp
+        import llama_cpp.mtmd_cpp as mtmd
+
+        from edgekit.exporters.gguf import captured_stderr, llama_log
+
+        self.mtmd = mtmd
+        self._quiet = captured_stderr  # clip/mtmd log every load and encode on fd 2
+        with captured_stderr(), llama_log():
+            self.llm = llama_cpp.Llama(str(lm_gguf), n_ctx=512, n_threads=threads, logits_all=True, verbose=False,
+                                       type_k=0, type_v=0)
+            p = mtmd.mtmd_context_params_default()
+            p.use_gpu, p.n_threads, p.print_timings, p.warmup = False, threads, False, False
+            self.ctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), self.llm.model, p)
+        if not self.ctx:
+            raise EdgekitError(f"llama.cpp's mtmd cannot load {mmproj}", "re-export it; report it with the model")
+        self.marker = mtmd.mtmd_default_marker()
+
+    def close(self):
+        if getattr(self, "ctx", None):
+            self.mtmd.mtmd_free(self.ctx)
+            self.ctx = None
+
+    def _chunks(self, image: np.ndarray, text: str):
+        mtmd = self.mtmd
+        h, wd = image.shape[:2]
+        buf = np.ascontiguousarray(image, dtype=np.uint8)
+        bmp = mtmd.mtmd_bitmap_init(wd, h, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
+        t = mtmd.mtmd_input_text()
+        raw = text.encode()
+        t.text, t.text_len, t.add_special, t.parse_special = raw, len(raw), False, True
+        chunks = mtmd.mtmd_input_chunks_init()
+        arr = (mtmd.mtmd_bitmap_p_ctypes * 1)(bmp)
+        rc = mtmd.mtmd_tokenize(self.ctx, chunks, ctypes.byref(t), arr, 1)
+        mtmd.mtmd_bitmap_free(bmp)
+        if rc != 0:
+            raise EdgekitError(f"llama.cpp's mtmd could not tokenize an image prompt (code {rc})",
+                               "report it with the model")
+        return chunks
+
+    def encode(self, image: np.ndarray) -> np.ndarray:
+        """(image_tokens, text hidden) for one HxWx3 uint8 image."""
+        with self._quiet():
+            return self._encode(image)
+
+    def _encode(self, image: np.ndarray) -> np.ndarray:
+        mtmd = self.mtmd
+        chunks = self._chunks(image, self.marker.decode())
+        try:
+            for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+                c = mtmd.mtmd_input_chunks_get(chunks, i)
+                if mtmd.mtmd_input_chunk_get_type(c) != 1:  # MTMD_INPUT_CHUNK_TYPE_IMAGE
+                    continue
+                n = mtmd.mtmd_input_chunk_get_n_tokens(c)
+                if mtmd.mtmd_encode_chunk(self.ctx, c) != 0:
+                    raise EdgekitError("llama.cpp's mtmd failed to encode an image", "report it with the model")
+                d = self.llm.n_embd()
+                return np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(self.ctx), shape=(n * d,)).reshape(n, d).copy()
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks)
+        raise EdgekitError("llama.cpp's mtmd produced no image chunk", "report it with the model")
+
+
+def llamacpp_graph_reference(model, fam, pixel_values):
+    """What llama.cpp's LLaVA graph computes, in PyTorch: the class token appended after the patches, position
+    embeddings taken in sequence order, and rows 1..n_patches gathered (llama.cpp issue #25814), i.e. patch 0 dropped
+    and the class token kept. Lets the gate tell a wrong file from that runtime behaviour; None where it does not
+    apply (no class token, several feature layers)."""
+    import torch
+
+    cfg = model.config
+    tower = fam.vision_tower(model).vision_model
+    emb = tower.embeddings
+    layer = cfg.vision_feature_layer
+    if not isinstance(layer, int) or getattr(emb, "class_embedding", None) is None:
+        return None
+    n = len(tower.encoder.layers)
+    keep = non_negative_layers(layer, n)[0]
+    with torch.no_grad():
+        patches = emb.patch_embedding(pixel_values.to(emb.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        cls = emb.class_embedding.expand(patches.shape[0], 1, -1)
+        h = torch.cat([patches, cls], 1) + emb.position_embedding.weight[None]
+        h = tower.pre_layrnorm(h)
+        for blk in tower.encoder.layers[:keep]:
+            out = blk(h, None, None)
+            h = out[0] if isinstance(out, tuple) else out
+        return model.model.multi_modal_projector(h[:, 1:]).numpy()

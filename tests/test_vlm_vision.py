@@ -1,0 +1,170 @@
+"""Vision-tower export beyond ONNX Runtime (exporters/vision.py, exporters/mmproj.py): ExecuTorch (.pte run by
+ExecuTorch's Python runtime), TensorRT (ONNX + trtexec plan, gated through ONNX Runtime: TensorRT can't run here) and
+llama.cpp's mmproj (run by llama.cpp's own mtmd), each gated on image embeddings against PyTorch."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from edgekit.arch import VLM_FAMILIES
+from edgekit.errors import EdgekitError, GateFailed
+
+VLMS = sorted(VLM_FAMILIES)
+
+
+def quiet(*a, **k):
+    pass
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from edgekit.testing import make_tiny_vlm
+
+    path = make_tiny_vlm("llava", tmp_path_factory.mktemp("vis") / "llava", seed=3)
+    cfg = json.loads((path / "config.json").read_text())
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    return path, cfg, model
+
+
+def _vision(llava, out, backend, precision="fp32", **kw):
+    from edgekit.vlm.export import export_vision
+
+    path, cfg, model = llava
+    return export_vision(model, VLM_FAMILIES["llava"], cfg, path, out, backend, precision, images=2, log=quiet, **kw)
+
+
+def test_every_vision_backend_is_declared_and_implemented():
+    from edgekit.exporters import REGISTRY
+    from edgekit.exporters.vision import BACKENDS
+    from edgekit.vlm.export import VISION_GATES
+
+    declared = {n for n, s in REGISTRY.items() if s.vision_precisions}
+    assert declared == set(BACKENDS) == {"onnxruntime", "executorch", "tensorrt", "gguf"}
+    assert all(p in VISION_GATES for s in REGISTRY.values() for p in s.vision_precisions)
+
+
+def test_tensorrt_vision_plans_the_engine_and_gates_the_onnx(llava, tmp_path):
+    from edgekit.target import get_target
+
+    with pytest.raises(EdgekitError, match="needs a target with runtime.tensorrt"):
+        _vision(llava, tmp_path / "none", "tensorrt", "fp16")
+    m = _vision(llava, tmp_path / "v", "tensorrt", "fp16", target=get_target("jetson-orin"))
+    assert m["gate"]["passed"] and m["gate"]["min_cosine"] > 0.9999 and m["gate"]["runtime"].startswith("onnxruntime")
+    plan = json.loads((tmp_path / "v" / "trt.json").read_text())
+    assert plan["tensorrt_version"] == "10.3" and plan["gpu_sm"] == "8.7" and plan["opset"] <= 17
+    cmd = plan["build_command"]
+    assert cmd[:3] == ["trtexec", "--onnx=vision_encoder.onnx", "--saveEngine=vision.engine"]
+    assert "--minShapes=pixel_values:1x3x32x32" in cmd and "--maxShapes=pixel_values:4x3x32x32" in cmd
+    assert "--fp16" in cmd and any(c.startswith("--memPoolSize=workspace:") for c in cmd)
+    # the ONNX the engine is built from is fp16-safe and runs any batch up to the profile's max
+    import onnx
+    import onnxruntime as ort
+
+    g = onnx.load(str(tmp_path / "v" / "vision_encoder.onnx"))
+    assert g.opset_import[0].version == plan["opset"]
+    ref = np.load(tmp_path / "v" / "reference.npz")
+    sess = ort.InferenceSession(str(tmp_path / "v" / "vision_encoder.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"pixel_values": ref["pixel_values"][:1]})[0]
+    assert np.abs(got - ref["image_embeds"][:1]).max() < 1e-4
+
+
+@pytest.mark.slow  # XNNPACK lowering of even the tiny tower takes ~30 s on 2 cores
+def test_executorch_vision_pte_runs_in_executorch_and_passes(llava, tmp_path):
+    m = _vision(llava, tmp_path / "v", "executorch")
+    g = m["gate"]
+    assert g["passed"] and g["min_cosine"] > 0.99999 and g["max_abs_delta"] < 1e-5, g
+    assert m["file"] == "vision_encoder.pte" and m["delegated_ops"] > 0 and g["shape"] == [2, 16, 64]
+    with pytest.raises(EdgekitError, match="fp32 only"):
+        _vision(llava, tmp_path / "q", "executorch", "fp16")
+
+
+@pytest.fixture(scope="module")
+def lm_gguf(llava, tmp_path_factory):
+    """The tiny LLaVA's language model as an f32 GGUF (mtmd needs a llama model for its context)."""
+    from edgekit.exporters.gguf import plan, write_gguf
+    from edgekit.vlm.export import save_language_model
+
+    path, cfg, model = llava
+    d = tmp_path_factory.mktemp("lm")
+    lm = save_language_model(model, VLM_FAMILIES["llava"], path, d / "lm")
+    from edgekit.export import ExportConfig
+
+    p = plan(json.loads((lm / "config.json").read_text()), ExportConfig(backend="gguf", precision="fp32",
+                                                                         context_length=64).resolved())
+    write_gguf(lm, d / "model.gguf", p, "f32")
+    return d / "model.gguf"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_mmproj_is_what_llamacpp_reads_and_runs(llava, lm_gguf, tmp_path, precision):
+    """The mmproj reads back with gguf-py (arch clip, LLaVA MLP projector, feature layer, one tensor per weight) and
+    llama.cpp's mtmd loads and runs it. mtmd in llama-cpp-python 0.3.36 appends CLIP's class token after the patches
+    and gathers rows 1..n (llama.cpp #25814), so its embeddings match a PyTorch model of that graph, not the VLM: the
+    gate fails and says why."""
+    import gguf
+
+    m = _vision(llava, tmp_path / "v", "gguf", precision, language_gguf=lm_gguf)
+    r = gguf.GGUFReader(str(tmp_path / "v" / "mmproj.gguf"))
+    kv = {f.name: f.contents() for f in r.fields.values() if not f.name.startswith("GGUF.")}
+    assert kv["general.architecture"] == "clip" and kv["clip.projector_type"] == "mlp"
+    assert kv["clip.has_vision_encoder"] and kv["clip.has_llava_projector"] and not kv["clip.use_gelu"]  # quick_gelu
+    assert kv["clip.vision.block_count"] == 2 and kv["clip.vision.feature_layer"] == [2]  # layer -2 of 3
+    assert kv["clip.vision.image_size"] == 32 and kv["clip.vision.projection_dim"] == 64
+    names = {t.name: t for t in r.tensors}
+    assert {"v.patch_embd.weight", "v.class_embd", "v.position_embd.weight", "v.pre_ln.weight", "v.blk.1.ffn_up.weight",
+            "mm.0.weight", "mm.2.bias"} <= set(names) and "v.blk.2.attn_q.weight" not in names
+    assert "v.post_ln.weight" not in names  # the LLaVA graph reads the hidden state before it
+    want = gguf.GGMLQuantizationType.F16 if precision == "fp16" else gguf.GGMLQuantizationType.F32
+    assert names["v.blk.0.attn_q.weight"].tensor_type == want
+    assert names["v.blk.0.ln1.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    g = m["gate"]
+    assert g["vs_llamacpp_graph"]["min_cosine"] > (0.9999 if precision == "fp32" else 0.999), g
+    assert not g["passed"] and g["min_cosine"] < 0.99
+    from edgekit.vlm.export import vision_gate_error
+
+    line = vision_gate_error(m).line()
+    assert "#25814" in line and "--vision-backend onnxruntime" in line and "\n" not in line
+
+
+def test_vision_backend_refusals_are_one_line(llava, tmp_path, capsys):
+    from edgekit.cli import main
+    from edgekit.exporters.mmproj import check_supported
+
+    path, cfg, _ = llava
+    for argv, want in ((["--vision-backend", "gguf"], "mmproj runs beside a GGUF language model"),
+                       (["--vision-backend", "executorch", "--vision-precision", "fp16"], "built in fp32, not fp16"),
+                       (["--vision-backend", "onnxruntime", "--vision-precision", "int4"], "not int4")):
+        assert main(["vlm", "export", str(path), *argv, "-o", str(tmp_path / "o")]) == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert want in line and "(fix: " in line, line
+    assert not (tmp_path / "o").exists()
+    # a VLM family llama.cpp has no mmproj for
+    fam = replace(VLM_FAMILIES["llava"], mmproj_projector_type=None)
+    with pytest.raises(EdgekitError) as e:
+        check_supported(fam, cfg)
+    assert "no multimodal projector (mmproj) support" in e.value.line() and "--vision-backend onnxruntime" in \
+        e.value.line()
+    with pytest.raises(EdgekitError, match="class token"):
+        check_supported(VLM_FAMILIES["llava"], {**cfg, "vision_feature_select_strategy": "full"})
+
+
+@pytest.mark.slow
+def test_vlm_export_gguf_with_mmproj_end_to_end(llava, tmp_path, cli):
+    """`edgekit vlm export -b gguf --vision-backend gguf`: the language GGUF passes its gate; the mmproj fails its
+    gate in this llama.cpp (#25814) and exits 3, and --accept-gate-failure keeps both parts with the result recorded."""
+    path, _, _ = llava
+    cli("vlm", "export", path, "-b", "gguf", "--vision-backend", "gguf", "--context", "64", "-o", tmp_path / "a",
+        check=3)
+    cli("vlm", "export", path, "-b", "gguf", "--vision-backend", "gguf", "--context", "64", "--accept-gate-failure",
+        "-o", tmp_path / "b", check=0)
+    m = json.loads((tmp_path / "b" / "vlm.json").read_text())
+    assert m["language"]["gate"]["passed"] and not m["vision"]["gate"]["passed"]
+    assert m["vision"]["language_gguf"] == "../language/model.gguf"
+    assert (tmp_path / "b" / "vision" / "mmproj.gguf").is_file() and (tmp_path / "b" / "language" / "model.gguf").is_file()
