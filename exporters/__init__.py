@@ -54,6 +54,8 @@ class ExporterSpec:
     host_gate: str | None = None
     # precisions users will ask for that this backend does not build yet, with the reason (said in the error)
     not_yet: tuple[tuple[str, str], ...] = ()
+    # precisions it exports a VLM's vision tower + projector in (exporters/vision.py), most faithful first; () = none
+    vision_precisions: tuple[str, ...] = ()
 
     @property
     def host_runtime(self) -> bool:
@@ -103,7 +105,7 @@ REGISTRY: dict[str, ExporterSpec] = {
                      "MatMulNBits",
                      "onnx", RuntimeMemory(overhead_mb=90, kv_bytes=4, kv_copies=2, attn_buffers=3,
                                            logits_per_chunk=True, fp32_embedding=True),
-                     ORT_LIBRARIES),
+                     ORT_LIBRARIES, vision_precisions=("fp32",)),
         ExporterSpec("gguf", "edgekit.exporters.gguf", "edgekit.runtime.llamacpp",
                      ("fp32", "fp16", "q8_0", "q5_k_m", "q4_k_m", "q4_0"), "GGUF for llama.cpp", "gguf",
                      # f16 cache; unquantized artifacts get an f32 one (f16 alone adds ~1.5e-3 logit error)
@@ -111,21 +113,22 @@ REGISTRY: dict[str, ExporterSpec] = {
                      # 72 MB + 160 B per token of vocabulary, within 5% of peak RSS (bench/plan_calibration.md)
                      RuntimeMemory(overhead_mb=72, vocab_bytes=160, kv_bytes=2, kv_bytes_unquantized=4,
                                    weight_bytes="edgekit.exporters.gguf_types:planned_weight_bytes"),
-                     ("gguf", "llama-cpp-python", "safetensors", "tokenizers")),
+                     ("gguf", "llama-cpp-python", "safetensors", "tokenizers"),
+                     vision_precisions=("fp32", "fp16")),  # llama.cpp's mmproj (exporters/mmproj.py)
         # fitted on SmolLM2-135M at 512 and 2048 tokens of context and Gemma 3 270M at 1024 (bench/plan_calibration.md):
         # the Python runtime imports torch (~400 MB); one 512-token chunk's activations are planned (MAX_CHUNK)
         ExporterSpec("executorch", "edgekit.exporters.executorch", "edgekit.runtime.executorch",
                      ("fp32", "8da4w"), "ExecuTorch .pte lowered to XNNPACK (mobile CPUs)", "executorch",
                      RuntimeMemory(overhead_mb=400, kv_bytes=4, attn_buffers=6, logits_per_chunk=True,
                                    tied_stored_twice=True, head_twice_at_load=True),
-                     ("executorch", "torchao")),
+                     ("executorch", "torchao"), vision_precisions=("fp32",)),
         ExporterSpec("tensorrt", "edgekit.exporters.tensorrt", "edgekit.runtime.tensorrt",
                      ("fp32", "fp16"), "ONNX + trtexec plan; the engine is built on the Jetson itself", "onnx",
                      RuntimeMemory(overhead_mb=700, kv_bytes=2, attn_buffers=2, logits_per_chunk=True),
                      ORT_LIBRARIES, host_gate="edgekit.runtime.onnxruntime",
                      # not declared, so never planned (the planner once chose it and the export failed)
                      not_yet=(("int8", "TensorRT int8 needs a calibrated (QDQ) graph, which edgekit does not "
-                                       "produce yet"),)),
+                                       "produce yet"),), vision_precisions=("fp32", "fp16")),
     )
 }
 
