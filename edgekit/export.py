@@ -43,6 +43,7 @@ class ExportConfig:
     calibration: Path | None = None  # text to calibrate on (.txt/.jsonl/folder); None: edgekit's shipped text
     gptq: bool = False  # GGUF 4/5-bit: GPTQ re-rounds the codes on llama.cpp's imatrix-chosen blocks (slow)
     qat: Any = None  # edgekit.qat.QATPlan the model was trained for (read from its qat.json by export_model)
+    onnx_graph: str | None = None  # ONNX Runtime: "lean" | "optimum"; None: lean where the model allows it
 
     def resolved(self) -> "ExportConfig":
         from edgekit.exporters import get

@@ -10,7 +10,7 @@ from edgekit.errors import EdgekitError
 # extra -> (the extras it includes, the top-level modules its own packages bring)
 EXTRAS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "torch": ((), ("torch", "transformers", "accelerate", "safetensors", "rich", "matplotlib")),
-    "onnx": (("torch",), ("onnx", "onnxruntime", "onnxscript", "optimum")),
+    "onnx": (("torch",), ("onnx", "onnxruntime", "onnxscript", "optimum", "onnxruntime_genai")),
     "gguf": (("torch",), ("gguf", "llama_cpp")),
     "executorch": (("torch",), ("executorch", "torchao")),
     "vlm": (("onnx",), ("PIL",)),

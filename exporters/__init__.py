@@ -95,7 +95,7 @@ def _import(dotted: str, spec: ExporterSpec) -> ModuleType:
                            f"pip install 'edgekit[{spec.requires}]'") from e
 
 
-ORT_LIBRARIES = ("onnx", "onnxruntime", "optimum", "optimum-onnx")
+ORT_LIBRARIES = ("onnx", "onnxruntime", "optimum", "optimum-onnx", "onnxruntime-genai")
 
 REGISTRY: dict[str, ExporterSpec] = {
     s.name: s

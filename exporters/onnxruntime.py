@@ -1,10 +1,17 @@
-"""ONNX Runtime: optimum's text-generation-with-past export (prefill and decode through past key/values), and
-weight-only quantization by onnxruntime's own quantizer: int8 (MatMulNBits, 8 bits, blocks of 32, round-to-nearest)
+"""ONNX Runtime: a decoder graph with a KV cache (prefill and decode through past key/values), and weight-only
+quantization by onnxruntime's own quantizer: int8 (MatMulNBits, 8 bits, blocks of 32, round-to-nearest)
 and int4 (MatMulNBits, 4 bits, groups of 32/64/128, HQQ; the LM head at 8 bits).
 
 Weight-only, not dynamic: dynamic int8 also quantizes activations per tensor, and LLM activations carry outliers that
 this destroys (SmolLM2-135M with quantize_dynamic: top-1 agreement 0.62, mean KL 0.57; with MatMulNBits int8: top-1
-1.0, KL 0.0013, identical greedy text)."""
+1.0, KL 0.0013, identical greedy text).
+
+Two graphs (GRAPHS), chosen per model by `choose_graph`: "lean", onnxruntime-genai's builder (exporters/ort_genai.py:
+GroupQueryAttention, fused norms, ~11 kernels per layer), for every family that declares `ort_lean` and whose
+geometry its kernels take; "optimum", optimum's text-generation-with-past export (~105 kernels per layer), for the
+rest. Both take input_ids, attention_mask and past_key_values.N.key/value and return logits and present.N.*, so one
+runner drives both. The lean graph decodes pruned models faster: its per-kernel overhead is small enough that speed
+follows the weights (bench/prune_speed.md)."""
 
 from __future__ import annotations
 
@@ -100,8 +107,47 @@ def save_onnx(model, path: Path) -> list[str]:
     return [path.name, EXTERNAL_DATA]
 
 
-def to_onnx(model_dir: Path, out_dir: Path) -> Path:
-    """fp32 ONNX graph with KV-cache inputs/outputs; returns the .onnx path (weights may sit beside it)."""
+LEAN, OPTIMUM = "lean", "optimum"
+GRAPHS = (LEAN, OPTIMUM)
+
+
+def lean_refusal(config: dict) -> str | None:
+    """Why the lean graph cannot express this model (None: it can), in words for artifact.json."""
+    import importlib.util
+
+    from edgekit.arch import get_family
+
+    fam = get_family(config.get("model_type"))
+    if not fam.ort_lean:
+        return f"the lean graph is not enabled for the {fam.name} family"
+    hd, rot = fam.head_dim(config), fam.rotary_dim(config)
+    if rot != hd:  # measured: the builder's partial-rotary graph (Phi-4-mini's 3/4) does not match transformers
+        return f"partial rotary ({rot} of {hd} channels per head)"
+    if (rot // 2) % 8:  # GroupQueryAttention's rotary kernel takes cos/sin caches of a multiple of 8 columns
+        return f"GroupQueryAttention needs a rotary half-width that is a multiple of 8 (this model's: {rot // 2})"
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        return "onnxruntime-genai is not installed (pip install 'edgekit[onnx]')"
+    return None
+
+
+def choose_graph(config: dict, requested: str | None = None) -> tuple[str, str | None]:
+    """(graph, why the lean one was not used). `requested` None picks the lean graph wherever it applies; "lean"
+    refuses a model it cannot express in one line; "optimum" forces optimum's graph."""
+    from edgekit.errors import EdgekitError
+
+    if requested not in (None, *GRAPHS):
+        raise EdgekitError(f"unknown ONNX graph {requested!r}; known: {', '.join(GRAPHS)}",
+                           f"pass one of {', '.join(GRAPHS)}")
+    if requested == OPTIMUM:
+        return OPTIMUM, "asked for"
+    why = lean_refusal(config)
+    if why and requested == LEAN:
+        raise EdgekitError(f"the lean ONNX graph cannot express this model: {why}",
+                           "export it without asking for the lean graph (optimum's graph is the fallback)")
+    return (OPTIMUM, why) if why else (LEAN, None)
+
+
+def check_uniform(model_dir: Path) -> None:
     import json
 
     from edgekit.errors import EdgekitError
@@ -111,6 +157,12 @@ def to_onnx(model_dir: Path, out_dir: Path) -> Path:
         raise EdgekitError(f"{model_dir} has per-layer widths (non-uniform pruning), which the ONNX export cannot "
                            "express yet", "prune with uniform widths for onnxruntime/tensorrt, or export the "
                            "non-uniform model with --backend gguf (llama.cpp's deci architecture)")
+
+
+def to_onnx(model_dir: Path, out_dir: Path) -> Path:
+    """optimum's fp32 ONNX graph with KV-cache inputs/outputs (TensorRT's source graph: no contrib ops); returns
+    the .onnx path (weights may sit beside it)."""
+    check_uniform(model_dir)
     from optimum.exporters.onnx import main_export
 
     with contextlib.redirect_stdout(io.StringIO()):  # optimum prints its own progress
@@ -207,19 +259,25 @@ def export(model_dir: Path, out: Path, cfg) -> dict:
 
     import onnx
 
-    group = check_group_size(json.loads((Path(model_dir) / "config.json").read_text()), cfg.precision,
-                             cfg.group_size)
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    group = check_group_size(config, cfg.precision, cfg.group_size)
+    check_uniform(model_dir)
+    graph, why = choose_graph(config, getattr(cfg, "onnx_graph", None))
     quantization = None
     with tempfile.TemporaryDirectory(dir=out) as tmp:
-        onnx_path = to_onnx(model_dir, Path(tmp))
-        if cfg.precision == "fp32":
-            # Re-saved, not moved: the layout (model.onnx, plus EXTERNAL_DATA past protobuf's limit) is then the
-            # same on every path, not optimum's own (model.onnx_data, at torch's threshold).
-            written = save_onnx(onnx.load(str(onnx_path)), out / "model.onnx")
-        else:  # weights in blocks with an fp32 scale each, activations stay fp32
-            model, quantization = quantize(onnx.load(str(onnx_path)), cfg.precision, group,
-                                           cfg.calibrate)
-            written = save_onnx(model, out / "model.onnx")
-    return {"entry": "model.onnx", "opset": OPSET} | (
+        if graph == LEAN:
+            from edgekit.exporters import ort_genai
+
+            onnx_path = ort_genai.build(model_dir, Path(tmp))
+        else:
+            onnx_path = to_onnx(model_dir, Path(tmp))
+        model = onnx.load(str(onnx_path))
+        opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        # Re-saved, not moved: the layout (model.onnx, plus EXTERNAL_DATA past protobuf's limit) is then the same on
+        # every path, not optimum's own (model.onnx_data, at torch's threshold) nor the builder's (always external).
+        if cfg.precision != "fp32":  # weights in blocks with an fp32 scale each, activations stay fp32
+            model, quantization = quantize(model, cfg.precision, group, cfg.calibrate)
+        written = save_onnx(model, out / "model.onnx")
+    return {"entry": "model.onnx", "opset": opset, "graph": graph} | ({"graph_fallback": why} if why else {}) | (
         {"external_data": EXTERNAL_DATA} if EXTERNAL_DATA in written else {}) | (
         {"quantization": quantization} if quantization else {}) | ({"group_size": group} if group else {})

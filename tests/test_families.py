@@ -203,6 +203,13 @@ def test_onnxruntime_fp32_gate_passes(family_pruned, tmp_path, family):
     u, _ = family_pruned[family]
     meta = _export(u, tmp_path / "ort", "onnxruntime", "fp32")
     assert meta["gate"]["passed"] and meta["gate"]["greedy_match"], meta["gate"]
+    cfg = json.loads((u / "config.json").read_text())
+    fam = get_family(family)
+    # the lean GroupQueryAttention graph wherever the family's geometry allows it (Phi-4-mini's partial rotary
+    # falls back to optimum's graph, said in artifact.json)
+    partial = fam.rotary_dim(cfg) != fam.head_dim(cfg)
+    assert meta["graph"] == ("optimum" if partial else "lean"), meta.get("graph_fallback")
+    assert ("partial rotary" in meta["graph_fallback"]) if partial else "graph_fallback" not in meta
 
 
 @pytest.mark.parametrize("family", FAMS)

@@ -40,7 +40,8 @@ def test_int8_gate_and_size(artifacts, arch):
     import onnx
 
     ops = [n.op_type for n in onnx.load(str(artifacts[(arch, "int8")] / "model.onnx")).graph.node]
-    assert ops.count("MatMulNBits") == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer, and the LM head
+    assert meta["graph"] == "lean" and "MatMul" not in ops  # every projection is quantized
+    assert ops.count("MatMulNBits") == 2 * 5 + 1  # fused qkv, o, gate, up, down per layer, and the LM head
 
 
 def test_kv_cache_decode_equals_full_prefill(artifacts):
@@ -243,3 +244,63 @@ def test_optimum_opens_the_artifact_and_generates(artifacts, tiny_models):
     ref = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32).generate(
         ids, max_new_tokens=8, do_sample=False)
     assert got.tolist() == ref.tolist()
+
+
+def test_lean_graph_runs_about_ten_kernels_per_layer(artifacts):
+    """The default graph is onnxruntime-genai's: GroupQueryAttention and fused norms, no shape or mask subgraphs
+    (optimum's graph runs ~105 kernels per layer, which is why pruned models did not speed up with their weights)."""
+    import collections
+
+    import onnx
+
+    meta = json.loads((artifacts[("llama", "fp32")] / "artifact.json").read_text())
+    assert meta["graph"] == "lean" and "graph_fallback" not in meta
+    nodes = onnx.load(str(artifacts[("llama", "fp32")] / "model.onnx"), load_external_data=False).graph.node
+    ops = collections.Counter(n.op_type for n in nodes)
+    layers = meta["model"]["num_layers"]
+    assert ops["GroupQueryAttention"] == layers and ops["SkipSimplifiedLayerNormalization"] == 2 * layers
+    assert (len(nodes) - 12) / layers <= 15  # ~12 nodes of embedding, mask-to-lengths and head
+
+
+def test_graph_choice_and_refusals():
+    from edgekit.errors import EdgekitError
+    from edgekit.exporters.onnxruntime import choose_graph
+
+    base = dict(model_type="phi3", hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
+    assert choose_graph({**base, "partial_rotary_factor": 1.0}) == ("lean", None)
+    graph, why = choose_graph({**base, "partial_rotary_factor": 0.75})
+    assert graph == "optimum" and "partial rotary (48 of 64" in why
+    with pytest.raises(EdgekitError, match="partial rotary"):
+        choose_graph({**base, "partial_rotary_factor": 0.75}, "lean")
+    graph, why = choose_graph(dict(model_type="llama", hidden_size=48, num_attention_heads=4))  # head_dim 12
+    assert graph == "optimum" and "multiple of 8 (this model's: 6)" in why
+    assert choose_graph({**base, "partial_rotary_factor": 1.0}, "optimum") == ("optimum", "asked for")
+    with pytest.raises(EdgekitError, match="unknown ONNX graph"):
+        choose_graph(base, "fast")
+
+
+@pytest.mark.slow  # ~5-8 s: a tiny model each; the default run gates every family through the lean graph already
+@pytest.mark.parametrize("arch,overrides", [("mistral", dict(sliding_window=16)),
+                                            ("phi3", dict(partial_rotary_factor=1.0))])
+def test_lean_graph_gates_window_and_full_rotary_phi3(tmp_path, arch, overrides):
+    """Mistral with a window shorter than the gate's 64 tokens (every layer windowed, as transformers 4.57 does) and
+    a fully rotary Phi-3 (Phi-3-mini) go through the lean graph and pass the fp32 gate."""
+    import onnx
+
+    from edgekit.testing import make_tiny_model
+
+    src = make_tiny_model(arch, tmp_path / "src", quirks=True, **overrides)
+    meta = export_model(src, tmp_path / "art", ExportConfig(precision="fp32"), log=lambda m: None)
+    assert meta["graph"] == "lean" and meta["gate"]["passed"] and meta["gate"]["greedy_match"], meta["gate"]
+    windows = {a.i for n in onnx.load(str(tmp_path / "art" / "model.onnx")).graph.node
+               if n.op_type == "GroupQueryAttention" for a in n.attribute if a.name == "local_window_size"}
+    assert windows == ({16} if arch == "mistral" else {-1})
+
+
+@pytest.mark.slow  # tests/test_families.py's Phi-4-mini (partial rotary) runs the fallback in the default run
+def test_optimum_graph_still_exports_and_gates(tiny_models, tmp_path):
+    """optimum's graph stays the fallback (and TensorRT's source): forced, it exports, gates and runs."""
+    meta = export_model(tiny_models["qwen2"], tmp_path / "art", ExportConfig(precision="fp32", onnx_graph="optimum"),
+                        log=lambda m: None)
+    assert meta["graph"] == "optimum" and meta["graph_fallback"] == "asked for"
+    assert meta["gate"]["passed"] and meta["gate"]["greedy_match"]

@@ -124,6 +124,9 @@ class Family:
     # llama.cpp's `deci` builds each layer with its own widths but has the Llama layout only (two norms, SiLU MLP,
     # no q/k norms, no embedding scale): families that fit it can export per-layer widths to GGUF.
     gguf_nonuniform: bool = True
+    # ONNX Runtime's lean decoder graph (onnxruntime-genai's builder, exporters/ort_genai.py) takes this family;
+    # tests/test_families.py gates it against PyTorch for each one. False: optimum's graph (slower per kernel).
+    ort_lean: bool = True
     fused: bool = False  # checkpoints store qkv_proj and gate_up_proj fused (llama.cpp's own arch keeps them so)
     notes: tuple[str, ...] = ()  # export quirks worth saying in docs and errors
     tie_default: bool = False  # tie_word_embeddings when config.json omits it (save_pretrained omits defaults)

@@ -62,8 +62,12 @@ def _companion_config(path: Path) -> dict:
         c = json.loads(cfg.read_text()) if cfg.is_file() else {}
     except (OSError, json.JSONDecodeError):
         c = {}
+    heads = c.get("num_attention_heads")
+    # a GroupQueryAttention graph leaves the KV head_dim symbolic: the runner reads it from here
+    head_dim = c.get("head_dim") or (c["hidden_size"] // heads if heads and c.get("hidden_size") else None)
     return {"architecture": (c.get("architectures") or [c.get("model_type")])[0], "vocab_size": c.get("vocab_size"),
-            "max_position_embeddings": c.get("max_position_embeddings")}
+            "max_position_embeddings": c.get("max_position_embeddings"), "head_dim": head_dim,
+            "num_kv_heads": c.get("num_key_value_heads") or heads}
 
 
 def _onnx(path: Path) -> dict:

@@ -1,4 +1,9 @@
-"""ONNX Runtime runner for causal LMs exported with past key/values (optimum's text-generation-with-past layout)."""
+"""ONNX Runtime runner for causal LMs exported with past key/values.
+
+One interface for both graphs edgekit exports (exporters/onnxruntime.py GRAPHS) and for plain .onnx files of either
+layout: input_ids, attention_mask (ones over past + new tokens) and, where the graph takes them, position_ids; past
+key/values (1, kv_heads, past, head_dim) in, present.* out. optimum's graph declares head_dim in its input shapes;
+the lean (GroupQueryAttention) graph leaves it symbolic, so it comes from artifact.json's model shape."""
 
 from __future__ import annotations
 
@@ -32,8 +37,18 @@ class OrtRunner:
         dim = next((o.shape[-1] for o in self.session.get_outputs() if o.name == "logits"), None)
         self.vocab_size = int(m.get("vocab_size") or (dim if isinstance(dim, int) else 0))
         self.max_context = int(meta.get("max_context") or m.get("max_position_embeddings") or 2048)
-        self._kv_shape = {n: (1, self.inputs[n].shape[1], 0, self.inputs[n].shape[3]) for n in self.past_names}
+        self._kv_shape = {n: (1, self._dim(n, 1, m.get("num_kv_heads")), 0, self._dim(n, 3, m.get("head_dim")))
+                          for n in self.past_names}
         self.reset()
+
+    def _dim(self, name: str, axis: int, fallback) -> int:
+        d = self.inputs[name].shape[axis]
+        if isinstance(d, int):
+            return d
+        if fallback:
+            return int(fallback)
+        raise EdgekitError(f"the graph's {name} leaves axis {axis} symbolic ({d!r}) and no artifact.json says its "
+                           "size", "open the artifact folder edgekit wrote (artifact.json gives the model's shape)")
 
     def reset(self) -> None:
         self.past = {n: np.zeros(s, dtype=np.float32) for n, s in self._kv_shape.items()}
