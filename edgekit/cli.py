@@ -12,7 +12,7 @@ from edgekit import __version__
 from edgekit.errors import EdgekitError
 
 COMMANDS = ("plan", "build", "prune", "distill", "export", "verify", "bench", "targets", "docker",
-            "agent", "vlm")
+            "agent", "vlm", "vision")
 
 EPILOG = """\
 examples:

@@ -251,3 +251,39 @@ def make_tiny_vlm(arch: str, out: Path, seed: int = 0, **overrides) -> Path:
     CLIPImageProcessor(size={"shortest_edge": v["image_size"]},
                        crop_size={"height": v["image_size"], "width": v["image_size"]}).save_pretrained(out)
     return out
+
+
+# image towers alone (task "vision-encoder"), each with its real layout quirks: CLIP's quick-GELU and class token,
+# SigLIP's attention-pooling head (its MLP is intermediate_size wide too), ViT's dense pooler
+VISION_TINY: dict[str, dict] = {
+    "clip_vision_model": dict(hidden_act="quick_gelu", projection_dim=32),
+    "siglip_vision_model": dict(hidden_act="gelu_pytorch_tanh", vision_use_head=True),
+    "vit": dict(hidden_act="gelu", qkv_bias=True),
+}
+
+
+def make_tiny_vision_encoder(arch: str, out: Path, seed: int = 0, **overrides) -> Path:
+    """Save a random image tower of a registered vision-encoder family with its image processor, so the folder loads
+    with from_pretrained and AutoImageProcessor offline (32x32 images, 8x8 patches: 16 patches)."""
+    import torch
+    import transformers
+
+    from edgekit.arch import VISION_ENCODERS
+
+    fam = VISION_ENCODERS[arch]
+    kw = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+              patch_size=8, **VISION_TINY[arch], **overrides)
+    cls = getattr(transformers, fam.model_class)
+    torch.manual_seed(seed)
+    model = cls(cls.config_class(**kw))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embedding" not in name:
+                p.normal_(0, 0.08)
+    out = Path(out)
+    model.save_pretrained(out, safe_serialization=True)
+    size = kw["image_size"]
+    proc = getattr(transformers, fam.processor_class)
+    extra = {"crop_size": {"height": size, "width": size}} if fam.processor_class == "CLIPImageProcessor" else {}
+    proc(size={"shortest_edge": size} if extra else {"height": size, "width": size}, **extra).save_pretrained(out)
+    return out

@@ -48,8 +48,14 @@ class VisionJob:
     language_gguf: Path | None = None  # gguf: the language model file mtmd needs for its context
 
 
+def output_names(fam) -> tuple[str, ...]:
+    """What the exported graph returns: a VLM's image embeddings, or an image tower's token features + pooled
+    embedding (VisionEncoderFamily.outputs)."""
+    return tuple(getattr(fam, "outputs", ("image_embeds",)))
+
+
 def encoder_module(model, fam):
-    """torch.nn.Module: pixel_values -> image embeddings through the family's module access."""
+    """torch.nn.Module: pixel_values -> a tuple of output_names(fam) through the family's module access."""
     import torch
 
     class _Enc(torch.nn.Module):
@@ -58,7 +64,8 @@ def encoder_module(model, fam):
             self.model = model
 
         def forward(self, pixel_values):
-            return fam.image_features(self.model, pixel_values)
+            out = fam.image_features(self.model, pixel_values)
+            return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
     return _Enc().eval()
 
@@ -69,9 +76,9 @@ def _to_onnx(job: VisionJob, path: Path) -> None:
     import torch
 
     pix = torch.as_tensor(job.inputs.pixel_values[:2])  # batch 2: the legacy tracer keeps the batch dynamic
+    names = output_names(job.fam)
     torch.onnx.export(encoder_module(job.model, job.fam), (pix,), str(path), input_names=["pixel_values"],
-                      output_names=["image_embeds"], dynamic_axes={"pixel_values": {0: "batch"},
-                                                                    "image_embeds": {0: "batch"}},
+                      output_names=list(names), dynamic_axes={n: {0: "batch"} for n in ("pixel_values", *names)},
                       opset_version=VISION_OPSET, dynamo=False)
 
 
@@ -80,11 +87,11 @@ def onnxruntime_export(job: VisionJob) -> dict:
     return {"file": ONNX_FILE, "runtime": "onnxruntime"}
 
 
-def onnxruntime_run(out: Path, meta: dict, inputs: VisionInputs) -> np.ndarray:
+def onnxruntime_run(out: Path, meta: dict, inputs: VisionInputs) -> list[np.ndarray]:
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(Path(out) / meta["file"]), providers=["CPUExecutionProvider"])
-    return sess.run(None, {"pixel_values": np.ascontiguousarray(inputs.pixel_values, dtype=np.float32)})[0]
+    return sess.run(None, {"pixel_values": np.ascontiguousarray(inputs.pixel_values, dtype=np.float32)})
 
 
 # -- TensorRT (engine built on the device) -------------------------------------------------------------------------
@@ -148,14 +155,16 @@ def executorch_export(job: VisionJob) -> dict:
             **summary}
 
 
-def executorch_run(out: Path, meta: dict, inputs: VisionInputs) -> np.ndarray:
+def executorch_run(out: Path, meta: dict, inputs: VisionInputs) -> list[np.ndarray]:
     import torch
     from executorch.runtime import Runtime
 
     method = Runtime.get().load_program(Path(out) / meta["file"]).load_method("forward")
-    rows = [np.array(method.execute([torch.from_numpy(np.ascontiguousarray(p[None], dtype=np.float32))])[0].numpy(),
-                     copy=True) for p in inputs.pixel_values]  # the output lives in planned memory: copy it
-    return np.concatenate(rows)
+    rows = []
+    for p in inputs.pixel_values:  # outputs live in the method's planned memory, which the next call reuses: copy
+        outs = method.execute([torch.from_numpy(np.ascontiguousarray(p[None], dtype=np.float32))])
+        rows.append([np.array(o.numpy(), copy=True) for o in outs])
+    return [np.concatenate(col) for col in zip(*rows)]
 
 
 # -- GGUF: llama.cpp's mmproj --------------------------------------------------------------------------------------
@@ -171,12 +180,12 @@ def gguf_export(job: VisionJob) -> dict:
     return {"file": ENTRY, "runtime": "llama.cpp mtmd", "language_gguf": str(job.language_gguf), **info}
 
 
-def gguf_run(out: Path, meta: dict, inputs: VisionInputs) -> np.ndarray:
+def gguf_run(out: Path, meta: dict, inputs: VisionInputs) -> list[np.ndarray]:
     from edgekit.exporters.mmproj import MtmdEncoder
 
     enc = MtmdEncoder(Path(out) / meta["file"], Path(meta["language_gguf"]))
     try:
-        return np.stack([enc.encode(im) for im in inputs.images])
+        return [np.stack([enc.encode(im) for im in inputs.images])]
     finally:
         enc.close()
 

@@ -146,7 +146,7 @@ REACH = {
     "edgekit/api/building.py": ("build",), "edgekit/api/pruning.py": ("prune",),
     "edgekit/api/exporting.py": ("export",), "edgekit/api/benchmarking.py": ("bench",),
     "edgekit/api/matrix.py": ("bench",), "edgekit/matrix.py": ("bench",),
-    "edgekit/vlm/": ("vlm",),
+    "edgekit/vlm/": ("vlm",), "edgekit/vision/": ("vision",),
 }
 ERRORS = ("EdgekitError", "GateFailed")
 

@@ -38,7 +38,9 @@ def test_registry_keeps_tasks_apart():
     from edgekit.arch import REGISTRY, get_family, get_vlm_family
 
     assert VLMS and set(VLM_FAMILIES).isdisjoint(FAMILIES)
-    assert set(REGISTRY) == set(FAMILIES) | set(VLM_FAMILIES)
+    from edgekit.arch import VISION_ENCODERS
+
+    assert set(REGISTRY) == set(FAMILIES) | set(VLM_FAMILIES) | set(VISION_ENCODERS)  # image towers: their own test
     assert all(f.task == "causal-lm" for f in FAMILIES.values()) and all(f.task == "vlm" for f in VLM_FAMILIES.values())
     with pytest.raises(EdgekitError, match="vision-language model.*edgekit vlm prune"):
         get_family("llava")  # a decoder stage handed a VLM says where to go, in one line

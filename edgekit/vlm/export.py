@@ -77,7 +77,7 @@ def gate_inputs(model_dir: Path, mcfg: dict, n: int, seed: int = 12345):
     from edgekit.vlm.data import generate_pairs, load_image, load_pairs
 
     proc = AutoImageProcessor.from_pretrained(model_dir)
-    size = int(mcfg["vision_config"].get("image_size", 224))
+    size = int((mcfg.get("vision_config") or mcfg).get("image_size", 224))  # a VLM's tower, or an image tower alone
     with tempfile.TemporaryDirectory() as d:
         pairs = load_pairs(generate_pairs(Path(d), n, size=size, seed=seed))  # not the calibration seed
         ims = [load_image(p.image) for p in pairs]
@@ -105,20 +105,27 @@ def export_vision(model, fam, mcfg: dict, model_dir: Path, out: Path, backend: s
     import numpy as np
     import torch
 
-    from edgekit.exporters.vision import BACKENDS, VisionJob, encoder_module
+    from edgekit.exporters.vision import BACKENDS, VisionJob, encoder_module, output_names
 
     out.mkdir(parents=True, exist_ok=True)
     inputs = gate_inputs(model_dir, mcfg, max(images, 2))
     with torch.no_grad():
-        ref = encoder_module(model, fam)(torch.as_tensor(inputs.pixel_values)).numpy()
+        refs = [r.numpy() for r in encoder_module(model, fam)(torch.as_tensor(inputs.pixel_values))]
     export, run = BACKENDS[backend]
     t0 = time.perf_counter()
     meta = export(VisionJob(model, fam, mcfg, Path(model_dir), out, precision, inputs, target, language_gguf))
     export_s = round(time.perf_counter() - t0, 2)
     got = run(out, meta, inputs)
-    gate = compare_embeddings(ref, got)
     th = VISION_GATES[precision]
-    gate["passed"] = gate["min_cosine"] >= th["min_cosine"] and gate["max_abs_delta"] <= th["max_abs_delta"]
+    names = output_names(fam)
+    per = {n: compare_embeddings(r, g) for n, r, g in zip(names, refs, got)}
+    for c in per.values():
+        c["passed"] = c["min_cosine"] >= th["min_cosine"] and c["max_abs_delta"] <= th["max_abs_delta"]
+    ref = refs[0]
+    gate = dict(per[names[0]])  # the first output's figures; every output must pass
+    gate["passed"] = len(got) == len(names) and all(c["passed"] for c in per.values())
+    if len(names) > 1:
+        gate["outputs"] = per
     gate["thresholds"] = dict(th)
     gate["runtime"] = meta["runtime"]
     if backend == "gguf" and not gate["passed"]:
@@ -127,9 +134,10 @@ def export_vision(model, fam, mcfg: dict, model_dir: Path, out: Path, backend: s
         sim = llamacpp_graph_reference(model, fam, torch.as_tensor(inputs.pixel_values))
         if sim is not None:  # the file is right if llama.cpp computes exactly its own (class-token-last) graph
             gate["vs_llamacpp_graph"] = compare_embeddings(sim, got)
-    np.savez(out / "reference.npz", pixel_values=inputs.pixel_values, images=inputs.images, image_embeds=ref)
+    np.savez(out / "reference.npz", pixel_values=inputs.pixel_values, images=inputs.images, **dict(zip(names, refs)))
     shutil.copy2(Path(model_dir) / "preprocessor_config.json", out / "preprocessor_config.json")
-    log(f"export: vision tower + projector -> {backend} {precision}: min cosine {gate['min_cosine']:.7f}, "
+    log(f"export: {'vision tower + projector' if names == ('image_embeds',) else 'image tower'} -> {backend} "
+        f"{precision}: min cosine {gate['min_cosine']:.7f}, "
         f"max |delta| {gate['max_abs_delta']:.2e} over {gate['shape'][0]} images x {gate['shape'][1]} tokens")
     return {**meta, "backend": backend, "precision": precision, "export_seconds": export_s, "gate": gate,
             "input": {"pixel_values": list(inputs.pixel_values.shape[1:])}, "output": {"image_embeds": list(ref.shape[1:])}}
@@ -250,7 +258,7 @@ def export_vlm(model_dir: Path, out: Path, cfg: VlmExportConfig = VlmExportConfi
             run = BACKENDS[vision_backend][1]
             meta = {**vision, "language_gguf": str(gguf_lm)} if gguf_lm is not None else vision
             recomposed = recompose_check(model, fam, model_dir, mcfg, lm_dir,
-                                         lambda inp: run(tmp / "vision", meta, inp))
+                                         lambda inp: run(tmp / "vision", meta, inp)[0])
             log(f"export: {vision_backend} image embeddings + the saved language model vs the whole PyTorch VLM on "
                 f"image+text prompts: max |delta logit| {recomposed['max_abs_logit_delta']:.2e}")
             if not recomposed["passed"] and not cfg.accept_gate_failure:
