@@ -133,7 +133,7 @@ def export_vision(model, fam, mcfg: dict, model_dir: Path, out: Path, backend: s
 
         sim = llamacpp_graph_reference(model, fam, torch.as_tensor(inputs.pixel_values))
         if sim is not None:  # the file is right if llama.cpp computes exactly its own (class-token-last) graph
-            gate["vs_llamacpp_graph"] = compare_embeddings(sim, got)
+            gate["vs_llamacpp_graph"] = compare_embeddings(sim, got[0])
     np.savez(out / "reference.npz", pixel_values=inputs.pixel_values, images=inputs.images, **dict(zip(names, refs)))
     shutil.copy2(Path(model_dir) / "preprocessor_config.json", out / "preprocessor_config.json")
     log(f"export: {'vision tower + projector' if names == ('image_embeds',) else 'image tower'} -> {backend} "
