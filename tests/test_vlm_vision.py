@@ -168,3 +168,33 @@ def test_vlm_export_gguf_with_mmproj_end_to_end(llava, tmp_path, cli):
     assert m["language"]["gate"]["passed"] and not m["vision"]["gate"]["passed"]
     assert m["vision"]["language_gguf"] == "../language/model.gguf"
     assert (tmp_path / "b" / "vision" / "mmproj.gguf").is_file() and (tmp_path / "b" / "language" / "model.gguf").is_file()
+
+
+def test_vlm_plan_counts_both_towers_and_the_image_tokens_kv():
+    """LLaVA-1.5-7B's shape (transformers' LlavaConfig defaults: CLIP ViT-L/14 at 336, Llama 7B), arithmetic only."""
+    import transformers
+
+    from edgekit.arch import vlm_family_of
+    from edgekit.plan import PlanRequest, memory
+    from edgekit.target import get_target
+    from edgekit.vlm.plan import VlmPlanRequest, vlm_memory
+
+    cfg = transformers.LlavaConfig().to_dict()
+    fam = vlm_family_of(cfg)
+    g = fam.geometry(cfg)
+    assert g.image_tokens == 576
+    req = VlmPlanRequest(context=2048, language_backend="gguf", language_precision="q4_k_m", vision_backend="gguf",
+                         vision_precision="fp16")
+    m = vlm_memory(cfg, get_target("jetson-orin"), req)
+    lang = memory(fam.text_config(cfg), "gguf", "q4_k_m", PlanRequest(context=2048))
+    assert m["language"] == lang  # the language model is planned by the decoder planner, context incl. image tokens
+    assert m["vision"]["weights_bytes"] == (g.vision.params() + g.projector_params) * 2
+    assert m["image_kv_cache_bytes"] == lang["kv_cache_bytes"] * 576 // 2048
+    assert m["vision"]["runtime_overhead_bytes"] == 0  # mmproj runs inside llama.cpp's process
+    assert m["total_bytes"] == lang["total_bytes"] + sum(m["vision"].values())
+    assert not m["fits"] and m["total_bytes"] > 5.5e9  # 7B at q4_k_m + CLIP-L does not fit an 8 GB Orin Nano
+    assert vlm_memory(cfg, get_target("x86-cpu"), req)["fits"]
+    other = vlm_memory(cfg, get_target("x86-cpu"), VlmPlanRequest(context=2048, images=2, vision_backend="executorch"))
+    assert other["vision"]["runtime_overhead_bytes"] > 0 and other["image_positions"] == 1152
+    with pytest.raises(EdgekitError, match="take 576 positions, the whole context of 512"):
+        vlm_memory(cfg, get_target("x86-cpu"), VlmPlanRequest(context=512))

@@ -69,6 +69,20 @@ def register(sub) -> None:
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=run_distill)
 
+    pl = s.add_parser("plan", help="will both towers fit the device: weights, KV cache with the image tokens, "
+                      "activations (arithmetic on config.json)")
+    pl.add_argument("model", type=Path, help="Hugging Face VLM folder (only config.json is read)")
+    pl.add_argument("--target", required=True, help="device profile (name or .toml)")
+    pl.add_argument("--context", type=int, default=2048, help="positions, image tokens included (default 2048)")
+    pl.add_argument("--images", type=int, default=1, help="images per prompt (default 1)")
+    pl.add_argument("--backend", "-b", default="onnxruntime", choices=sorted(REGISTRY), help="language backend")
+    pl.add_argument("--precision", "-p", help="language precision (default: the backend's most faithful)")
+    pl.add_argument("--vision-backend", default="onnxruntime",
+                    choices=sorted(n for n, sp in REGISTRY.items() if sp.vision_precisions))
+    pl.add_argument("--vision-precision", help="default: the vision backend's most faithful")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=run_plan)
+
     e = s.add_parser("export", help="vision tower + projector to ONNX Runtime, the language model to a backend")
     e.add_argument("model", type=Path, help="Hugging Face VLM folder")
     e.add_argument("--backend", "-b", default="onnxruntime", choices=sorted(REGISTRY),
@@ -180,4 +194,35 @@ def run_export(a) -> int:
           f"{v['min_cosine']:.6f}); language {m['language']['backend']} {m['language']['precision']} gate "
           f"{'passed' if lg.get('passed') else 'FAILED'}; split vs whole max |dlogit| "
           f"{m['recomposed']['max_abs_logit_delta']:.2e}")
+    return 0
+
+
+def run_plan(a) -> int:
+    import json
+
+    from edgekit.errors import EdgekitError
+    from edgekit.target import get_target
+    from edgekit.ui import print_json
+    from edgekit.vlm.plan import VlmPlanRequest, vlm_memory
+
+    cfg_file = a.model / "config.json" if a.model.is_dir() else a.model
+    if not cfg_file.is_file():
+        raise EdgekitError(f"{a.model} has no config.json", "pass a Hugging Face VLM folder")
+    if a.images < 1 or a.context < 1:
+        raise EdgekitError(f"--images {a.images} / --context {a.context} must be positive", "e.g. --images 1")
+    m = vlm_memory(json.loads(cfg_file.read_text()), get_target(a.target), VlmPlanRequest(
+        context=a.context, images=a.images, language_backend=a.backend, language_precision=a.precision,
+        vision_backend=a.vision_backend, vision_precision=a.vision_precision))
+    if a.json:
+        print_json(m)
+        return 0
+    mb = 1 / (1 << 20)
+    lg, v = m["language"], m["vision"]
+    print(f"{m['target']}: {m['total_bytes'] * mb:,.0f} MB of {m['budget_bytes'] * mb:,.0f} MB "
+          f"({'fits' if m['fits'] else 'does NOT fit'}): language {a.backend} {m['language_precision']} "
+          f"{lg['total_bytes'] * mb:,.1f} MB (weights {lg['weights_bytes'] * mb:,.1f}, KV cache "
+          f"{lg['kv_cache_bytes'] * mb:,.1f} of which {m['image_positions']} image positions "
+          f"{m['image_kv_cache_bytes'] * mb:,.1f}), vision {a.vision_backend} {m['vision_precision']} weights "
+          f"{v['weights_bytes'] * mb:,.1f} MB + one encode {v['activations_bytes'] * mb:,.1f} MB"
+          + (f" + runtime {v['runtime_overhead_bytes'] * mb:,.0f} MB" if v["runtime_overhead_bytes"] else ""))
     return 0
