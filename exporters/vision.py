@@ -1,9 +1,9 @@
 """Vision-tower exporters: a VLM's vision tower + projector (pixel_values -> image embeddings, the vectors that replace
 the <image> tokens) for each backend that declares one (ExporterSpec.vision in exporters/__init__.py).
 
-Each backend here is two functions: `export(job) -> meta` writes the files into job.out, and `run(out, meta, inputs)
--> embeddings` runs them in the backend's real runtime, which is what the gate (edgekit/vlm/export.py) compares with
-PyTorch:
+Each backend here is two functions: `export(job) -> meta` writes the files into job.out, and `open(out, meta) -> run`
+loads them in the backend's real runtime (`run(inputs) -> [outputs]`), which is what the gate
+(edgekit/vlm/export.py) compares with PyTorch and the benchmark (edgekit/vlm/bench.py) times:
 - onnxruntime: ONNX with a dynamic batch, run by ONNX Runtime;
 - executorch: a .pte lowered to XNNPACK (batch 1, static image size), run by ExecuTorch's Python runtime;
 - tensorrt: the same ONNX made fp16-safe plus trt.json (the target's TensorRT, an optimization profile over the batch,
@@ -87,11 +87,15 @@ def onnxruntime_export(job: VisionJob) -> dict:
     return {"file": ONNX_FILE, "runtime": "onnxruntime"}
 
 
-def onnxruntime_run(out: Path, meta: dict, inputs: VisionInputs) -> list[np.ndarray]:
+def onnxruntime_open(out: Path, meta: dict, threads: int | None = None):
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(Path(out) / meta["file"]), providers=["CPUExecutionProvider"])
-    return sess.run(None, {"pixel_values": np.ascontiguousarray(inputs.pixel_values, dtype=np.float32)})
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    sess = ort.InferenceSession(str(Path(out) / meta["file"]), opts, providers=["CPUExecutionProvider"])
+    return lambda inputs: sess.run(None, {"pixel_values": np.ascontiguousarray(inputs.pixel_values,
+                                                                               dtype=np.float32)})
 
 
 # -- TensorRT (engine built on the device) -------------------------------------------------------------------------
@@ -155,16 +159,26 @@ def executorch_export(job: VisionJob) -> dict:
             **summary}
 
 
-def executorch_run(out: Path, meta: dict, inputs: VisionInputs) -> list[np.ndarray]:
+def executorch_open(out: Path, meta: dict, threads: int | None = None):
     import torch
     from executorch.runtime import Runtime
 
-    method = Runtime.get().load_program(Path(out) / meta["file"]).load_method("forward")
-    rows = []
-    for p in inputs.pixel_values:  # outputs live in the method's planned memory, which the next call reuses: copy
-        outs = method.execute([torch.from_numpy(np.ascontiguousarray(p[None], dtype=np.float32))])
-        rows.append([np.array(o.numpy(), copy=True) for o in outs])
-    return [np.concatenate(col) for col in zip(*rows)]
+    if threads:
+        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+        _unsafe_reset_threadpool(int(threads))
+    program = Runtime.get().load_program(Path(out) / meta["file"])
+    method = program.load_method("forward")
+
+    def run(inputs: VisionInputs) -> list[np.ndarray]:
+        rows = []
+        for p in inputs.pixel_values:  # outputs live in the method's planned memory, which the next call reuses
+            outs = method.execute([torch.from_numpy(np.ascontiguousarray(p[None], dtype=np.float32))])
+            rows.append([np.array(o.numpy(), copy=True) for o in outs])
+        return [np.concatenate(col) for col in zip(*rows)]
+
+    run.program = program  # keeps the program alive as long as the method
+    return run
 
 
 # -- GGUF: llama.cpp's mmproj --------------------------------------------------------------------------------------
@@ -180,15 +194,39 @@ def gguf_export(job: VisionJob) -> dict:
     return {"file": ENTRY, "runtime": "llama.cpp mtmd", "language_gguf": str(job.language_gguf), **info}
 
 
-def gguf_run(out: Path, meta: dict, inputs: VisionInputs) -> list[np.ndarray]:
+def gguf_open(out: Path, meta: dict, threads: int | None = None):
     from edgekit.exporters.mmproj import MtmdEncoder
 
-    enc = MtmdEncoder(Path(out) / meta["file"], Path(meta["language_gguf"]))
-    try:
+    lm = Path(meta["language_gguf"])
+    # one thread unless asked: ggml's thread pool spins at its barriers, and on a loaded 2-core host a tiny tower
+    # took 780 ms per image with 2 threads against 0.9 ms with 1
+    enc = MtmdEncoder(Path(out) / meta["file"], lm if lm.is_absolute() else Path(out) / lm, threads=threads or 1)
+
+    def run(inputs: VisionInputs) -> list[np.ndarray]:
         return [np.stack([enc.encode(im) for im in inputs.images])]
-    finally:
-        enc.close()
+
+    run.encoder = enc
+    return run
 
 
-BACKENDS = {"onnxruntime": (onnxruntime_export, onnxruntime_run), "tensorrt": (tensorrt_export, onnxruntime_run),
-            "executorch": (executorch_export, executorch_run), "gguf": (gguf_export, gguf_run)}
+# backend -> (export(job) -> meta, open(out, meta, threads) -> run(VisionInputs) -> [outputs])
+OPENERS = {"onnxruntime": onnxruntime_open, "tensorrt": onnxruntime_open, "executorch": executorch_open,
+           "gguf": gguf_open}
+EXPORTERS = {"onnxruntime": onnxruntime_export, "tensorrt": tensorrt_export, "executorch": executorch_export,
+             "gguf": gguf_export}
+
+
+def _runner(name):
+    def run(out: Path, meta: dict, inputs: VisionInputs) -> list[np.ndarray]:
+        """Open, run once, close: what a gate needs (a benchmark keeps what OPENERS returns)."""
+        fn = OPENERS[name](out, meta)
+        try:
+            return fn(inputs)
+        finally:
+            enc = getattr(fn, "encoder", None)
+            if enc is not None:
+                enc.close()
+    return run
+
+
+BACKENDS = {n: (EXPORTERS[n], _runner(n)) for n in EXPORTERS}

@@ -198,3 +198,22 @@ def test_vlm_plan_counts_both_towers_and_the_image_tokens_kv():
     assert other["vision"]["runtime_overhead_bytes"] > 0 and other["image_positions"] == 1152
     with pytest.raises(EdgekitError, match="take 576 positions, the whole context of 512"):
         vlm_memory(cfg, get_target("x86-cpu"), VlmPlanRequest(context=512))
+
+
+@pytest.mark.slow
+def test_vlm_bench_reports_encode_ttft_and_decode(llava, tmp_path, cli):
+    path, _, _ = llava
+    cli("vlm", "export", path, "-b", "gguf", "--context", "64", "-o", tmp_path / "a", check=0)
+    p = cli("vlm", "bench", tmp_path / "a", "--runs", "3", "--json", check=0)
+    r = json.loads(p.stdout)
+    assert r["vision"] == {"backend": "onnxruntime", "precision": "fp32"} and r["language"]["backend"] == "gguf"
+    assert 0 < r["image_encode_ms"]["p50"] <= r["ttft_ms"]["p50"] and r["decode_tokens_per_s"] > 0
+    assert r["ttft_prefill"].startswith("32 positions (16 image + 16 text)")
+
+
+def test_vlm_bench_refuses_a_folder_that_is_not_an_export(tmp_path, capsys):
+    from edgekit.cli import main
+
+    assert main(["vlm", "bench", str(tmp_path)]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "is not an exported VLM (no vlm.json)" in line and "edgekit vlm export" in line

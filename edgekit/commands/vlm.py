@@ -83,6 +83,16 @@ def register(sub) -> None:
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=run_plan)
 
+    bn = s.add_parser("bench", help="image-encode latency, TTFT for an image prompt, decode tokens/s of an exported "
+                      "VLM folder")
+    bn.add_argument("artifact", type=Path, help="the -o folder of `edgekit vlm export`")
+    bn.add_argument("--runs", type=int, default=10, help="timed runs (default 10)")
+    bn.add_argument("--prompt-tokens", type=int, default=16, help="text tokens after the image (default 16)")
+    bn.add_argument("--new-tokens", type=int, default=16, help="decoded tokens (default 16)")
+    bn.add_argument("--threads", type=int, help="runtime threads (default: the runtime's)")
+    bn.add_argument("--json", action="store_true")
+    bn.set_defaults(func=run_bench)
+
     e = s.add_parser("export", help="vision tower + projector to ONNX Runtime, the language model to a backend")
     e.add_argument("model", type=Path, help="Hugging Face VLM folder")
     e.add_argument("--backend", "-b", default="onnxruntime", choices=sorted(REGISTRY),
@@ -225,4 +235,21 @@ def run_plan(a) -> int:
           f"{m['image_kv_cache_bytes'] * mb:,.1f}), vision {a.vision_backend} {m['vision_precision']} weights "
           f"{v['weights_bytes'] * mb:,.1f} MB + one encode {v['activations_bytes'] * mb:,.1f} MB"
           + (f" + runtime {v['runtime_overhead_bytes'] * mb:,.0f} MB" if v["runtime_overhead_bytes"] else ""))
+    return 0
+
+
+def run_bench(a) -> int:
+    import sys
+
+    from edgekit.ui import print_json
+    from edgekit.vlm.bench import bench_vlm
+
+    r = bench_vlm(a.artifact, a.runs, a.prompt_tokens, a.new_tokens, a.threads, log=lambda s: print(s, file=sys.stderr))
+    if a.json:
+        print_json(r)
+        return 0
+    print(f"{a.artifact}: vision {r['vision']['backend']} {r['vision']['precision']}, language "
+          f"{r['language']['backend']} {r['language']['precision']}: image encode p50 {r['image_encode_ms']['p50']:.2f} "
+          f"ms (p99 {r['image_encode_ms']['p99']:.2f}), TTFT for an image prompt p50 {r['ttft_ms']['p50']:.2f} ms "
+          f"({r['ttft_prefill']}), decode {r['decode_tokens_per_s']:.1f} tokens/s")
     return 0
