@@ -171,6 +171,40 @@ class MtmdEncoder:
         raise EdgekitError("llama.cpp's mtmd produced no image chunk", "report it with the model")
 
 
+def image_prompt_logits(enc: "MtmdEncoder", image: np.ndarray, text_ids: list[int]) -> np.ndarray:
+    """llama.cpp's last-position logits for [image][text_ids], the whole prompt evaluated by mtmd (the image encoded
+    by the mmproj and decoded as embeddings, then the text) from an empty cache: the device's real path."""
+    import llama_cpp
+
+    mtmd = enc.mtmd
+    lctx = enc.llm.ctx
+    text = enc.llm.detokenize(text_ids, special=True).decode("utf-8", "replace")
+    with enc._quiet():
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(lctx), True)
+        chunks = enc._chunks(image, enc.marker.decode() + text)
+        try:
+            got = [t for i in range(mtmd.mtmd_input_chunks_size(chunks))
+                   if mtmd.mtmd_input_chunk_get_type(c := mtmd.mtmd_input_chunks_get(chunks, i)) == 0
+                   for t in _chunk_tokens(mtmd, c)]
+            if got != list(text_ids):
+                raise EdgekitError(f"llama.cpp's mtmd tokenized the prompt text as {got[:8]}..., not as the ids given",
+                                   "report it with the model (the embedded tokenizer should round-trip)")
+            n_past = llama_cpp.llama_pos(0)
+            rc = mtmd.mtmd_helper_eval_chunks(enc.ctx, lctx, chunks, 0, 0, 512, True, ctypes.byref(n_past))
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks)
+    if rc != 0:
+        raise EdgekitError(f"llama.cpp's mtmd failed to evaluate an image prompt (code {rc})", "report it with the model")
+    n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(enc.llm.model))
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(lctx, -1), shape=(n_vocab,)).copy()
+
+
+def _chunk_tokens(mtmd, chunk) -> list[int]:
+    n = ctypes.c_size_t(0)
+    p = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+    return [int(p[i]) for i in range(n.value)]
+
+
 def llamacpp_graph_reference(model, fam, pixel_values):
     """What llama.cpp's LLaVA graph computes, in PyTorch: the class token appended after the patches, position
     embeddings taken in sequence order, and rows 1..n_patches gathered (llama.cpp issue #25814), i.e. patch 0 dropped

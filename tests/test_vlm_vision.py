@@ -160,13 +160,18 @@ def test_vlm_export_gguf_with_mmproj_end_to_end(llava, tmp_path, cli):
     """`edgekit vlm export -b gguf --vision-backend gguf`: the language GGUF passes its gate; the mmproj fails its
     gate in this llama.cpp (#25814) and exits 3, and --accept-gate-failure keeps both parts with the result recorded."""
     path, _, _ = llava
-    cli("vlm", "export", path, "-b", "gguf", "--vision-backend", "gguf", "--context", "64", "-o", tmp_path / "a",
-        check=3)
+    p = cli("vlm", "export", path, "-b", "gguf", "--vision-backend", "gguf", "--context", "64", "-o", tmp_path / "a",
+            check=3)
+    assert "#25814" in p.stderr and "match PyTorch on that graph" in p.stderr
     cli("vlm", "export", path, "-b", "gguf", "--vision-backend", "gguf", "--context", "64", "--accept-gate-failure",
         "-o", tmp_path / "b", check=0)
     m = json.loads((tmp_path / "b" / "vlm.json").read_text())
     assert m["language"]["gate"]["passed"] and not m["vision"]["gate"]["passed"]
     assert m["vision"]["language_gguf"] == "../language/model.gguf"
+    # whole image+text prompts evaluated by llama.cpp (mtmd + the language GGUF) match PyTorch on llama.cpp's graph
+    p = m["vision"]["llamacpp_image_prompt"]
+    assert p["max_abs_logit_delta_vs_llamacpp_graph"] < 5e-3 < p["max_abs_logit_delta"], p
+
     assert (tmp_path / "b" / "vision" / "mmproj.gguf").is_file() and (tmp_path / "b" / "language" / "model.gguf").is_file()
 
 

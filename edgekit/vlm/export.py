@@ -152,7 +152,11 @@ def vision_gate_error(vision: dict) -> GateFailed:
         return GateFailed(f"llama.cpp's mtmd (llama-cpp-python {llama_cpp.__version__}) computes LLaVA's CLIP tower "
                           f"with the class token moved last (llama.cpp issue #25814): its image embeddings differ from "
                           f"PyTorch (min cosine {g['min_cosine']:.4f}) although the mmproj reproduces that graph "
-                          f"exactly (min cosine {sim['min_cosine']:.6f})",
+                          f"exactly (min cosine {sim['min_cosine']:.6f})" + (
+                              f", and whole image prompts run by llama.cpp match PyTorch on that graph to max |delta "
+                              f"logit| {p['max_abs_logit_delta_vs_llamacpp_graph']:.1e}"
+                              if (p := vision.get("llamacpp_image_prompt")) and
+                              p.get("max_abs_logit_delta_vs_llamacpp_graph") is not None else ""),
                           "use --vision-backend onnxruntime or executorch, or a llama.cpp with the fix (PR #25844); "
                           "--accept-gate-failure keeps the mmproj")
     return GateFailed(f"the vision tower's {vision['backend']} embeddings differ from PyTorch (min cosine "
@@ -209,6 +213,53 @@ def recompose_check(model, fam, model_dir: Path, mcfg: dict, lm_dir: Path, embed
             "threshold": RECOMPOSED_MAX_DELTA}
 
 
+def llamacpp_prompt_check(model, fam, mcfg: dict, model_dir: Path, mmproj: Path, lm_gguf: Path,
+                          threads: int = 1) -> dict:
+    """Image+text prompts run whole by llama.cpp (mtmd encodes the image with the mmproj and decodes it into the
+    language GGUF, then the caption): the last position's logits against the whole PyTorch VLM, and against
+    PyTorch's language model fed the embeddings of llama.cpp's own graph (mmproj.llamacpp_graph_reference), which
+    separates the files from that runtime's known difference (llama.cpp #25814)."""
+    import tempfile
+
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer
+
+    from edgekit.exporters.mmproj import MtmdEncoder, image_prompt_logits, llamacpp_graph_reference
+
+    inputs = gate_inputs(model_dir, mcfg, 2, seed=54321)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    with tempfile.TemporaryDirectory() as d:
+        from edgekit.vlm.data import generate_pairs, load_pairs
+
+        texts = [p.text for p in load_pairs(generate_pairs(Path(d), 2, size=inputs.images.shape[1], seed=54321))]
+    enc = MtmdEncoder(mmproj, lm_gguf, threads=threads)
+    lm = fam.language_view(model)
+    n_img, image_id = fam.image_tokens(mcfg), mcfg["image_token_index"]
+    vs_vlm = vs_graph = 0.0
+    agree = 0
+    try:
+        with torch.no_grad():
+            for pix, img, text in zip(inputs.pixel_values, inputs.images, texts):
+                ids = tok(text, add_special_tokens=False)["input_ids"][:24]
+                got = image_prompt_logits(enc, img, ids)
+                seq = torch.tensor([[image_id] * n_img + ids])
+                p = torch.as_tensor(pix[None])
+                whole = model(input_ids=seq, pixel_values=p, use_cache=False).logits[0, -1].numpy()
+                emb = lm.get_input_embeddings()(seq)
+                sim = llamacpp_graph_reference(model, fam, p)
+                if sim is not None:
+                    emb[0, :n_img] = torch.as_tensor(sim[0])
+                    graph = lm(inputs_embeds=emb, use_cache=False).logits[0, -1].numpy()
+                    vs_graph = max(vs_graph, float(np.abs(got - graph).max()))
+                vs_vlm = max(vs_vlm, float(np.abs(got - whole).max()))
+                agree += int(got.argmax() == whole.argmax())
+    finally:
+        enc.close()
+    return {"prompts": len(texts), "max_abs_logit_delta": vs_vlm, "top1_agreement": agree / len(texts),
+            "max_abs_logit_delta_vs_llamacpp_graph": vs_graph if vs_graph else None}
+
+
 def export_vlm(model_dir: Path, out: Path, cfg: VlmExportConfig = VlmExportConfig(), log=print) -> dict:
     """Both parts into out (atomically); returns vlm.json. A failed vision gate raises GateFailed unless
     accept_gate_failure (the language part's gate is the decoder exporter's own). The language model is exported
@@ -253,6 +304,9 @@ def export_vlm(model_dir: Path, out: Path, cfg: VlmExportConfig = VlmExportConfi
                                    cfg.gate_images, cfg.target, gguf_lm, log)
             if gguf_lm is not None:  # recorded relative: the folder moves into place
                 vision["language_gguf"] = str(Path("..") / "language" / lang["entry"])
+            if gguf_lm is not None:  # the whole image prompt through llama.cpp, as the device runs it
+                vision["llamacpp_image_prompt"] = llamacpp_prompt_check(model, fam, mcfg, model_dir,
+                                                                        tmp / "vision" / vision["file"], gguf_lm)
             if not vision["gate"]["passed"] and not cfg.accept_gate_failure:
                 raise vision_gate_error(vision)
             run = BACKENDS[vision_backend][1]
