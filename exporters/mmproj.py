@@ -117,7 +117,8 @@ class MtmdEncoder:
         self.mtmd = mtmd
         self._quiet = captured_stderr  # clip/mtmd log every load and encode on fd 2
         with captured_stderr(), llama_log():
-            self.llm = llama_cpp.Llama(str(lm_gguf), n_ctx=512, n_threads=threads, logits_all=True, verbose=False,
+            self.llm = llama_cpp.Llama(str(lm_gguf), n_ctx=512, n_threads=threads, n_threads_batch=threads,
+                                       logits_all=True, verbose=False,
                                        type_k=0, type_v=0)
             p = mtmd.mtmd_context_params_default()
             p.use_gpu, p.n_threads, p.print_timings, p.warmup = False, threads, False, False
@@ -171,14 +172,18 @@ class MtmdEncoder:
         raise EdgekitError("llama.cpp's mtmd produced no image chunk", "report it with the model")
 
 
-def image_prompt_logits(enc: "MtmdEncoder", image: np.ndarray, text_ids: list[int]) -> np.ndarray:
-    """llama.cpp's last-position logits for [image][text_ids], the whole prompt evaluated by mtmd (the image encoded
-    by the mmproj and decoded as embeddings, then the text) from an empty cache: the device's real path."""
+def image_prompt_logits(enc: "MtmdEncoder", image: np.ndarray, text_ids: list[int] | None = None,
+                        text: str | None = None) -> np.ndarray:
+    """llama.cpp's last-position logits for [image][text], the whole prompt evaluated by mtmd (the image encoded by
+    the mmproj and decoded as embeddings, then the text) from an empty cache: the device's real path. Given
+    `text_ids`, mtmd must tokenize their text back to exactly those ids (a gate compares logits position for
+    position)."""
     import llama_cpp
 
     mtmd = enc.mtmd
     lctx = enc.llm.ctx
-    text = enc.llm.detokenize(text_ids, special=True).decode("utf-8", "replace")
+    if text is None:
+        text = enc.llm.detokenize(text_ids, special=True).decode("utf-8", "replace")
     with enc._quiet():
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(lctx), True)
         chunks = enc._chunks(image, enc.marker.decode() + text)
@@ -186,7 +191,7 @@ def image_prompt_logits(enc: "MtmdEncoder", image: np.ndarray, text_ids: list[in
             got = [t for i in range(mtmd.mtmd_input_chunks_size(chunks))
                    if mtmd.mtmd_input_chunk_get_type(c := mtmd.mtmd_input_chunks_get(chunks, i)) == 0
                    for t in _chunk_tokens(mtmd, c)]
-            if got != list(text_ids):
+            if text_ids is not None and got != list(text_ids):
                 raise EdgekitError(f"llama.cpp's mtmd tokenized the prompt text as {got[:8]}..., not as the ids given",
                                    "report it with the model (the embedded tokenizer should round-trip)")
             n_past = llama_cpp.llama_pos(0)

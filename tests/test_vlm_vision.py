@@ -171,6 +171,9 @@ def test_vlm_export_gguf_with_mmproj_end_to_end(llava, tmp_path, cli):
     # whole image+text prompts evaluated by llama.cpp (mtmd + the language GGUF) match PyTorch on llama.cpp's graph
     p = m["vision"]["llamacpp_image_prompt"]
     assert p["max_abs_logit_delta_vs_llamacpp_graph"] < 5e-3 < p["max_abs_logit_delta"], p
+    # the benchmark times the real image prompt through mtmd
+    r = json.loads(cli("vlm", "bench", tmp_path / "b", "--runs", "2", "--json", check=0).stdout)
+    assert "run by llama.cpp's mtmd" in r["ttft_prefill"] and r["ttft_ms"]["p50"] > 0
 
     assert (tmp_path / "b" / "vision" / "mmproj.gguf").is_file() and (tmp_path / "b" / "language" / "model.gguf").is_file()
 
