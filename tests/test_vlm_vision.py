@@ -225,3 +225,16 @@ def test_vlm_bench_refuses_a_folder_that_is_not_an_export(tmp_path, capsys):
     assert main(["vlm", "bench", str(tmp_path)]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert "is not an exported VLM (no vlm.json)" in line and "edgekit vlm export" in line
+
+
+@pytest.mark.slow
+def test_vlm_export_both_parts_to_executorch(llava, tmp_path, cli):
+    """Vision tower and language model both as .pte, each gated in ExecuTorch's runtime, then benchmarked."""
+    path, _, _ = llava
+    cli("vlm", "export", path, "-b", "executorch", "--vision-backend", "executorch", "--context", "64",
+        "-o", tmp_path / "a", check=0)
+    m = json.loads((tmp_path / "a" / "vlm.json").read_text())
+    assert m["vision"]["gate"]["passed"] and m["vision"]["file"] == "vision_encoder.pte"
+    assert m["language"]["backend"] == "executorch" and m["language"]["gate"]["passed"] and m["recomposed"]["passed"]
+    r = json.loads(cli("vlm", "bench", tmp_path / "a", "--runs", "2", "--json", check=0).stdout)
+    assert r["vision"]["backend"] == "executorch" and r["decode_tokens_per_s"] > 0
