@@ -13,6 +13,9 @@ scale although their gradients differ by orders of magnitude. What is cut:
 - projector: linear_2's output follows the kept LM hidden channels, linear_1's output / linear_2's input (also
   LM-hidden wide) keep their most salient units; linear_1's input is the vision hidden width (not cut).
 
+First-order saliency predicts the loss of small cuts; a 30% cut removes most of some layers, so the ukmp criterion
+reaches each candidate's widths in `steps` re-scored steps (iterative_vlm; bench/vlm_importance.md measures why).
+
 How the parameter budget is shared between the towers: candidate splits are ranked by the normalized saliency they
 remove (summed per modality) and the best few are scored by the caption loss of the real pruned model on held-out
 pairs; `keep_vision` / `keep_language` put the whole cut on the other tower. Widths are uniform, so the result is a
@@ -48,6 +51,7 @@ class VlmPruneConfig:
     batch_size: int = 4
     evaluate_splits: int = 3  # best-ranked splits scored by caption loss
     criterion: str = "ukmp"  # ukmp: normalized |w * grad|; activation: plain activation importance (a baseline)
+    steps: int = 4  # ukmp: the cut is reached in this many re-scored steps (first-order saliency is local)
 
     def check(self) -> None:
         if not (isinstance(self.ratio, (int, float)) and math.isfinite(self.ratio) and 0 < self.ratio < 1):
@@ -67,7 +71,7 @@ class VlmPruneConfig:
         if self.criterion not in CRITERIA:
             raise EdgekitError(f"unknown VLM importance criterion {self.criterion!r}",
                                f"use one of {', '.join(CRITERIA)}")
-        for n in ("num_samples", "search_samples", "batch_size"):
+        for n in ("num_samples", "search_samples", "batch_size", "steps"):
             if getattr(self, n) < 1:
                 raise EdgekitError(f"{n} must be at least 1, got {getattr(self, n)}", f"pass a positive {n}")
 
@@ -328,6 +332,48 @@ def build_vlm(fam, cfg: dict, state: dict):
     return model.eval()
 
 
+def iterative_vlm(model, fam, scores: VlmScores, plan: VlmPlan, calib, pad_id: int, steps: int, align: int,
+                  batch_size: int = 4):
+    """The model cut to plan's widths in `steps` re-scored steps. First-order saliency predicts the loss of a small
+    cut, not of removing most of a layer at once (scored once, the units that looked cheapest together are not),
+    so each step removes an equal share of the MLP neurons left to cut, scored by |w * grad| on the model the
+    previous step left. The first step also applies plan's attention shape, hidden channels and projector cut,
+    scored on the dense model (`scores`)."""
+    import json as _json
+
+    from edgekit.prune import allocate
+
+    geo = fam.geometry(model.config.to_dict())
+    I_v, I_l = geo.vision.layers[0].intermediate_size, geo.language.layers[0].intermediate_size
+    t_v = plan.vision_intermediate(I_v)
+    t_l = len(plan.language.layers[0].mlp) if plan.language else I_l
+
+    def at(full, target, f):  # the aligned width a fraction f of the way from full to target
+        return full if target >= full else max(target, int(round((full - (full - target) * f) / align)) * align)
+
+    m, sc = model, scores
+    for s in range(1, steps + 1):
+        if s > 1:
+            sc = normalize(saliency(m, fam, calib, pad_id, batch_size))
+        g = fam.geometry(_json.loads(m.config.to_json_string()))
+        lg, w = g.language, g.language.layers[0]
+        kv, ki = at(I_v, t_v, s / steps), at(I_l, t_l, s / steps)
+        vp = vision_plan(sc, g.vision, kv) if kv < g.vision.layers[0].intermediate_size else None
+        lp = None
+        if s == 1 and plan.language:
+            k = len(plan.language.layers[0].kv)
+            lp = allocate.uniform_plan(sc.language, lg, len(plan.language.hidden), k,
+                                       len(plan.language.layers[0].heads) // k, ki)
+            lp.hidden, lp.norm_scales = plan.language.hidden, plan.language.norm_scales
+        elif ki < w.intermediate_size:
+            lp = allocate.uniform_plan(sc.language, lg, lg.hidden_size, w.num_key_value_heads,
+                                       w.num_attention_heads // w.num_key_value_heads, ki)
+            lp.hidden = list(range(lg.hidden_size))
+        if vp or lp:
+            m = build_vlm(fam, *pruned_vlm(m, fam, VlmPlan(vp, lp, plan.projector_inner if s == 1 else None)))
+    return m
+
+
 def caption_loss(model, items, pad_id: int, batch_size: int = 4) -> float:
     """Token-averaged caption cross-entropy (nats) given each image."""
     import torch
@@ -464,10 +510,17 @@ def prune_vlm(model_dir: Path, out: Path, cfg: VlmPruneConfig, log=print) -> dic
         raise EdgekitError(f"no uniform cut of both towers lands on --ratio {cfg.ratio} at --align {A}",
                            "pass a smaller --ratio or --align")
     ranked = sorted(cands, key=lambda s: removed_saliency(scores, cands[s]))
-    tried = []
+    iterative = cfg.criterion == "ukmp" and cfg.steps > 1
+
+    def build(plan):
+        if iterative:
+            return iterative_vlm(model, fam, scores, plan, calib, pad, cfg.steps, A, cfg.batch_size)
+        return build_vlm(fam, *pruned_vlm(model, fam, plan))
+
+    tried, built = [], {}
     for key in ranked[:cfg.evaluate_splits]:
-        c, sd = pruned_vlm(model, fam, cands[key])
-        loss = caption_loss(build_vlm(fam, c, sd), search, pad)
+        built[key] = build(cands[key])
+        loss = caption_loss(built[key], search, pad)
         share, kg = key
         tried.append({"vision_share": share, "language_kv_heads": kg and kg[0],
                       "language_heads": kg and kg[0] * kg[1],
@@ -475,11 +528,9 @@ def prune_vlm(model_dir: Path, out: Path, cfg: VlmPruneConfig, log=print) -> dic
         log(f"prune: {share:.0%} of the cut from vision" + (f", language heads {kg[0] * kg[1]}/{kg[0]} kv" if kg
             else "") + f": normalized saliency removed {tried[-1]['removed_saliency']:.3f}, caption loss {loss:.4f}")
     best = min(tried, key=lambda t: t["loss"])
-    plan = cands[best.pop("key")]
+    pruned = built[best.pop("key")]
     for t in tried:
         t.pop("key", None)
-    new_cfg, state = pruned_vlm(model, fam, plan)
-    pruned = build_vlm(fam, new_cfg, state)
     after = fam.geometry(json.loads(pruned.config.to_json_string()))
     final_loss = caption_loss(pruned, search, pad)
     report = {
@@ -495,7 +546,8 @@ def prune_vlm(model_dir: Path, out: Path, cfg: VlmPruneConfig, log=print) -> dic
                      "heads": [lang.layers[0].num_attention_heads, after.language.layers[0].num_attention_heads],
                      "kv_heads": [lang.layers[0].num_key_value_heads, after.language.layers[0].num_key_value_heads]},
         "splits": tried, "vision_share": best["vision_share"],
-        "importance": {"criterion": cfg.criterion, "seconds": score_s, "pairs": len(calib)},
+        "importance": {"criterion": cfg.criterion, "seconds": score_s, "pairs": len(calib),
+                       "steps": cfg.steps if iterative else 1},
         "dense_search_loss": dense_loss, "pruned_search_loss": final_loss,
         "seconds": round(time.perf_counter() - t0, 2),
     }
