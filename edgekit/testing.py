@@ -215,15 +215,35 @@ VLM_TINY: dict[str, dict] = {
         vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
         multimodal_projector_bias=True),
 }
+# Idefics3 / SmolVLM: a SigLIP-style tower (gelu-tanh, no class token) whose post-layernormed output is pixel-shuffled
+# (scale 2: 64 patches -> 16 image tokens) into one bias-free linear, a Llama language model
+for _arch in ("idefics3", "smolvlm"):
+    VLM_TINY[_arch] = dict(
+        vision_config=dict(model_type=f"{_arch}_vision", hidden_size=32, intermediate_size=128, num_hidden_layers=3,
+                           num_attention_heads=4, image_size=32, patch_size=4, hidden_act="gelu_pytorch_tanh"),
+        text_config=dict(model_type="llama", **{**TINY, "vocab_size": 512}, tie_word_embeddings=False),
+        scale_factor=2)
+
+
+def _tiny_image_processor(arch: str, size: int):
+    """The family's own image processor at the tower's resolution (Idefics3/SmolVLM: one unsplit image)."""
+    import transformers
+
+    if arch == "llava":
+        return transformers.CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    cls = {"idefics3": "Idefics3ImageProcessor", "smolvlm": "SmolVLMImageProcessor"}[arch]
+    return getattr(transformers, cls)(do_image_splitting=False, size={"longest_edge": size},
+                                      max_image_size={"longest_edge": size})
 
 
 def make_tiny_vlm(arch: str, out: Path, seed: int = 0, **overrides) -> Path:
-    """Save a random `arch` VLM (a registered VLM family) with a byte-level BPE tokenizer holding an <image>
-    token and the vision tower's image processor (preprocessor_config.json), so the folder loads with
-    from_pretrained, AutoTokenizer and AutoImageProcessor offline."""
+    """Save a random `arch` VLM (a registered VLM family) with a byte-level BPE tokenizer holding the family's
+    special tokens (<image>, and Idefics3's image wrapping tokens) and the family's image processor
+    (preprocessor_config.json), so the folder loads with from_pretrained, AutoTokenizer and AutoImageProcessor
+    offline."""
     import torch
     import transformers
-    from transformers import AutoTokenizer, CLIPImageProcessor
+    from transformers import AutoTokenizer
 
     from edgekit.arch import get_vlm_family
 
@@ -231,15 +251,16 @@ def make_tiny_vlm(arch: str, out: Path, seed: int = 0, **overrides) -> Path:
     kw = {**VLM_TINY[arch], **overrides}
     vocab = kw["text_config"]["vocab_size"]
     out = Path(out)
-    make_tokenizer(out, vocab - 1)
+    make_tokenizer(out, vocab - len(fam.extra_tokens))
     tok = AutoTokenizer.from_pretrained(out)
-    tok.add_special_tokens({"additional_special_tokens": [fam.image_token]})
+    tok.add_special_tokens({"additional_special_tokens": list(fam.extra_tokens)})
     tok.pad_token = tok.eos_token
     tok.save_pretrained(out)
     image_id = tok.convert_tokens_to_ids(fam.image_token)
-    assert image_id == vocab - 1, image_id
-    cfg = getattr(transformers, fam.config_class)(**kw, image_token_index=image_id,
-                                                  image_seq_length=fam.image_tokens({**kw}))
+    assert len(tok) == vocab and image_id < vocab, (len(tok), image_id)
+    extra = dict(image_token_index=image_id, image_seq_length=fam.image_tokens({**kw})) if arch == "llava" else \
+        dict(image_token_id=image_id, pad_token_id=tok.pad_token_id)
+    cfg = getattr(transformers, fam.config_class)(**kw, **extra)
     torch.manual_seed(seed)
     model = transformers.AutoModelForImageTextToText.from_config(cfg)
     with torch.no_grad():
@@ -247,9 +268,7 @@ def make_tiny_vlm(arch: str, out: Path, seed: int = 0, **overrides) -> Path:
             if p.dim() == 2 and "embedding" not in name:
                 p.normal_(0, 0.08)
     model.save_pretrained(out, safe_serialization=True)
-    v = kw["vision_config"]
-    CLIPImageProcessor(size={"shortest_edge": v["image_size"]},
-                       crop_size={"height": v["image_size"], "width": v["image_size"]}).save_pretrained(out)
+    _tiny_image_processor(arch, kw["vision_config"]["image_size"]).save_pretrained(out)
     return out
 
 

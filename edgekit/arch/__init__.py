@@ -19,7 +19,8 @@ from edgekit.arch.vision import VISION_ENCODER, VisionEncoderFamily
 from edgekit.arch.vlm import VlmFamily, VlmGeometry
 from edgekit.errors import EdgekitError
 
-_MODULES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "llava", "clip_vision", "siglip_vision", "vit")
+_MODULES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "llava", "idefics3", "smolvlm", "clip_vision",
+            "siglip_vision", "vit")
 REGISTRY: dict[str, object] = {}  # every family, any task
 for _m in _MODULES:
     _f = importlib.import_module(f"edgekit.arch.{_m}").FAMILY
@@ -65,7 +66,8 @@ def get_vlm_family(model_type: str | None) -> VlmFamily:
     if model_type not in VLM_FAMILIES:
         raise EdgekitError(f"{model_type or '(none)'!r} is not a vision-language family edgekit supports; it "
                            f"supports {', '.join(f'{f.name} ({k})' for k, f in VLM_FAMILIES.items())}",
-                           "pass a LLaVA-style folder (config.json model_type llava), or use `edgekit prune` / "
+                           "pass a LLaVA, Idefics3 or SmolVLM folder (config.json model_type llava, idefics3 or "
+                           "smolvlm), or use `edgekit prune` / "
                            "`edgekit export` for a decoder-only LM")
     return VLM_FAMILIES[model_type]
 

@@ -32,6 +32,20 @@ class LlavaFamily(VlmFamily):
         p = model.model.multi_modal_projector
         return p.linear_1, p.linear_2
 
+    def vision_features(self, model, pixel_values):
+        layer = model.config.vision_feature_layer
+        hs = self.vision_tower(model)(pixel_values, output_hidden_states=True).hidden_states
+        return hs[layer if isinstance(layer, int) else layer[-1]]
+
+    def prune_projector(self, sd: dict, hidden, inner) -> None:
+        """linear_2's output follows the kept LM hidden channels; linear_1's output / linear_2's input keep `inner`."""
+        pp = self.PROJECTOR_PREFIX
+        sd[pp + "linear_1.weight"] = sd[pp + "linear_1.weight"][inner]
+        sd[pp + "linear_2.weight"] = sd[pp + "linear_2.weight"][hidden][:, inner]
+        if pp + "linear_1.bias" in sd:
+            sd[pp + "linear_1.bias"] = sd[pp + "linear_1.bias"][inner]
+            sd[pp + "linear_2.bias"] = sd[pp + "linear_2.bias"][hidden]
+
     def image_features(self, model, pixel_values):
         """(B, image_tokens, text hidden): what replaces the <image> tokens. Written out (not get_image_features,
         which returns a per-image list) so a traced export keeps the batch dimension dynamic."""

@@ -66,10 +66,13 @@ class VlmGeometry:
     projector_in: int  # vision hidden x feature layers concatenated
     projector_bias: bool
     image_tokens: int  # positions one image takes in the language model's sequence (and its KV cache)
+    projector_layers: int = 2  # LLaVA: linear_1 -> act -> linear_2; Idefics3: one linear after the pixel shuffle
 
     @property
     def projector_params(self) -> int:
         t = self.language.hidden_size
+        if self.projector_layers == 1:
+            return self.projector_in * t + (t if self.projector_bias else 0)
         return self.projector_in * t + t * t + (2 * t if self.projector_bias else 0)
 
     def params(self) -> int:
@@ -91,6 +94,19 @@ class VlmFamily:
     task: str = VLM
     image_token: str = "<image>"
     notes: tuple[str, ...] = ()
+    image_token_key = "image_token_index"  # the config key holding the image token's id
+    extra_tokens = ("<image>",)  # special tokens the family's tokenizer adds
+
+    def image_token_id(self, cfg: dict) -> int:
+        return cfg[self.image_token_key]
+
+    def pixel_batch(self, proc, images) -> object:
+        """pixel_values (numpy) of one image per prompt, as the family's image processor lays them out."""
+        return proc(images=images, return_tensors="np")["pixel_values"]
+
+    def image_prompt(self, tok, cfg: dict) -> list[int]:
+        """The token ids one image takes in a prompt (the image tokens plus any wrapping the processor adds)."""
+        return [self.image_token_id(cfg)] * self.image_tokens(cfg)
     # llama.cpp's clip.projector_type for this family's mmproj file; None: llama.cpp (or edgekit) has no mmproj for it
     mmproj_projector_type: str | None = None
 
@@ -104,7 +120,8 @@ class VlmFamily:
         vt = (cfg.get("vision_config") or {}).get("model_type", "clip_vision_model")
         if vt not in self.vision_model_types:
             raise EdgekitError(f"this {self.name} model has a {vt!r} vision tower; edgekit carries "
-                               f"{', '.join(self.vision_model_types)}", "use a checkpoint with a CLIP vision tower")
+                               f"{', '.join(self.vision_model_types)}",
+                               f"use a {self.name} checkpoint with a {self.vision_model_types[0]} vision tower")
         self.language_family(cfg).check_config(self.text_config(cfg))
 
     def text_config(self, cfg: dict) -> dict:
@@ -145,6 +162,15 @@ class VlmFamily:
         raise NotImplementedError
 
     def projector(self, model):
+        """The projector's linear layers, input side first."""
+        raise NotImplementedError
+
+    def vision_features(self, model, pixel_values):
+        """The vision hidden states the projector reads (distillation's phase-2 target)."""
+        raise NotImplementedError
+
+    def prune_projector(self, sd: dict, hidden, inner) -> None:
+        """Cut the projector tensors in state dict sd to the kept LM hidden channels (and inner units)."""
         raise NotImplementedError
 
     def mmproj_tensors(self, model):

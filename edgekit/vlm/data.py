@@ -108,20 +108,20 @@ class Batch:
 
 
 def encode(model_dir: Path, pairs: list[Pair], fam, cfg: dict, max_text: int = 32):
-    """(tokenizer, processor, [Batch of 1]) : <image> x image_tokens then the caption, labels on the caption."""
+    """(tokenizer, processor, [Batch of 1]): the family's image prompt (<image> x image_tokens, plus any wrapping
+    tokens) then the caption, labels on the caption."""
     import torch
     from transformers import AutoImageProcessor, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     proc = AutoImageProcessor.from_pretrained(model_dir)
-    image_id = cfg["image_token_index"]
-    n_img = fam.image_tokens(cfg)
+    prompt = fam.image_prompt(tok, cfg)
     items = []
     for p in pairs:
         ids = tok(p.text, add_special_tokens=False)["input_ids"][:max_text]
         pix = proc(images=load_image(p.image), return_tensors="pt")["pixel_values"]
-        seq = [image_id] * n_img + ids
-        labels = [-100] * n_img + ids
+        seq = prompt + ids
+        labels = [-100] * len(prompt) + ids
         items.append(Batch(torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long), torch.tensor([labels]),
                            pix))
     return tok, proc, items

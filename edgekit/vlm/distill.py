@@ -64,9 +64,7 @@ def _kl_ce(s_logits, t_logits, labels, T: float, ce_weight: float):
 
 
 def _vision_feats(model, fam, pixel_values):
-    layer = model.config.vision_feature_layer
-    hs = fam.vision_tower(model)(pixel_values, output_hidden_states=True).hidden_states
-    return hs[layer if isinstance(layer, int) else layer[-1]]
+    return fam.vision_features(model, pixel_values)
 
 
 def _set_trainable(student, fam, phase: str) -> list:

@@ -65,7 +65,7 @@ def _registry():
     return REGISTRY
 
 
-def gate_inputs(model_dir: Path, mcfg: dict, n: int, seed: int = 12345):
+def gate_inputs(model_dir: Path, mcfg: dict, n: int, seed: int = 12345, fam=None):
     """VisionInputs of n held-out generated images drawn at the tower's own resolution (so no runtime resizes them:
     llama.cpp preprocesses by itself), preprocessed by the model's image processor."""
     import tempfile
@@ -81,7 +81,8 @@ def gate_inputs(model_dir: Path, mcfg: dict, n: int, seed: int = 12345):
     with tempfile.TemporaryDirectory() as d:
         pairs = load_pairs(generate_pairs(Path(d), n, size=size, seed=seed))  # not the calibration seed
         ims = [load_image(p.image) for p in pairs]
-        return VisionInputs(np.asarray(proc(images=ims, return_tensors="np")["pixel_values"], dtype=np.float32),
+        pix = fam.pixel_batch(proc, ims) if fam is not None else proc(images=ims, return_tensors="np")["pixel_values"]
+        return VisionInputs(np.asarray(pix, dtype=np.float32),
                             np.stack([np.asarray(im, dtype=np.uint8) for im in ims]))
 
 
@@ -108,7 +109,7 @@ def export_vision(model, fam, mcfg: dict, model_dir: Path, out: Path, backend: s
     from edgekit.exporters.vision import BACKENDS, VisionJob, encoder_module, output_names
 
     out.mkdir(parents=True, exist_ok=True)
-    inputs = gate_inputs(model_dir, mcfg, max(images, 2))
+    inputs = gate_inputs(model_dir, mcfg, max(images, 2), fam=fam)
     with torch.no_grad():
         refs = [r.numpy() for r in encoder_module(model, fam)(torch.as_tensor(inputs.pixel_values))]
     export, run = BACKENDS[backend]
@@ -205,7 +206,7 @@ def recompose_check(model, fam, model_dir: Path, mcfg: dict, lm_dir: Path, embed
             whole = model(input_ids=b.input_ids, pixel_values=b.pixel_values, use_cache=False).logits
             img = torch.as_tensor(embed(VisionInputs(b.pixel_values.numpy(), im[None])))
             emb = lm.get_input_embeddings()(b.input_ids)
-            mask = b.input_ids[0] == mcfg["image_token_index"]
+            mask = b.input_ids[0] == fam.image_token_id(mcfg)
             emb[0, mask] = img[0]
             split = lm(inputs_embeds=emb, use_cache=False).logits
             worst = max(worst, float((whole - split).abs().max()))
@@ -320,7 +321,7 @@ def export_vlm(model_dir: Path, out: Path, cfg: VlmExportConfig = VlmExportConfi
                                  f"whole model (max |delta logit| {recomposed['max_abs_logit_delta']:.2e})",
                                  "report it with the model; --accept-gate-failure keeps the artifact")
         manifest = {"task": fam.task, "arch": fam.model_type, "source": str(model_dir),
-                    "image_token_index": mcfg["image_token_index"], "image_tokens": fam.image_tokens(mcfg),
+                    "image_token_index": fam.image_token_id(mcfg), "image_tokens": fam.image_tokens(mcfg),
                     "parts": fam.geometry(mcfg).parts(),
                     "recomposed": recomposed,
                     "vision": {"folder": "vision", **vision},

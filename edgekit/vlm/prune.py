@@ -5,13 +5,14 @@ scored), summed over each structure's weights, then normalized per block (each l
 groups divided by that block's mean) and per modality (vision vs language), so the two towers' scores are on one
 scale although their gradients differ by orders of magnitude. What is cut:
 
-- vision tower (CLIP): MLP neurons (fc1 rows, fc2 columns). CLIP's attention sizes its heads from the hidden width
-  (head_dim = hidden / heads, the output reshaped to the hidden width), so fewer heads at the same hidden width
-  would not load with from_pretrained: vision heads are scored and reported, not cut.
+- vision tower (CLIP, Idefics3's SigLIP-style tower): MLP neurons (fc1 rows, fc2 columns). Their attention sizes
+  its heads from the hidden width (head_dim = hidden / heads, the output reshaped to the hidden width), so fewer
+  heads at the same hidden width would not load with from_pretrained: vision heads are scored and reported, not cut.
 - language model: MLP neurons, query heads and KV groups, and (with hidden_keep < 1) hidden channels, through
   edgekit's decoder pruner (edgekit.prune: allocate + apply) on the language model's causal-LM view;
-- projector: linear_2's output follows the kept LM hidden channels, linear_1's output / linear_2's input (also
-  LM-hidden wide) keep their most salient units; linear_1's input is the vision hidden width (not cut).
+- projector (the family's prune_projector): LLaVA's linear_2 output follows the kept LM hidden channels, linear_1's
+  output / linear_2's input (also LM-hidden wide) keep their most salient units; Idefics3's one connector linear
+  keeps the LM hidden rows; the input side (vision hidden width) is not cut.
 
 First-order saliency predicts the loss of small cuts; a 30% cut removes most of some layers, so the ukmp criterion
 reaches each candidate's widths in `steps` re-scored steps (iterative_vlm; bench/vlm_importance.md measures why).
@@ -131,8 +132,11 @@ def _grad_scores(model, fam) -> VlmScores:
             vh.append(h.view(-1, hd).sum(1))
         lfam = fam.language_family(model.config.to_dict())
         lang = weight_saliency(fam.language_view(model), lfam, s)
-        l1, l2 = fam.projector(model)
-        inner = s(l1.weight).sum(1) + s(l2.weight).sum(0) + (s(l1.bias) if l1.bias is not None else 0)
+        proj = fam.projector(model)
+        inner = torch.zeros(0, dtype=torch.float64)  # a one-layer projector has no inner units
+        if len(proj) == 2:
+            l1, l2 = proj
+            inner = s(l1.weight).sum(1) + s(l2.weight).sum(0) + (s(l1.bias) if l1.bias is not None else 0)
     return VlmScores(vm, vh, lang, inner)
 
 
@@ -210,8 +214,8 @@ def activation_scores(model, fam, items, pad_id: int, batch_size: int = 4) -> Vl
     n = max(toks[0], 1)
     vm = [mlp_sq[i] / n * fam.vision_fc(l)[1].weight.detach().double().pow(2).sum(0) for i, l in enumerate(layers)]
     vh = [head_sq[i] / n for i in range(len(layers))]
-    l1, l2 = fam.projector(model)
-    inner = l2.weight.detach().double().pow(2).sum(0)
+    proj = fam.projector(model)
+    inner = proj[1].weight.detach().double().pow(2).sum(0) if len(proj) == 2 else torch.zeros(0, dtype=torch.float64)
     return VlmScores(vm, vh, lang, inner)
 
 
@@ -221,6 +225,8 @@ def normalize(sc: VlmScores) -> VlmScores:
     from edgekit.prune.criteria import Scores
 
     def block(t):
+        if not t.numel():
+            return t
         m = t.mean()
         return t / m if m > 0 else t * 0 + 1.0
 
@@ -305,13 +311,8 @@ def pruned_vlm(model, fam, plan: VlmPlan):
         hid = torch.tensor(plan.language.hidden, dtype=torch.long)
         D = model.config.text_config.hidden_size
         if len(hid) < D:
-            inner = torch.tensor(plan.projector_inner, dtype=torch.long)
-            pp = fam.PROJECTOR_PREFIX
-            sd[pp + "linear_1.weight"] = sd[pp + "linear_1.weight"][inner]
-            sd[pp + "linear_2.weight"] = sd[pp + "linear_2.weight"][hid][:, inner]
-            if pp + "linear_1.bias" in sd:
-                sd[pp + "linear_1.bias"] = sd[pp + "linear_1.bias"][inner]
-                sd[pp + "linear_2.bias"] = sd[pp + "linear_2.bias"][hid]
+            inner = torch.tensor(plan.projector_inner, dtype=torch.long) if plan.projector_inner else None
+            fam.prune_projector(sd, hid, inner)
     return cfg, sd
 
 
@@ -469,7 +470,7 @@ def prune_vlm(model_dir: Path, out: Path, cfg: VlmPruneConfig, log=print) -> dic
     if d_keep < D:  # RMSNorm correction for the removed channels, on the captions' text
         seqs = _caption_sequences(calib, fam, mcfg)
         scales = norm_scales(lm, lfam, seqs, {d_keep: hidden})[d_keep]
-    inner = _top(scores.projector_inner, d_keep) if d_keep < D else None
+    inner = _top(scores.projector_inner, d_keep) if d_keep < D and len(scores.projector_inner) else None
 
     w0 = lang.layers[0]
     attn_opts = allocate.attention_options(w0.num_attention_heads, w0.num_key_value_heads, lang.head_dim, A)
@@ -540,7 +541,7 @@ def prune_vlm(model_dir: Path, out: Path, cfg: VlmPruneConfig, log=print) -> dic
         "parts_before": geo.parts(), "parts_after": after.parts(),
         "vision": {"intermediate": [I_v, after.vision.layers[0].intermediate_size],
                    "heads": [vis.layers[0].num_attention_heads] * 2,
-                   "heads_not_cut": "CLIP derives head_dim from the hidden width"},
+                   "heads_not_cut": "the vision attention derives head_dim from the hidden width"},
         "language": {"hidden": [D, after.language.hidden_size],
                      "intermediate": [lang.layers[0].intermediate_size, after.language.layers[0].intermediate_size],
                      "heads": [lang.layers[0].num_attention_heads, after.language.layers[0].num_attention_heads],
@@ -560,7 +561,7 @@ def prune_vlm(model_dir: Path, out: Path, cfg: VlmPruneConfig, log=print) -> dic
 
 def _caption_sequences(items, fam, mcfg) -> list:
     """Equal-length caption token windows (the language model's text side) for the RMSNorm correction."""
-    n_img = fam.image_tokens(mcfg)
+    n_img = int((items[0].labels[0] == -100).sum())  # the image prompt, however the family wraps it
     caps = [b.input_ids[0, n_img:] for b in items]
     T = min(len(c) for c in caps)
     return [c[:T] for c in caps]
