@@ -74,6 +74,10 @@ class VisionEncoderFamily:
         """Every (up, down) pair whose width is config.intermediate_size."""
         return [self.mlp(layer) for layer in self.layers(model)]
 
+    def pixel_batch(self, proc, images) -> object:
+        """pixel_values (numpy) of the images, as the tower's image processor lays them out (the vision gate's hook)."""
+        return proc(images=images, return_tensors="np")["pixel_values"]
+
     def image_features(self, model, pixel_values) -> tuple:
         """(last_hidden_state (B, tokens, hidden), pooled image embedding (B, hidden)): `outputs`, in order."""
         out = model(pixel_values=pixel_values)
