@@ -33,7 +33,9 @@ def test_int4_exports_gated_and_smaller_than_int8(declared_artifact, tiny_models
     attrs, ops = _nbits(art)
     cfg = json.loads((tiny_models["llama"] / "config.json").read_text())
     four = [a for a in attrs if a["bits"] == 4]
-    assert len(four) == 7 * cfg["num_hidden_layers"] and all(a["block_size"] == 32 for a in four)
+    # the lean graph projects q/k/v in one MatMul: fused qkv, o, gate, up, down per layer
+    assert meta["graph"] == "lean" and "MatMul" not in ops
+    assert len(four) == 5 * cfg["num_hidden_layers"] and all(a["block_size"] == 32 for a in four)
     assert [a["N"] for a in attrs if a["bits"] == 8] == [cfg["vocab_size"]]  # the LM head, 8 bits
     assert ops.count("Gather") >= 1  # the embedding stays a Gather (fp32)
     r = open_artifact(art)  # reloads torch-free and decodes
