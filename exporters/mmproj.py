@@ -36,9 +36,10 @@ def non_negative_layers(feature_layer, n_layers: int) -> list[int]:
 
 def check_supported(fam, mcfg: dict) -> None:
     if fam.mmproj_projector_type is None:
-        raise EdgekitError(f"llama.cpp has no multimodal projector (mmproj) support for {fam.name} "
-                           f"({fam.model_type}) in edgekit", "export the vision tower with --vision-backend "
-                           "onnxruntime (or executorch); -b gguf still exports the language model")
+        raise EdgekitError(f"edgekit has no llama.cpp multimodal projector (mmproj) support for {fam.name} "
+                           f"({fam.model_type}): no mmproj layout is registered for the family",
+                           "export the vision tower with --vision-backend onnxruntime (or executorch); -b gguf still "
+                           "exports the language model")
     if mcfg.get("vision_feature_select_strategy", "default") != "default":
         raise EdgekitError("llama.cpp's LLaVA graph always drops the class token; this model keeps it "
                            "(vision_feature_select_strategy 'full')",

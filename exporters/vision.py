@@ -118,8 +118,8 @@ def tensorrt_export(job: VisionJob) -> dict:
     graph = onnx.load(str(job.out / ONNX_FILE))
     fixed = make_fp16_safe(graph)
     onnx.save(graph, str(job.out / ONNX_FILE))
-    c, h, w = job.inputs.pixel_values.shape[1:]
-    shape = lambda b: {"pixel_values": (b, c, h, w)}  # noqa: E731
+    rest = tuple(job.inputs.pixel_values.shape[1:])  # (C, H, W); Idefics3 batches (images, C, H, W) per prompt
+    shape = lambda b: {"pixel_values": (b, *rest)}  # noqa: E731
     plan = {**stamp(t), "precision": job.precision, "inputs": ["pixel_values"],
             "profile": {"min": shape(1), "opt": shape(1), "max": shape(TRT_MAX_BATCH)},
             "workspace_mb": workspace_mb(t.memory.usable_bytes), "engine": "vision.engine",

@@ -149,7 +149,7 @@ def test_vision_backend_refusals_are_one_line(llava, tmp_path, capsys):
     fam = replace(VLM_FAMILIES["llava"], mmproj_projector_type=None)
     with pytest.raises(EdgekitError) as e:
         check_supported(fam, cfg)
-    assert "no multimodal projector (mmproj) support" in e.value.line() and "--vision-backend onnxruntime" in \
+    assert "no llama.cpp multimodal projector (mmproj) support" in e.value.line() and "--vision-backend onnxruntime" in \
         e.value.line()
     with pytest.raises(EdgekitError, match="class token"):
         check_supported(VLM_FAMILIES["llava"], {**cfg, "vision_feature_select_strategy": "full"})
@@ -238,3 +238,23 @@ def test_vlm_export_both_parts_to_executorch(llava, tmp_path, cli):
     assert m["language"]["backend"] == "executorch" and m["language"]["gate"]["passed"] and m["recomposed"]["passed"]
     r = json.loads(cli("vlm", "bench", tmp_path / "a", "--runs", "2", "--json", check=0).stdout)
     assert r["vision"]["backend"] == "executorch" and r["decode_tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("family", [f for f in VLMS if VLM_FAMILIES[f].mmproj_projector_type is None])
+def test_family_without_mmproj_is_refused_in_one_line(family, tmp_path, capsys):
+    """Every registered VLM family llama.cpp's mmproj is not written for (Idefics3 / SmolVLM today) says so in one
+    line before anything is loaded."""
+    from edgekit.cli import main
+    from edgekit.testing import VLM_TINY
+
+    d = tmp_path / "m"
+    d.mkdir()
+    import transformers
+
+    cfg = getattr(transformers, VLM_FAMILIES[family].config_class)(**VLM_TINY[family]).to_dict()
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "preprocessor_config.json").write_text("{}")
+    assert main(["vlm", "export", str(d), "-b", "gguf", "--vision-backend", "gguf", "-o", str(tmp_path / "o")]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "no llama.cpp multimodal projector (mmproj) support" in line and "--vision-backend onnxruntime" in line
+    assert not (tmp_path / "o").exists()
