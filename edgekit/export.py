@@ -43,15 +43,17 @@ class ExportConfig:
     calibration: Path | None = None  # text to calibrate on (.txt/.jsonl/folder); None: edgekit's shipped text
     gptq: bool = False  # GGUF 4/5-bit: GPTQ re-rounds the codes on llama.cpp's imatrix-chosen blocks (slow)
     qat: Any = None  # edgekit.qat.QATPlan the model was trained for (read from its qat.json by export_model)
+    kv_cache: str | None = None  # KV-cache element type (edgekit.precision.KV_CACHES) where the runtime takes one
     onnx_graph: str | None = None  # ONNX Runtime: "lean" | "optimum"; None: lean where the model allows it
 
     def resolved(self) -> "ExportConfig":
         from edgekit.exporters import get
 
-        precision = get(self.backend).precision(self.precision)
+        spec = get(self.backend)
+        precision, kv_cache = spec.precision(self.precision), spec.kv_cache(self.kv_cache)
         if self.context_length is not None and self.context_length < 1:
             raise EdgekitError(f"context length must be positive, got {self.context_length}", "pass --context N")
-        return replace(self, precision=precision)
+        return replace(self, precision=precision, kv_cache=kv_cache)
 
 
 DEFAULT_CONTEXT = 2048
@@ -165,7 +167,7 @@ def export_model(model_dir: Path, out: Path, cfg: ExportConfig, log=print) -> di
         else:
             runner = open_artifact(tmp, threads=cfg.threads)
         with status(f"verify: {cfg.backend} against the PyTorch reference"):
-            gate = compare(ref, runner, thresholds_for(cfg.precision))
+            gate = compare(ref, runner, thresholds_for(cfg.precision, cfg.kv_cache))
         gate["runtime"] = spec.host_gate or spec.runtime
         del runner
         gate["overridden"] = bool(cfg.accept_gate_failure and not gate["passed"])

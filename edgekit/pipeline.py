@@ -36,6 +36,7 @@ class BuildOptions:
     batch: int = 1
     distill_steps: int = 0
     qat: str | None = None  # a QAT-able precision: distillation trains through its fake quantization (edgekit/qat.py)
+    kv_cache: str | None = None  # KV-cache type (llama.cpp: f32/f16/q8_0); None: the plan's choice
     accept_gate_failure: bool = False
     bench: bool = True
     bench_seconds: float = 2.0
@@ -75,7 +76,7 @@ class BuildContext:
             from edgekit.plan import PlanRequest, make_plan
 
             req = PlanRequest(context=self.context_length, batch=self.options.batch,
-                              min_decode_tps=self.options.min_decode_tps)
+                              min_decode_tps=self.options.min_decode_tps, kv_cache=self.options.kv_cache)
             self._plan = make_plan(self.model.config, self.target, req, backend=self.backend,
                                    precision=self.options.precision)
         return self._plan
@@ -88,6 +89,15 @@ class BuildContext:
 
             return get(self.backend).precision(self.options.precision)
         return self.plan.precision
+
+    @property
+    def kv_cache(self) -> str | None:
+        """The user's KV-cache type, else the plan's (None: the runtime's default)."""
+        if self.options.kv_cache:
+            from edgekit.exporters import get
+
+            return get(self.backend).kv_cache(self.options.kv_cache)
+        return self.plan.kv_cache
 
     @property
     def prune_ratio(self) -> float | None:

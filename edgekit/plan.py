@@ -29,6 +29,7 @@ class PlanRequest:
     min_decode_tps: float | None = None
     headroom: float = 0.10  # fraction of the free memory kept free
     prefill_chunk: int = 512  # activations are sized for one prefill chunk of this many tokens
+    kv_cache: str | None = None  # pinned KV-cache type; None: the runtime's default, quantized only when needed to fit
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Candidate:
     decode_tps_estimate: float
     fits_memory: bool
     meets_speed: bool
+    kv_cache: str | None = None  # None: the runtime's default KV cache
 
     @property
     def ok(self) -> bool:
@@ -61,6 +63,7 @@ class Plan:
     precision: str
     prune_ratio: float
     chosen: dict
+    kv_cache: str | None = None  # a KV-cache type the export must ask for (None: the runtime's default)
     candidates: list[dict] = field(default_factory=list)
     reason: str = ""
 
@@ -105,7 +108,8 @@ def kv_elements(s: dict, context: int, backend: str) -> int:
     return total
 
 
-def memory(cfg: dict, backend: str, precision: str, req: PlanRequest, prune_ratio: float = 0.0) -> dict:
+def memory(cfg: dict, backend: str, precision: str, req: PlanRequest, prune_ratio: float = 0.0,
+           kv_cache: str | None = None) -> dict:
     from edgekit.exporters import get
     from edgekit.precision import get_precision
 
@@ -131,7 +135,7 @@ def memory(cfg: dict, backend: str, precision: str, req: PlanRequest, prune_rati
         weights = params * bpw + (emb * bpw if rt.tied_stored_twice and s["tied"] else 0)
     stored = weights  # what a decode step reads
     weights += emb * bpw if rt.head_twice_at_load else 0
-    kv_bytes = rt.kv_bytes_unquantized if rt.kv_bytes_unquantized and not prec.quantized else rt.kv_bytes
+    kv_bytes = rt.kv_element_bytes(prec.quantized, kv_cache or req.kv_cache)
     kv = kv_elements(s, req.context, backend) * kv_bytes * req.batch
     chunk = min(req.prefill_chunk, req.context)
     # One prefill chunk, fp32: logits, attention scores against the whole context, MLP and residual activations.
@@ -143,12 +147,13 @@ def memory(cfg: dict, backend: str, precision: str, req: PlanRequest, prune_rati
             "bytes_per_token": int(stored + kv / 2)}
 
 
-def _candidate(cfg, target, backend, precision, req, ratio, budget) -> Candidate:
-    m = memory(cfg, backend, precision, req, ratio)
+def _candidate(cfg, target, backend, precision, req, ratio, budget, kv_cache=None) -> Candidate:
+    kv_cache = kv_cache or req.kv_cache
+    m = memory(cfg, backend, precision, req, ratio, kv_cache)
     tps = target.memory.bandwidth_gbps * 1e9 * BANDWIDTH_EFFICIENCY / m["bytes_per_token"]
     return Candidate(precision=precision, prune_ratio=round(ratio, 3), decode_tps_estimate=round(tps, 1),
                      fits_memory=m["total_bytes"] <= budget,
-                     meets_speed=req.min_decode_tps is None or tps >= req.min_decode_tps, **m)
+                     meets_speed=req.min_decode_tps is None or tps >= req.min_decode_tps, kv_cache=kv_cache, **m)
 
 
 def make_plan(cfg: dict, target: Target, req: PlanRequest, backend: str | None = None,
@@ -162,9 +167,15 @@ def make_plan(cfg: dict, target: Target, req: PlanRequest, backend: str | None =
         raise EdgekitError(f"context {req.context} exceeds the model's {max_pos} positions",
                            f"pass --context {max_pos} or less")
     from edgekit.exporters import get
-    from edgekit.precision import get_precision
+    from edgekit.precision import get_kv_cache, get_precision
 
     spec = get(backend)
+    if spec.kv_cache(req.kv_cache):  # a pinned KV-cache type this runtime or model cannot take: one line, here
+        get_kv_cache(req.kv_cache).check(shape(cfg)["head_dim"])
+    # At long contexts the cache can outweigh the weights: before dropping to coarser weights, try the runtime's
+    # quantized cache (llama.cpp q8_0: about half an f16 cache, gated like q8_0 weights).
+    small_kv = None if req.kv_cache else next((k for k in spec.kv_caches if get_kv_cache(k).quantized and
+                                                not shape(cfg)["head_dim"] % get_kv_cache(k).block), None)
     bpw = {p: get_precision(p).bytes_per_weight for p in spec.precisions}
     preferred = bpw[target.build.precision] if target.build.backend == backend else None
     # Only what this backend declares it can build; most faithful first, starting at the target's preferred precision
@@ -176,31 +187,39 @@ def make_plan(cfg: dict, target: Target, req: PlanRequest, backend: str | None =
         options = [p for p in options if bpw[p] <= preferred] or options
     available = target.memory.usable_bytes
     budget = int(available * (1 - req.headroom))
-    cands = [_candidate(cfg, target, backend, p, req, 0.0, budget) for p in options]
+    cands = []
+    for p in options:
+        cands.append(_candidate(cfg, target, backend, p, req, 0.0, budget))
+        if not cands[-1].fits_memory and small_kv:
+            cands.append(_candidate(cfg, target, backend, p, req, 0.0, budget, small_kv))
     chosen = next((c for c in cands if c.ok), None)
     if chosen:
-        why = (f"{chosen.precision} fits without pruning" if chosen is cands[0] else
-               f"{chosen.precision} is the least quantization that fits; "
-               f"{', '.join(c.precision for c in cands[:cands.index(chosen)])} would not")
+        before = cands[:cands.index(chosen)]
+        coarser = list(dict.fromkeys(c.precision for c in before if c.precision != chosen.precision))
+        why = (f"{chosen.precision} fits without pruning" if not coarser else
+               f"{chosen.precision} is the least quantization that fits; {', '.join(coarser)} would not")
     else:  # quantization alone is not enough: prune on top of the smallest precision
         smallest = options[-1]
         chosen = None
         for step in range(1, int(MAX_PRUNE_RATIO * 100) + 1):
-            c = _candidate(cfg, target, backend, smallest, req, step / 100, budget)
+            c = _candidate(cfg, target, backend, smallest, req, step / 100, budget, small_kv)
             if c.ok:
                 chosen = c
                 break
         if chosen is None:
-            best = _candidate(cfg, target, backend, smallest, req, MAX_PRUNE_RATIO, budget)
+            best = _candidate(cfg, target, backend, smallest, req, MAX_PRUNE_RATIO, budget, small_kv)
             raise EdgekitError(_impossible(cfg, target, backend, smallest, req, best, budget),
                                "lower --context or --min-decode-tps, or pick a target with more memory/bandwidth")
         cands.append(chosen)
         short = "fits" if not cands[-2].fits_memory else f"reaches {req.min_decode_tps:g} tokens/s"
         why = (f"no precision {short} alone; {smallest} plus pruning {chosen.prune_ratio:.0%} of parameters "
                f"is the least compression that does")
+    if chosen.kv_cache and not req.kv_cache:
+        why += (f", with a {chosen.kv_cache} KV cache (the runtime's default cache would not fit at {req.context} "
+                "tokens)")
     return Plan(target=target.name, backend=backend, params=count_params(cfg), available_bytes=available,
                 budget_bytes=budget, request=asdict(req), precision=chosen.precision, prune_ratio=chosen.prune_ratio,
-                chosen=asdict(chosen), candidates=[asdict(c) for c in cands], reason=why)
+                chosen=asdict(chosen), candidates=[asdict(c) for c in cands], reason=why, kv_cache=chosen.kv_cache)
 
 
 def _impossible(cfg, target, backend, precision, req, best: Candidate, budget: int) -> str:
@@ -212,7 +231,8 @@ def _impossible(cfg, target, backend, precision, req, best: Candidate, budget: i
         while lo < hi:
             mid = (lo + hi + 1) // 2
             c = _candidate(cfg, target, backend, precision, PlanRequest(mid, req.batch, None, req.headroom,
-                                                                         req.prefill_chunk), MAX_PRUNE_RATIO, budget)
+                                                                         req.prefill_chunk), MAX_PRUNE_RATIO, budget,
+                           best.kv_cache)
             lo, hi = (mid, hi) if c.fits_memory else (lo, mid - 1)
         return msg + (f"; a context of {lo} tokens would fit" if lo else "")
     need = target.memory.bandwidth_gbps * 1e9 * BANDWIDTH_EFFICIENCY / req.min_decode_tps

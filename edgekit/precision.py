@@ -87,6 +87,42 @@ def get_precision(name: str) -> Precision:
     return p
 
 
+@dataclass(frozen=True)
+class KVCache:
+    """An element format of the KV cache, for runtimes that let it differ from the weights' (llama.cpp's type_k/v)."""
+
+    name: str
+    bytes_per_element: float  # block scales included
+    quantized: bool
+    description: str
+    block: int = 1  # elements per scale along a head: head_dim must be a multiple
+
+    def check(self, head_dim: int) -> None:
+        if head_dim % self.block:
+            raise EdgekitError(f"a {self.name} KV cache stores blocks of {self.block} values per head, and this "
+                               f"model's head_dim {head_dim} is not a multiple of {self.block}",
+                               "pass --kv-cache f16 (or drop --kv-cache)")
+
+
+KV_CACHES: dict[str, KVCache] = {
+    k.name: k
+    for k in (
+        KVCache("f32", 4, False, "float32 keys and values"),
+        KVCache("f16", 2, False, "float16 keys and values"),
+        # blocks of 32 int8 with one f16 scale; llama.cpp needs flash attention to read a quantized V
+        KVCache("q8_0", 34 / 32, True, "8-bit keys and values, a scale per block of 32", block=32),
+    )
+}
+
+
+def get_kv_cache(name: str) -> KVCache:
+    k = KV_CACHES.get(str(name).strip().lower())
+    if k is None:
+        raise EdgekitError(f"unknown KV-cache type {name!r}; known: {', '.join(KV_CACHES)}",
+                           f"pass --kv-cache with one of {', '.join(KV_CACHES)}")
+    return k
+
+
 def qat_schemes() -> list[str]:
     """The precisions quantization-aware training can target (those with a fake-quantization recipe)."""
     return [p.name for p in PRECISIONS.values() if p.fake_quant]
@@ -100,4 +136,5 @@ def backends_for(name: str) -> list[str]:
     return [s.name for s in REGISTRY.values() if p.name in s.precisions]
 
 
-__all__ = ["PRECISIONS", "Precision", "Thresholds", "backends_for", "get_precision", "lookup", "qat_schemes"]
+__all__ = ["KV_CACHES", "KVCache", "PRECISIONS", "Precision", "Thresholds", "backends_for", "get_kv_cache",
+           "get_precision", "lookup", "qat_schemes"]

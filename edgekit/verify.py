@@ -20,9 +20,15 @@ GREEDY_PROMPT = 16
 GREEDY_NEW = 32
 
 
-def thresholds_for(precision: str) -> Thresholds:
-    """The gate of a precision (any alias), from the precision registry."""
-    return get_precision(precision).gate
+def thresholds_for(precision: str, kv_cache: str | None = None) -> Thresholds:
+    """The gate of a precision (any alias), from the precision registry. A quantized KV cache moves logits like
+    weights of its format, so the artifact is gated by whichever of the two is coarser (fp32 weights + q8_0 cache:
+    q8_0's gate)."""
+    from edgekit.precision import get_kv_cache, lookup
+
+    p = get_precision(precision)
+    kv = lookup(kv_cache) if kv_cache and get_kv_cache(kv_cache).quantized else None
+    return kv.gate if kv is not None and kv.bits < p.bits else p.gate
 
 
 def gate_ids(tokenizer, vocab_size: int) -> tuple[np.ndarray, str]:
@@ -139,7 +145,8 @@ def check_against_reference(artifact: Path, threads: int | None = None) -> dict:
     if not spec.host_runtime:  # no runner on this machine (TensorRT): the runtime checks what it can here
         return spec.load_runtime().host_check(artifact, threads=threads)
     runner = open_artifact(artifact, threads=threads)
-    return compare(load_reference(Path(artifact) / REFERENCE_FILE), runner, thresholds_for(meta["precision"]))
+    return compare(load_reference(Path(artifact) / REFERENCE_FILE), runner,
+                   thresholds_for(meta["precision"], meta.get("kv_cache")))
 
 
 THRESHOLDS = {name: p.gate for name, p in PRECISIONS.items()}  # the gate table, as docs and tests read it

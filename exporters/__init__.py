@@ -36,6 +36,14 @@ class RuntimeMemory:
     # nominal bits (llama.cpp mixes types per tensor and falls back on rows K-quants cannot tile)
     weight_bytes: str | None = None
 
+    def kv_element_bytes(self, weights_quantized: bool, kv_cache: str | None = None) -> float:
+        """Bytes per KV-cache element: an explicit cache type (llama.cpp's --kv-cache), else the runtime's default."""
+        if kv_cache:
+            from edgekit.precision import get_kv_cache
+
+            return get_kv_cache(kv_cache).bytes_per_element
+        return self.kv_bytes_unquantized if self.kv_bytes_unquantized and not weights_quantized else self.kv_bytes
+
 
 @dataclass(frozen=True)
 class ExporterSpec:
@@ -56,6 +64,8 @@ class ExporterSpec:
     not_yet: tuple[tuple[str, str], ...] = ()
     # precisions it exports a VLM's vision tower + projector in (exporters/vision.py), most faithful first; () = none
     vision_precisions: tuple[str, ...] = ()
+    # KV-cache element types the runtime can be told to use (edgekit.precision.KV_CACHES); () = only its default
+    kv_caches: tuple[str, ...] = ()
 
     @property
     def host_runtime(self) -> bool:
@@ -83,6 +93,20 @@ class ExporterSpec:
             raise EdgekitError(f"backend {self.name} cannot produce precision {p!r}{detail}",
                                f"use --precision with one of {', '.join(self.precisions)}")
         return p
+
+    def kv_cache(self, name: str | None) -> str | None:
+        """`name` as a KV-cache type this backend's runtime takes; None stays None (the runtime's default)."""
+        if name is None:
+            return None
+        from edgekit.precision import get_kv_cache
+
+        k = get_kv_cache(name).name
+        if k not in self.kv_caches:
+            others = [s.name for s in REGISTRY.values() if k in s.kv_caches]
+            raise EdgekitError(f"backend {self.name} does not take a KV-cache type (--kv-cache {k})"
+                               + (f"; {k} is {', '.join(others)}'s" if others else ""),
+                               "drop --kv-cache" + (f", or use --backend {others[0]}" if others else ""))
+        return k
 
 
 def _import(dotted: str, spec: ExporterSpec) -> ModuleType:
@@ -113,7 +137,7 @@ REGISTRY: dict[str, ExporterSpec] = {
                      # 72 MB + 160 B per token of vocabulary, within 5% of peak RSS (bench/plan_calibration.md)
                      RuntimeMemory(overhead_mb=72, vocab_bytes=160, kv_bytes=2, kv_bytes_unquantized=4,
                                    weight_bytes="edgekit.exporters.gguf_types:planned_weight_bytes"),
-                     ("gguf", "llama-cpp-python", "safetensors", "tokenizers"),
+                     ("gguf", "llama-cpp-python", "safetensors", "tokenizers"), kv_caches=("f32", "f16", "q8_0"),
                      vision_precisions=("fp32", "fp16")),  # llama.cpp's mmproj (exporters/mmproj.py)
         # fitted on SmolLM2-135M at 512 and 2048 tokens of context and Gemma 3 270M at 1024 (bench/plan_calibration.md):
         # the Python runtime imports torch (~400 MB); one 512-token chunk's activations are planned (MAX_CHUNK)

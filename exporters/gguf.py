@@ -509,6 +509,10 @@ def export(model_dir: Path, out: Path, cfg) -> dict:
     config = json.loads((model_dir / "config.json").read_text())
     p = plan(config, cfg)
     check_quantizable(p, cfg.precision)
+    if getattr(cfg, "kv_cache", None):
+        from edgekit.precision import get_kv_cache
+
+        get_kv_cache(cfg.kv_cache).check(p.head_dim)
     final = out / ENTRY
     if cfg.precision in FLOAT_TYPES:
         tok = write_gguf(model_dir, final, p, FLOAT_TYPES[cfg.precision])
@@ -552,7 +556,8 @@ def export(model_dir: Path, out: Path, cfg) -> dict:
         **({"padded_to": asdict(p.pad)} if p.pad else {}),
         # unquantized files are gated (and run) with an f32 KV cache: llama.cpp's default f16 cache alone moves
         # logits by ~1.5e-3, more than an f32 file's own error (the planner reads the same rule from the registry).
-        "kv_cache": "f32" if cfg.precision in FLOAT_TYPES else "f16",
+        # An explicit --kv-cache (q8_0 at long contexts, chosen by the planner) is served and gated as asked.
+        "kv_cache": getattr(cfg, "kv_cache", None) or ("f32" if cfg.precision in FLOAT_TYPES else "f16"),
         "tokenizer": {**tok, **parity},
         # None: llama.cpp's plain round-to-nearest (unquantized, Q8_0, --no-calibrate, or no tokenizer to read text)
         **({"imatrix": imatrix.summary() if imatrix else None,

@@ -174,6 +174,7 @@ def estimate_memory_bytes(meta: dict, artifact: Path, context: int) -> int:
     """The planner's memory model (the backend's registry entry) for the artifact as shipped: its files (weights), the
     KV cache at `context` tokens, one prefill chunk's attention buffers, the runtime's fixed overhead."""
     from edgekit.exporters import REGISTRY, RuntimeMemory
+    from edgekit.precision import KV_CACHES
 
     spec = REGISTRY.get(meta.get("backend"))
     rt = spec.memory if spec else RuntimeMemory(overhead_mb=100, kv_bytes=4)
@@ -187,7 +188,8 @@ def estimate_memory_bytes(meta: dict, artifact: Path, context: int) -> int:
     layers, kv_heads = dim("num_layers", 1), dim("num_kv_heads", heads)
     head_dim = dim("head_dim", max(1, dim("hidden_size", 64) // heads))
     weights = sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file())
-    kv = layers * kv_heads * head_dim * context * 2 * rt.kv_bytes * rt.kv_copies
+    kv_el = rt.kv_element_bytes(True, meta.get("kv_cache")) if meta.get("kv_cache") in KV_CACHES else rt.kv_bytes
+    kv = layers * kv_heads * head_dim * context * 2 * kv_el * rt.kv_copies
     chunk = min(512, context)
     act = 4 * chunk * (rt.attn_buffers * heads * context + 4 * dim("hidden_size", 64))
     head = 0

@@ -25,7 +25,7 @@ _RANGES = {"context": (1, None), "prune_ratio": (0, 1), "min_decode_tps": (1e-6,
 def build(model: str | Path | None = None, *, target: str | Path | Target, out: str | Path | None = None,
           backend: str | None = None, precision: str | None = None, context: int | None = None,
           prune_ratio: float | None = None, min_decode_tps: float | None = None, batch: int = 1,
-          distill_steps: int = 0, qat: str | None = None, accept_gate_failure: bool = False, bench: bool = True,
+          distill_steps: int = 0, qat: str | None = None, kv_cache: str | None = None, accept_gate_failure: bool = False, bench: bool = True,
           bench_seconds: float = 2.0, threads: int | None = None, device: str | None = None,
           token_file: str | Path | None = None, options: BuildOptions | None = None, dry_run: bool = False,
           verbose: bool = False, progress: bool | None = None) -> BuildResult | BuildPlan:
@@ -45,7 +45,7 @@ def build(model: str | Path | None = None, *, target: str | Path | Target, out: 
     from edgekit.target import Target, get_target
 
     given = {"backend": backend, "precision": precision, "context_length": context, "prune_ratio": prune_ratio,
-             "min_decode_tps": min_decode_tps, "batch": batch, "distill_steps": distill_steps, "qat": qat,
+             "min_decode_tps": min_decode_tps, "batch": batch, "distill_steps": distill_steps, "qat": qat, "kv_cache": kv_cache,
              "accept_gate_failure": accept_gate_failure, "bench": bench, "bench_seconds": bench_seconds,
              "threads": threads, "device": device, "token_file": None if token_file is None else str(token_file)}
     base = options or BuildOptions()

@@ -31,7 +31,7 @@ def _check_gptq(cfg) -> None:
 def export(model: str | Path | None = None, *, backend: str, out: str | Path, precision: str | None = None,
            context: int | None = None, target: str | Path | Target | None = None, group_size: int | None = None,
            calibrate: bool = True, gptq: bool = False, calibration: str | Path | None = None,
-           accept_gate_failure: bool = False,
+           accept_gate_failure: bool = False, kv_cache: str | None = None,
            force: bool = False, threads: int | None = None, verbose: bool = False) -> ExportResult:
     """Write one artifact folder `out` for `backend` (onnxruntime, gguf, executorch, tensorrt) from `model` (a
     Hugging Face folder or .gguf; None: the embedded SmolLM2-135M), gated against PyTorch on held-out text.
@@ -59,7 +59,8 @@ def export(model: str | Path | None = None, *, backend: str, out: str | Path, pr
             target = get_target(str(target))
         cfg = ExportConfig(backend=backend, precision=precision, context_length=context,
                            accept_gate_failure=accept_gate_failure, group_size=group_size, calibrate=calibrate,
-                           gptq=gptq, calibration=calibration, target=target, threads=threads).resolved()
+                           gptq=gptq, calibration=calibration, target=target, threads=threads,
+                           kv_cache=kv_cache).resolved()
         if gptq:
             _check_gptq(cfg)
         meta = export_model(ref.path, out, cfg, log=log)

@@ -35,6 +35,8 @@ def register(sub) -> None:
     p.add_argument("--distill-steps", type=int, default=0, help="distillation steps after pruning (default 0)")
     p.add_argument("--qat", metavar="SCHEME", help="make distillation quantization-aware for this precision (e.g. "
                    "8da4w); the build then exports it on the grid it trained through")
+    p.add_argument("--kv-cache", help="KV-cache type (gguf: f32, f16, q8_0; default: the runtime's, "
+                   "or q8_0 when only that fits the context)")
     p.add_argument("--accept-gate-failure", action="store_true",
                    help="keep an artifact that fails the fidelity gate (recorded in the manifest)")
     p.add_argument("--no-bench", action="store_true", help="skip the host benchmark")
@@ -66,7 +68,7 @@ def _run(a) -> int:
 
     res = edgekit.api.build(a.model, target=a.target, out=a.out, backend=a.backend, precision=a.precision,
                             context=a.context, prune_ratio=a.prune_ratio, min_decode_tps=a.min_decode_tps,
-                            batch=a.batch, distill_steps=a.distill_steps, qat=a.qat,
+                            batch=a.batch, distill_steps=a.distill_steps, qat=a.qat, kv_cache=a.kv_cache,
                             accept_gate_failure=a.accept_gate_failure,
                             bench=not a.no_bench, bench_seconds=a.bench_seconds, threads=a.threads, device=a.device,
                             token_file=a.token_file, dry_run=a.dry_run, verbose=True, progress=not a.json)

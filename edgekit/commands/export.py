@@ -38,6 +38,9 @@ def register(sub) -> None:
                    "0.024; the export takes many times longer)")
     p.add_argument("--calibration", type=Path, help="text to calibrate quantization on (.txt, .jsonl with a 'text' "
                    "field, or a folder of them; default: edgekit's shipped calibration text)")
+    p.add_argument("--kv-cache", help="KV-cache type where the runtime takes one (gguf: f32, f16 or q8_0; q8_0 "
+                   "halves an f16 cache for long contexts and is gated like q8_0 weights; default: f32 for float "
+                   "weights, f16 for quantized)")
     p.add_argument("--accept-gate-failure", action="store_true", help="keep an artifact that fails the gate")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
@@ -49,7 +52,8 @@ def run(a) -> int:
 
     res = edgekit.api.export(a.model, backend=a.backend, out=a.out, precision=a.precision, context=a.context,
                              target=a.target, group_size=a.group_size, calibrate=a.calibrate,
-                             gptq=a.gptq, calibration=a.calibration, accept_gate_failure=a.accept_gate_failure, force=a.force,
+                             gptq=a.gptq, calibration=a.calibration, accept_gate_failure=a.accept_gate_failure,
+                             kv_cache=a.kv_cache, force=a.force,
                              verbose=True)
     if a.json:
         print_json(res.to_dict())

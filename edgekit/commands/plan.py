@@ -29,6 +29,8 @@ def register(sub) -> None:
     p.add_argument("--context", type=int, help="context length (default: the target's)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--min-decode-tps", type=float, help="decode-speed goal in tokens/s")
+    p.add_argument("--kv-cache", help="KV-cache type (gguf: f32, f16, q8_0; default: the runtime's, "
+                   "or q8_0 when only that fits the context)")
     p.add_argument("--headroom", type=float, default=0.10, help="fraction of free memory kept free (0.10)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
@@ -48,13 +50,14 @@ def run(a) -> int:
     if not 0 <= a.headroom < 1:
         raise EdgekitError(f"--headroom must be in [0, 1), got {a.headroom}", "e.g. --headroom 0.1")
     req = PlanRequest(context=a.context or default_context(target, model.config), batch=a.batch,
-                      min_decode_tps=a.min_decode_tps, headroom=a.headroom)
+                      min_decode_tps=a.min_decode_tps, headroom=a.headroom,
+                      kv_cache=a.kv_cache)
     plan = make_plan(model.config, target, req, backend=a.backend, precision=a.precision)
     if a.json:
         print_json(plan.to_dict())
         return 0
     gib = 2**30
-    rows = [(c["precision"], f"{c['prune_ratio']:.0%}", f"{c['weights_bytes'] / gib:.3f}",
+    rows = [(c["precision"] + (f" + {c['kv_cache']} KV" if c["kv_cache"] else ""), f"{c['prune_ratio']:.0%}", f"{c['weights_bytes'] / gib:.3f}",
              f"{c['kv_cache_bytes'] / gib:.3f}", f"{c['activations_bytes'] / gib:.3f}",
              f"{c['runtime_overhead_bytes'] / gib:.3f}", f"{c['total_bytes'] / gib:.3f}",
              f"{c['decode_tps_estimate']:.0f}", "yes" if c["fits_memory"] and c["meets_speed"] else "no")
@@ -64,5 +67,6 @@ def run(a) -> int:
           ("precision", "pruned", "weights GiB", "KV GiB", "activ. GiB", "runtime GiB", "total GiB", "decode tok/s",
            "fits"))
     prune = f" + prune {plan.prune_ratio:.0%} of parameters" if plan.prune_ratio else ""
-    print(f"choice: {plan.precision}{prune}: {plan.reason}")
+    kv = f" --kv-cache {plan.kv_cache}" if plan.kv_cache else ""
+    print(f"choice: {plan.precision}{prune}{kv}: {plan.reason}")
     return 0

@@ -8,7 +8,18 @@ import numpy as np
 
 from edgekit.errors import EdgekitError
 
-GGML_TYPE_F32 = 0  # llama.cpp's ggml_type for an f32 KV cache (type_k / type_v)
+GGML_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # llama.cpp's ggml_type ids for the KV cache (type_k / type_v)
+
+
+def kv_cache_args(kv_cache: str | None) -> dict:
+    """Llama() keywords for artifact.json's kv_cache; a quantized V cache needs flash attention in llama.cpp."""
+    if kv_cache is None:
+        return {}
+    if kv_cache not in GGML_TYPES:
+        raise EdgekitError(f"artifact asks for a {kv_cache!r} KV cache, which this runner does not know",
+                           "re-export the artifact with a newer edgekit")
+    t = GGML_TYPES[kv_cache]
+    return {"type_k": t, "type_v": t, **({"flash_attn": True} if kv_cache.startswith("q") else {})}
 
 
 class LlamaCppRunner:
@@ -20,7 +31,7 @@ class LlamaCppRunner:
                                "pip install llama-cpp-python (or 'edgekit[agent-gguf]')") from e
         m = meta["model"]
         self.max_context = int(meta.get("max_context", m.get("max_position_embeddings", 2048)))
-        kw = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if meta.get("kv_cache") == "f32" else {}
+        kw = kv_cache_args(meta.get("kv_cache"))
         try:
             # logits_all: llama.cpp returns logits for every token of a batch (the gate compares them all); off for
             # benchmarks, where that n_ctx x vocab float buffer would dominate the measured memory

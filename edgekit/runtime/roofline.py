@@ -77,7 +77,7 @@ def bytes_read_per_token(artifact: Path, kv_positions: float) -> dict:
     widths = m.get("layer_widths")
     kv_heads = ([w["num_key_value_heads"] for w in widths] if widths else
                 [int(m.get("num_kv_heads") or 0)] * int(m.get("num_layers") or 0))
-    kv_el = rt.kv_bytes_unquantized if rt.kv_bytes_unquantized and not prec.quantized else rt.kv_bytes
+    kv_el = rt.kv_element_bytes(prec.quantized, meta.get("kv_cache"))
     kv = sum(kv_heads) * 2 * int(m.get("head_dim") or 0) * kv_positions * kv_el
     weights = max(stored - gathered, 0)
     return {"weights_bytes": int(weights), "kv_bytes": int(kv), "bytes": int(weights + kv),
