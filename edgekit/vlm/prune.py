@@ -17,8 +17,9 @@ scale although their gradients differ by orders of magnitude. What is cut:
 First-order saliency predicts the loss of small cuts; a 30% cut removes most of some layers, so the ukmp criterion
 reaches each candidate's widths in `steps` re-scored steps (iterative_vlm; bench/vlm_importance.md measures why).
 
-How the parameter budget is shared between the towers: candidate splits are ranked by the normalized saliency they
-remove (summed per modality) and the best few are scored by the caption loss of the real pruned model on held-out
+How the parameter budget is shared between the towers: candidate splits are ranked by the share of saliency they
+remove from one pool of both towers (per-block normalized, weighted by each structure's parameters: UKMP's global
+threshold on uniform plans) and the best few are scored by the caption loss of the real pruned model on held-out
 pairs; `keep_vision` / `keep_language` put the whole cut on the other tower. Widths are uniform, so the result is a
 plain Hugging Face folder (from_pretrained loads it).
 """
@@ -264,19 +265,36 @@ def vision_plan(scores: VlmScores, vgeo, keep_mlp: int):
     return [_top(s, keep_mlp) for s in scores.vision_mlp] if keep_mlp < vgeo.layers[0].intermediate_size else None
 
 
-def removed_saliency(scores: VlmScores, plan: VlmPlan) -> float:
-    """Normalized saliency a plan removes: per modality, the mean over its blocks of the removed share."""
-    def share(blocks, kept):
-        return sum(1 - float(b[k].sum()) / float(b.sum()) for b, k in zip(blocks, kept)) / len(blocks)
+def unit_params(geo) -> dict:
+    """Parameters one unit of each prunable structure holds (a vision MLP neuron, a language MLP neuron, a query
+    head with its share of o_proj)."""
+    v, lang = geo.vision, geo.language
+    return {"vision_mlp": 2 * v.hidden_size + 1,
+            "mlp": 3 * lang.hidden_size + (2 if lang.mlp_bias else 0),
+            "heads": 2 * lang.hidden_size * lang.head_dim + (lang.head_dim if lang.qkv_bias else 0)}
 
-    cost = 0.0
-    if plan.vision_mlp:
-        cost += share(scores.vision_mlp, plan.vision_mlp)
-    if plan.language:
-        L = scores.language
-        cost += (share(L.mlp, [lp.mlp for lp in plan.language.layers])
-                 + share(L.heads, [lp.heads for lp in plan.language.layers])) / 2
-    return cost
+
+def removed_saliency(scores: VlmScores, plan: VlmPlan, units: dict) -> float:
+    """The share of one pool of both towers' saliency a plan removes (UKMP's global threshold, on uniform plans):
+    within a block a unit counts as its share of the block's score (normalized per block, whatever the criterion's
+    scale), and each block weighs as many parameters as its units hold, so a head costs what its parameters cost
+    against MLP neurons of either tower."""
+    total = cost = 0.0
+
+    def add(kind, blocks, kept):
+        nonlocal total, cost
+        for b, k in zip(blocks, kept):
+            w = units[kind] * len(b)
+            total += w
+            if k is not None:
+                s = float(b.sum())
+                cost += w * ((1 - float(b[k].sum()) / s) if s > 0 else 1 - len(k) / len(b))
+
+    add("vision_mlp", scores.vision_mlp, plan.vision_mlp or [None] * len(scores.vision_mlp))
+    L, lp = scores.language, plan.language.layers if plan.language else [None] * len(scores.language.mlp)
+    add("mlp", L.mlp, [p and p.mlp for p in lp])
+    add("heads", L.heads, [p and p.heads for p in lp])
+    return cost / total
 
 
 # -- building the pruned model ------------------------------------------------------------------------------------
@@ -510,7 +528,8 @@ def prune_vlm(model_dir: Path, out: Path, cfg: VlmPruneConfig, log=print) -> dic
     if not cands:
         raise EdgekitError(f"no uniform cut of both towers lands on --ratio {cfg.ratio} at --align {A}",
                            "pass a smaller --ratio or --align")
-    ranked = sorted(cands, key=lambda s: removed_saliency(scores, cands[s]))
+    units = unit_params(geo)
+    ranked = sorted(cands, key=lambda s: removed_saliency(scores, cands[s], units))
     iterative = cfg.criterion == "ukmp" and cfg.steps > 1
 
     def build(plan):
@@ -525,7 +544,8 @@ def prune_vlm(model_dir: Path, out: Path, cfg: VlmPruneConfig, log=print) -> dic
         share, kg = key
         tried.append({"vision_share": share, "language_kv_heads": kg and kg[0],
                       "language_heads": kg and kg[0] * kg[1],
-                      "removed_saliency": round(removed_saliency(scores, cands[key]), 4), "loss": loss, "key": key})
+                      "removed_saliency": round(removed_saliency(scores, cands[key], units), 4), "loss": loss,
+                      "key": key})
         log(f"prune: {share:.0%} of the cut from vision" + (f", language heads {kg[0] * kg[1]}/{kg[0]} kv" if kg
             else "") + f": normalized saliency removed {tried[-1]['removed_saliency']:.3f}, caption loss {loss:.4f}")
     best = min(tried, key=lambda t: t["loss"])
