@@ -22,7 +22,8 @@ relative to it) or such a .jsonl file.
 def register(sub) -> None:
     from edgekit.exporters import REGISTRY
 
-    p = sub.add_parser("vlm", help="vision-language models (LLaVA): prune both towers, export vision + language",
+    p = sub.add_parser("vlm", help="vision-language models (LLaVA, Idefics3, SmolVLM): prune both towers, export "
+                       "vision + language",
                        description="Vision-language models: modality-aware pruning of the vision tower and the "
                        "language model, and export of both parts, each gated against PyTorch.", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,7 +37,8 @@ def register(sub) -> None:
     d.set_defaults(func=run_data)
 
     q = s.add_parser("prune", help="cut vision MLPs and language MLP/heads/KV groups, scored on image+caption pairs")
-    q.add_argument("model", type=Path, help="Hugging Face VLM folder (config.json model_type llava)")
+    q.add_argument("model", type=Path,
+                   help="Hugging Face VLM folder (config.json model_type llava, idefics3 or smolvlm)")
     q.add_argument("--ratio", type=float, required=True, help="fraction of all parameters to remove, in (0, 1)")
     k = q.add_mutually_exclusive_group()
     k.add_argument("--keep-vision", action="store_true", help="leave the vision tower whole (cut the language model)")
