@@ -1,7 +1,7 @@
 """What each quantized artifact costs in quality, size and speed, side by side, from one run (issue #14).
 
     PYTHONPATH=. python bench/quantize_quality.py [--model DIR] [--cases a,b,...] [--windows 4] [--threads 2]
-                                                  [--work DIR] [--json FILE]
+                                                  [--work DIR [--reuse]] [--json FILE]
 
 For each case (a backend, a precision and export options; `--cases list` prints them) edgekit exports the model
 exactly as `edgekit export` would (gate included, kept even when it fails) and then measures, in the artifact's own
@@ -112,6 +112,10 @@ def decode_tps(runner, ids, steps: int = 64) -> float:
     return 1.0 / statistics.median(times)
 
 
+def case_key(case: Case) -> dict:
+    return {"backend": case.backend, "precision": case.precision, "options": case.options}
+
+
 def model_bytes(folder: Path) -> int:
     from edgekit.export import COMPANIONS
 
@@ -119,18 +123,24 @@ def model_bytes(folder: Path) -> int:
                if f.is_file() and f.name not in NOT_MODEL + COMPANIONS and not f.name.startswith("tokenizer"))
 
 
-def run_case(name: str, case: Case, model_dir: Path, work: Path, seqs, ref_logp, threads: int) -> dict:
+def run_case(name: str, case: Case, model_dir: Path, work: Path, seqs, ref_logp, threads: int,
+             reuse: bool = False) -> dict:
     from edgekit.export import ExportConfig, export_model
     from edgekit.runtime import open_artifact
 
     out = work / name
-    t = time.perf_counter()
-    meta = export_model(model_dir, out, ExportConfig(backend=case.backend, precision=case.precision,
-                                                     accept_gate_failure=True, threads=threads, **case.options),
-                        log=lambda *_: None)
-    export_s = time.perf_counter() - t
+    done = work / f"{name}.case.json"  # beside the artifact, never inside it
+    if reuse and done.exists() and json.loads(done.read_text())["case"] == case_key(case):
+        meta, export_s = (json.loads(done.read_text())[k] for k in ("meta", "export_s"))  # measured again below
+    else:
+        t = time.perf_counter()
+        meta = export_model(model_dir, out, ExportConfig(backend=case.backend, precision=case.precision,
+                                                         accept_gate_failure=True, threads=threads, **case.options),
+                            log=lambda *_: None)
+        export_s = round(time.perf_counter() - t, 1)
+        done.write_text(json.dumps({"case": case_key(case), "export_s": export_s, "meta": meta}, default=str))
     row = {"case": name, "backend": case.backend, "precision": case.precision, "note": case.note,
-           "export_s": round(export_s, 1), "size_mb": model_bytes(out) / 2**20}
+           "export_s": export_s, "size_mb": model_bytes(out) / 2**20}
     runner = open_artifact(out, threads=threads)
     row.update(score(runner, seqs, ref_logp))
     del runner
@@ -159,6 +169,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, help="keep the artifacts here (default: a temporary folder)")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON")
+    ap.add_argument("--reuse", action="store_true",
+                    help="measure artifacts an earlier run of the same case left in --work instead of re-exporting")
     a = ap.parse_args(argv)
     if a.cases == "list":
         for n, c in CASES.items():
@@ -181,7 +193,7 @@ def main(argv=None) -> int:
         work = a.work or Path(tmp)
         rows = []
         for n in names:
-            rows.append(run_case(n, CASES[n], Path(model_dir), work, seqs, ref_logp, a.threads))
+            rows.append(run_case(n, CASES[n], Path(model_dir), work, seqs, ref_logp, a.threads, a.reuse))
             print(f"{n}: ppl {rows[-1]['ppl']:.3f} KL {rows[-1]['kl']:.4f} ({rows[-1]['export_s']} s export)",
                   file=sys.stderr, flush=True)
     args = sys.argv[1:] if argv is None else argv
