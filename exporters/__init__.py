@@ -144,7 +144,9 @@ REGISTRY: dict[str, ExporterSpec] = {
         ExporterSpec("executorch", "edgekit.exporters.executorch", "edgekit.runtime.executorch",
                      ("fp32", "8da4w"), "ExecuTorch .pte lowered to XNNPACK (mobile CPUs)", "executorch",
                      RuntimeMemory(overhead_mb=400, kv_bytes=4, attn_buffers=6, logits_per_chunk=True,
-                                   tied_stored_twice=True, head_twice_at_load=True),
+                                   tied_stored_twice=True, head_twice_at_load=True,
+                                   # 8da4w keeps the head, down, k and v at 8 bits: counted per tensor
+                                   weight_bytes="edgekit.exporters.executorch_mix:planned_weight_bytes"),
                      ("executorch", "torchao"), vision_precisions=("fp32",)),
         ExporterSpec("tensorrt", "edgekit.exporters.tensorrt", "edgekit.runtime.tensorrt",
                      ("fp32", "fp16"), "ONNX + trtexec plan; the engine is built on the Jetson itself", "onnx",

@@ -8,7 +8,8 @@ plans (and the Python runtime allocates) activations for T's upper bound, so bou
 SmolLM2 about 1 GB at 2048 tokens of context. The causal mask is built from `input_pos` over the whole cache, so
 positions not yet written never take part in attention (they need no zeroing on reset).
 
-8da4w = int8 dynamic activations, int4 weights in groups of GROUP_SIZE input channels (torchao). torchao and
+8da4w = int8 dynamic activations, int4 weights in groups of GROUP_SIZE input channels (torchao), with the head,
+down_proj, k_proj and v_proj at int8 per channel (exporters/executorch_mix.py says why). torchao and
 ExecuTorch's own recipe quietly leave a linear in fp32 when its input width is not a multiple of the group size;
 here that is an error that names the linears and the fix, and every linear is checked to be quantized afterwards.
 
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from edgekit.errors import EdgekitError
+from edgekit.exporters.executorch_mix import keeps_8_bits  # torch-free: the planner counts the same mix
 
 ENTRY = "model.pte"
 GROUP_SIZE = 32  # 8da4w weight group (input channels per scale); XNNPACK's kernels take multiples of 32
@@ -139,10 +141,11 @@ def _width_fix(name: str, model, group_size: int) -> str:
             "so only another precision fits")
 
 
-def check_group_widths(model, group_size: int = GROUP_SIZE) -> None:
-    """Refuse 8da4w when any linear's input width is not divisible by the group size (it would stay fp32 silently)."""
+def check_group_widths(model, group_size: int = GROUP_SIZE, mixed: bool = True) -> None:
+    """Refuse 8da4w when a 4-bit linear's input width is not divisible by the group size (it would stay fp32
+    silently); the 8-bit ones have one scale per row and take any width."""
     bad = [(name, m.in_features) for name, m in model.named_modules()
-           if isinstance(m, torch.nn.Linear) and m.in_features % group_size]
+           if isinstance(m, torch.nn.Linear) and m.in_features % group_size and not (mixed and keeps_8_bits(name))]
     if not bad:
         return
     shown = ", ".join(f"{n} (in {w})" for n, w in bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
@@ -165,54 +168,70 @@ def _bf16(s: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_8da4w(model, group_size: int = GROUP_SIZE, calibration: list | None = None, qat=None) -> dict:
-    """int8 dynamic activations + int4 grouped weights on every linear (torchao); returns what was done.
+    """int8 dynamic activations x int4 grouped weights (torchao), the EIGHT_BIT linears at int8 per channel;
+    returns what was done.
 
-    With `calibration` (batches of token ids) the int4 weights are GPTQ's (edgekit/gptq.py) rather than torchao's
-    round-to-nearest: on SmolLM2-135M mean KL vs fp32 0.62 -> 0.17. The tied LM head stays 4-bit like the rest
-    (8 bits measured no better once calibrated). With `qat` (edgekit.qat.QATPlan) the weights were trained through
-    that plan's fake quantizer: each linear is rounded on exactly its grid (round-to-nearest, bf16 scales), which is
-    what QAT trained for; GPTQ would move them off it."""
+    With `calibration` (batches of token ids) the weights are GPTQ's (edgekit/gptq.py) rather than torchao's
+    round-to-nearest: on SmolLM2-135M mean KL vs fp32 0.62 -> 0.17 with every linear at 4 bits. With `qat`
+    (edgekit.qat.QATPlan) the weights were trained through that plan's fake quantizer, every linear at 4 bits: each
+    is rounded on exactly its grid (round-to-nearest, bf16 scales), which is what QAT trained for; GPTQ or 8 bits
+    would move them off it."""
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxUnpackedToInt8Tensor, quantize_
-    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.granularity import PerAxis, PerGroup
 
-    check_group_widths(model, group_size)
+    mixed = qat is None
+    check_group_widths(model, group_size, mixed)
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    eight = [n for n in linears if mixed and keeps_8_bits(n)]
+
+    def packed(w, bits, s):  # torchao re-derives exactly the rounded integers from (rounded weights, scales)
+        return torch.nn.Parameter(IntxUnpackedToInt8Tensor.from_hp(
+            w, (1, group_size if bits == 4 else w.shape[1]), torch.int4 if bits == 4 else torch.int8,
+            activation_quantization="int8_asym_per_token", intx_choose_qparams_algorithm=None, custom_scale=s,
+            custom_zero_point=torch.zeros_like(s, dtype=torch.int8)), requires_grad=False)
+
     if qat is not None:
         from edgekit.qat import weight_grid
 
         for n in linears:  # torchao re-derives the fake quantizer's integers from (its output, its scales)
             mod = model.get_submodule(n)
             w, s = weight_grid(mod.weight, qat)
-            mod.weight = torch.nn.Parameter(IntxUnpackedToInt8Tensor.from_hp(
-                w, (1, group_size), torch.int4, activation_quantization="int8_asym_per_token",
-                intx_choose_qparams_algorithm=None, custom_scale=s,
-                custom_zero_point=torch.zeros_like(s, dtype=torch.int8)), requires_grad=False)
+            mod.weight = packed(w, 4, s)
     elif calibration is None:
+        lin = torch.nn.Linear
         quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
-                                                               weight_granularity=PerGroup(group_size)))
+                                                               weight_granularity=PerGroup(group_size)),
+                  filter_fn=lambda m, n: isinstance(m, lin) and n not in eight)
+        if eight:
+            quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8,
+                                                                   weight_granularity=PerAxis(0)),
+                      filter_fn=lambda m, n: isinstance(m, lin) and n in eight)
     else:
         from edgekit.arch import get_family
         from edgekit.gptq import gptq, quantize_sequentially
 
         scales: dict[str, torch.Tensor] = {}
 
-        def to_int4(name, mod, hessian):  # the rounded weights in fp32 for now: calibrating the next layer is faster
-            q, scales[name] = gptq(mod.weight, hessian, group_size, bits=4, round_scale=_bf16)
-            grid = (q.float().reshape(q.shape[0], -1, group_size) * scales[name][..., None]).reshape(q.shape)
+        def to_grid(name, mod, hessian):  # the rounded weights in fp32 for now: calibrating the next layer is faster
+            if name in eight:  # one fp32 scale per row, as XNNPACK's qc8w kernels take it
+                q, scales[name] = gptq(mod.weight, hessian, mod.in_features, bits=8)
+            else:  # bf16 scales per group, as XNNPACK stores them: choose and round with what runs
+                q, scales[name] = gptq(mod.weight, hessian, group_size, bits=4, round_scale=_bf16)
+            g = scales[name].shape[1]
+            grid = (q.float().reshape(q.shape[0], g, -1) * scales[name][..., None]).reshape(q.shape)
             mod.weight = torch.nn.Parameter(grid, requires_grad=False)  # a new one: a tied embedding keeps its own
 
-        quantize_sequentially(model, list(get_family(model.config.model_type).layers(model)), calibration, to_int4)
-        for n, s in scales.items():  # torchao re-derives exactly GPTQ's integers from (rounded weights, scales)
+        quantize_sequentially(model, list(get_family(model.config.model_type).layers(model)), calibration, to_grid)
+        for n, s in scales.items():
             mod = model.get_submodule(n)
-            mod.weight = torch.nn.Parameter(IntxUnpackedToInt8Tensor.from_hp(
-                mod.weight.data, (1, group_size), torch.int4, activation_quantization="int8_asym_per_token",
-                intx_choose_qparams_algorithm=None, custom_scale=s,
-                custom_zero_point=torch.zeros_like(s, dtype=torch.int8)), requires_grad=False)
+            mod.weight = packed(mod.weight.data, 8 if n in eight else 4, s)
     plain = [n for n in linears if type(model.get_submodule(n).weight.data) is torch.Tensor]
     if plain:  # torchao's own filters may skip more than the width rule above: never ship that silently
         raise EdgekitError(f"torchao left {len(plain)} linear(s) unquantized: {', '.join(plain[:6])}",
                            "use --precision fp32, or report the model's shapes as an edgekit bug")
     return {"quantized_linears": len(linears), "group_size": group_size,
+            # per tensor what it became (issue #14: the report shows what was quantized to what)
+            "weight_bits": {n: 8 if n in eight else 4 for n in linears},
             "weight_rounding": "qat-grid" if qat is not None else "gptq" if calibration is not None
             else "round-to-nearest",
             **({"calibration_tokens": sum(b.numel() for b in calibration)} if calibration is not None else {})}

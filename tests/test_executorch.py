@@ -89,8 +89,8 @@ def test_runner_prefill_chunks_and_reset_agree(fp32_artifact):
 
 
 def test_pruned_8da4w_gate_and_size(tmp_path):
-    """A uniform-pruned shape (FFN 96, 2 heads / 1 KV head), every linear int4 inside XNNPACK; the runtime reproduces
-    torchao's own eager 8da4w model, so what the gate measures is the quantization, not the lowering."""
+    """A uniform-pruned shape (FFN 96, 2 heads / 1 KV head), every linear int4 or int8 inside XNNPACK; the runtime
+    reproduces torchao's own eager 8da4w model, so what the gate measures is the quantization, not the lowering."""
     import torch
     from safetensors.torch import load_file
 
@@ -180,13 +180,24 @@ def _sliced(lin, rows=None, cols=None):
 # --- bad inputs: refused before any lowering, with the problem and the fix ----------------------------------------
 
 
-def test_8da4w_refuses_ffn_width_not_divisible_by_group(tmp_path):
-    model = make_tiny_model("qwen2", tmp_path / "m", intermediate_size=100)
+def test_8da4w_mix_and_the_group_width_rule(tmp_path):
+    """The head, down_proj, k_proj and v_proj stay 8-bit per channel (any input width: an FFN of 100 quantizes); a
+    4-bit linear whose input width the group does not divide is refused before anything is written."""
+    from edgekit.exporters.executorch import quantize_8da4w
+    from edgekit.models import load_torch_model
+
+    model, _ = load_torch_model(make_tiny_model("qwen2", tmp_path / "m", intermediate_size=100))
+    info = quantize_8da4w(model)
+    bits = info["weight_bits"]
+    assert {n.rpartition(".")[2] for n, b in bits.items() if b == 8} == {"lm_head", "down_proj", "k_proj", "v_proj"}
+    assert {n.rpartition(".")[2] for n, b in bits.items() if b == 4} == {"q_proj", "o_proj", "gate_proj", "up_proj"}
+    assert model.model.layers[0].mlp.down_proj.weight.shape == (64, 100)  # quantized, not refused
+    heads = make_tiny_model("llama", tmp_path / "h", num_attention_heads=3, num_key_value_heads=1, head_dim=16)
     with pytest.raises(EdgekitError) as e:
-        export(model, tmp_path / "a", precision="8da4w")
+        export(heads, tmp_path / "a", precision="8da4w")
     msg = str(e.value)
-    assert "group size 32" in msg and "model.layers.0.mlp.down_proj (in 100)" in msg
-    assert "2 linear(s)" in msg and "prune the FFN width to a multiple of 32" in msg and "--precision fp32" in msg
+    assert "group size 32" in msg and "model.layers.0.self_attn.o_proj (in 48)" in msg and "down_proj" not in msg
+    assert "heads * head_dim stays a multiple of 32" in msg and "--precision fp32" in msg
     assert not (tmp_path / "a").exists()  # nothing half-written
 
 
