@@ -55,19 +55,6 @@ class Idefics3Family(VlmFamily):
     def vision_layers(self, model) -> list:
         return list(model.model.vision_model.encoder.layers)
 
-    def vision_qkv(self, layer) -> tuple:
-        a = layer.self_attn
-        return a.q_proj, a.k_proj, a.v_proj
-
-    def vision_out(self, layer):
-        return layer.self_attn.out_proj
-
-    def vision_fc(self, layer) -> tuple:
-        return layer.mlp.fc1, layer.mlp.fc2
-
-    def vision_norms(self, layer) -> list:
-        return [layer.layer_norm1, layer.layer_norm2]
-
     def projector(self, model):
         return (model.model.connector.modality_projection.proj,)
 
