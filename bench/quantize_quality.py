@@ -54,7 +54,8 @@ CASES: dict[str, Case] = {
     "gguf-q4_0-rtn": Case("gguf", "q4_0", {"calibrate": False}, "llama.cpp round-to-nearest"),
     # ExecuTorch lowers slowly (SmolLM2: minutes per .pte on 2 cores); context 1024 as android-arm64 builds
     "executorch-fp32": Case("executorch", "fp32", {"context_length": 1024}),
-    "executorch-8da4w": Case("executorch", "8da4w", {"context_length": 1024}, "GPTQ on the calibration text"),
+    "executorch-8da4w": Case("executorch", "8da4w", {"context_length": 1024},
+                             "GPTQ on the calibration text; head, down, k, v at int8"),
     "executorch-8da4w-rtn": Case("executorch", "8da4w", {"context_length": 1024, "calibrate": False},
                                  "torchao round-to-nearest"),
     "ort-fp32": Case("onnxruntime", "fp32"),
