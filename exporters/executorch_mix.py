@@ -23,11 +23,12 @@ def keeps_8_bits(name: str) -> bool:
 def planned_weight_bytes(cfg: dict, precision: str) -> int:
     """The planner's entry (RuntimeMemory.weight_bytes): a config.json's weights in the .pte. The embedding table
     stays fp32 for the portable lookup; a tied LM head is a second, packed copy of it."""
-    from edgekit.arch import geometry
+    from edgekit.arch import family_of, geometry
     from edgekit.exporters.gguf_types import matrices
 
     g = geometry(cfg)
-    mats = matrices(g)
+    fused = family_of(cfg).fused  # Phi-3's qkv_proj is one linear, kept 8-bit whole (its q too)
+    mats = matrices(g, fused_qkv=fused, fused_gate_up=fused)
     table = g.vocab_size * g.hidden_size
     vectors = g.params() - sum(w * rows for _, _, w, rows in mats)
     if precision == "fp32":
