@@ -45,12 +45,13 @@ class Case:
 CASES: dict[str, Case] = {
     "gguf-fp32": Case("gguf", "fp32"),
     "gguf-q8_0": Case("gguf", "q8_0"),
-    "gguf-q5_k_m": Case("gguf", "q5_k_m", note="imatrix from the calibration text"),
+    # the export default for GGUF 4/5-bit: llama.cpp quantizes with edgekit's importance matrix, GPTQ re-rounds
+    "gguf-q5_k_m": Case("gguf", "q5_k_m", note="imatrix + GPTQ on llama.cpp's blocks (export default)"),
     "gguf-q5_k_m-rtn": Case("gguf", "q5_k_m", {"calibrate": False}, "llama.cpp round-to-nearest"),
-    "gguf-q4_k_m-gptq": Case("gguf", "q4_k_m", {"gptq": True}, "imatrix + GPTQ on llama.cpp's blocks (--gptq)"),
-    "gguf-q4_k_m": Case("gguf", "q4_k_m", note="imatrix from the calibration text"),
+    "gguf-q4_k_m": Case("gguf", "q4_k_m", note="imatrix + GPTQ on llama.cpp's blocks (export default)"),
+    "gguf-q4_k_m-imatrix": Case("gguf", "q4_k_m", {"gptq": False}, "imatrix alone (--no-gptq)"),
     "gguf-q4_k_m-rtn": Case("gguf", "q4_k_m", {"calibrate": False}, "llama.cpp round-to-nearest"),
-    "gguf-q4_0": Case("gguf", "q4_0", note="imatrix from the calibration text"),
+    "gguf-q4_0": Case("gguf", "q4_0", note="imatrix + GPTQ on llama.cpp's blocks (export default)"),
     "gguf-q4_0-rtn": Case("gguf", "q4_0", {"calibrate": False}, "llama.cpp round-to-nearest"),
     # ExecuTorch lowers slowly (SmolLM2: minutes per .pte on 2 cores); context 1024 as android-arm64 builds
     "executorch-fp32": Case("executorch", "fp32", {"context_length": 1024}),

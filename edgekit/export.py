@@ -41,7 +41,9 @@ class ExportConfig:
     group_size: int | None = None  # weights per quantization scale (ONNX Runtime int4: 32, 64, 128); None: 32
     calibrate: bool = True  # calibrated quantization where the precision has it (GGUF: an importance matrix)
     calibration: Path | None = None  # text to calibrate on (.txt/.jsonl/folder); None: edgekit's shipped text
-    gptq: bool = False  # GGUF 4/5-bit: GPTQ re-rounds the codes on llama.cpp's imatrix-chosen blocks (slow)
+    # GGUF 4/5-bit: GPTQ re-rounds the codes on llama.cpp's imatrix-chosen blocks; None = wherever an importance
+    # matrix is computed (as ExecuTorch 8da4w is GPTQ-calibrated by default), False = the imatrix alone (faster)
+    gptq: bool | None = None
     qat: Any = None  # edgekit.qat.QATPlan the model was trained for (read from its qat.json by export_model)
     kv_cache: str | None = None  # KV-cache element type (edgekit.precision.KV_CACHES) where the runtime takes one
     onnx_graph: str | None = None  # ONNX Runtime: "lean" | "optimum"; None: lean where the model allows it

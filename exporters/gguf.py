@@ -43,8 +43,9 @@ ENTRY = "model.gguf"
 FTYPES = {"q8_0": 7, "q5_k_m": 17, "q4_k_m": 15, "q4_0": 2}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
 K_QUANTS = ("q5_k_m", "q4_k_m")
 IMATRIX = ("q5_k_m", "q4_k_m", "q4_0")  # quantizers that weigh columns by an importance matrix (Q8_0's has none)
-# GPTQ on the grids llama.cpp chose with the importance matrix (gguf_gptq.py) is opt-in (`export --gptq`): SmolLM2
-# q4_k_m KL 0.0339 -> 0.0244 (0.42x round-to-nearest's 0.0575), but the export took 25x longer (bench/quantize_quality.py)
+# GPTQ on the grids llama.cpp chose with the importance matrix (gguf_gptq.py) is the default wherever an importance
+# matrix is (`--no-gptq` for the imatrix alone): SmolLM2 q4_k_m KL against llama.cpp's round-to-nearest 0.59x with the
+# imatrix alone, 0.42x with GPTQ (0.0575 -> 0.0339 -> 0.0244), at a few times the export time (bench/quantize_quality.md)
 FLOAT_TYPES = {"fp32": "f32", "fp16": "f16"}  # edgekit's precision -> the GGUF tensor type written directly
 BLOCK = 32  # Q8_0 and every K-quant fallback type (Q5_0, Q5_1, Q8_0) pack a row in blocks of 32
 K_BLOCK = 256  # K-quant super-block: rows of other widths silently fall back to a 32-block type
@@ -527,7 +528,7 @@ def export(model_dir: Path, out: Path, cfg) -> dict:
                 imatrix = compute(model_dir, p, cfg.calibration, threads=cfg.threads)
             made = Path(tmp) / ENTRY
             quantize(src, made, cfg.precision, cfg.threads, imatrix)
-            if imatrix is not None and cfg.gptq:  # the importance matrix chose the block scales; GPTQ rounds
+            if imatrix is not None and cfg.gptq is not False:  # the imatrix chose the block scales; GPTQ rounds
                 from edgekit.exporters.gguf_gptq import calibrate
 
                 rounding = calibrate(model_dir, p, made, cfg.calibration, threads=cfg.threads)

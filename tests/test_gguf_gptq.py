@@ -108,15 +108,18 @@ def test_calibrated_export_records_its_rounding_and_runs_in_llama_cpp(tmp_path):
     from edgekit.runtime import open_artifact
 
     src = make_tiny_model("llama", tmp_path / "m", seed=6, **ALIGNED)
-    meta = export_model(src, tmp_path / "a", ExportConfig(backend="gguf", precision="q4_k_m", gptq=True,
+    meta = export_model(src, tmp_path / "a", ExportConfig(backend="gguf", precision="q4_k_m",
                                                           accept_gate_failure=True), log=lambda *a: None)
-    assert meta["rounding"]["tensors"] == 15 and meta["rounding"]["tokens"] > 0
+    assert meta["rounding"]["tensors"] == 15 and meta["rounding"]["tokens"] > 0  # GPTQ is the default
     assert meta["gate"]["top1_agreement"] > 0.3
     logits = open_artifact(tmp_path / "a").forward(np.arange(1, 9))
     assert logits.shape[0] == 8 and np.isfinite(logits).all()
     plain = export_model(src, tmp_path / "b", ExportConfig(backend="gguf", precision="q4_k_m", calibrate=False,
                                                            accept_gate_failure=True), log=lambda *a: None)
     assert plain["rounding"] == "llama.cpp nearest" and plain["imatrix"] is None
+    fast = export_model(src, tmp_path / "c", ExportConfig(backend="gguf", precision="q4_k_m", gptq=False,
+                                                          accept_gate_failure=True), log=lambda *a: None)
+    assert fast["rounding"] == "llama.cpp, imatrix-weighted" and fast["imatrix"] is not None
 
 
 @pytest.mark.parametrize("kw,needle", [

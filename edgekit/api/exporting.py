@@ -14,7 +14,8 @@ if TYPE_CHECKING:
 
 
 def _check_gptq(cfg) -> None:
-    """GPTQ is opt-in for GGUF only: ExecuTorch 8da4w is GPTQ-calibrated already, ONNX Runtime int4 is HQQ."""
+    """An explicit gptq=True is for GGUF only: ExecuTorch 8da4w is GPTQ-calibrated already, ONNX Runtime int4 is HQQ
+    (None, the default, applies it to GGUF's 4/5-bit wherever an importance matrix is computed)."""
     from edgekit.errors import EdgekitError
     from edgekit.exporters.gguf import IMATRIX
 
@@ -30,7 +31,7 @@ def _check_gptq(cfg) -> None:
 @api_function("export")
 def export(model: str | Path | None = None, *, backend: str, out: str | Path, precision: str | None = None,
            context: int | None = None, target: str | Path | Target | None = None, group_size: int | None = None,
-           calibrate: bool = True, gptq: bool = False, calibration: str | Path | None = None,
+           calibrate: bool = True, gptq: bool | None = None, calibration: str | Path | None = None,
            accept_gate_failure: bool = False, kv_cache: str | None = None,
            force: bool = False, threads: int | None = None, verbose: bool = False) -> ExportResult:
     """Write one artifact folder `out` for `backend` (onnxruntime, gguf, executorch, tensorrt) from `model` (a

@@ -33,9 +33,10 @@ def register(sub) -> None:
                    "the model's widths")
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false", help="plain round-to-nearest "
                    "quantization (GGUF: no importance matrix; ONNX Runtime int4: no HQQ)")
-    p.add_argument("--gptq", action="store_true", help="GGUF 4/5-bit: after the importance matrix picks each "
-                   "block's scale, re-round the codes by GPTQ on the calibration text (SmolLM2 q4_k_m: KL 0.034 -> "
-                   "0.024; the export takes many times longer)")
+    p.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None, help="GGUF 4/5-bit: after the "
+                   "importance matrix picks each block's scale, re-round the codes by GPTQ on the calibration text "
+                   "(default on wherever an importance matrix is; SmolLM2 q4_k_m KL 0.034 -> 0.024); --no-gptq keeps "
+                   "the importance matrix alone, a few times faster")
     p.add_argument("--calibration", type=Path, help="text to calibrate quantization on (.txt, .jsonl with a 'text' "
                    "field, or a folder of them; default: edgekit's shipped calibration text)")
     p.add_argument("--kv-cache", help="KV-cache type where the runtime takes one (gguf: f32, f16 or q8_0; q8_0 "
