@@ -67,7 +67,7 @@ PRECISIONS: dict[str, Precision] = {
         # torchao int8 dynamic activations x int4 weights, an fp32 scale per group of 32
         Precision("8da4w", 4 + 32 / 32, Thresholds(max_abs=None, top1=0.65, mean_kl=0.35, greedy_exact=False), True,
                   "int4 weights (group 32) with int8 dynamic activations (torchao, XNNPACK)", ("a8w4",),
-                  fake_quant="int8dyn-int4sym"),
+                  fake_quant="int8dyn-int4sym-mix"),
     )
 }
 

@@ -22,7 +22,9 @@ from pathlib import Path
 from edgekit.errors import EdgekitError
 
 QAT_FILE = "qat.json"
+SCALES_FILE = "qat_scales.safetensors"  # the fixed scales a GPTQ-initialised QAT trained on (export rounds with them)
 DEFAULT_GROUP = 32
+INITS = ("gptq", "max")
 
 
 @dataclass(frozen=True)
@@ -31,15 +33,23 @@ class Recipe:
     weight_bits: int
     act_int8_per_token: bool  # dynamic asymmetric int8 activations per token (XNNPACK's qd8)
     scale_dtype: str  # the dtype group scales are rounded to, as the runtime stores them
-    lm_head: bool  # the output head is quantized like the other linears
+    lm_head: bool  # the output head is fake-quantized too
     description: str
+    eight_bit: bool = False  # the linears 8da4w keeps at 8 bits (exporters/executorch_mix.py) train at int8 per row
 
 
 RECIPES = {r.name: r for r in (
     # torchao's symmetric rule: scale = max|w| / 7.5 per group, q = clamp(round(w / scale), -8, 7); XNNPACK stores
     # the scales in bf16, so they are rounded to bf16 before rounding the weights (exporters/executorch.py does too)
+    # every linear at 4 bits: what QAT folders written before the mix trained for (their export stays all-4-bit)
     Recipe("int8dyn-int4sym", 4, True, "bfloat16", True,
            "int8 dynamic per-token activations x int4 symmetric per-group weights (torchao 8da4w, bf16 scales)"),
+    # the exporter's mix: the head, down, k and v at int8 per output channel (fp32 scales, XNNPACK qc8w), the rest
+    # 4-bit as above. Training all of them at 4 bits costs what the mix avoids: SmolLM2 pruned 30%, 16k tokens,
+    # fake-quant perplexity rose from 1.11x to 1.47x the fp32 student (bench/qat_recovery.py)
+    Recipe("int8dyn-int4sym-mix", 4, True, "bfloat16", True,
+           "int8 dynamic per-token activations x int4 symmetric per-group weights, the head, down, k and v "
+           "projections int8 per channel (torchao 8da4w as edgekit exports it)", eight_bit=True),
 )}
 
 
@@ -50,13 +60,18 @@ class QATPlan:
     group_size: int
     recipe: str
     start_fraction: float = 0.0  # fake quantization from this fraction of the steps on (0 = the whole run)
+    # "max": torchao's own rule, scales re-derived from max |w| at every step; "gptq": at the switch GPTQ rounds the
+    # weights onto the grid on the calibration text and the scales stay fixed from then on, so QAT starts from what
+    # post-training quantization would ship. Measured worse (SmolLM2 pruned 30%, 16k tokens, bench/qat_recovery.py:
+    # 1.39x the fp32 student from step 0 against max's 1.064x; 1.098x against 1.093x from half way), so opt-in
+    init: str = "max"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def resolve(scheme: str, backend: str | None = None, group_size: int | None = None,
-            start_fraction: float = 0.0) -> QATPlan:
+            start_fraction: float = 0.0, init: str = "max") -> QATPlan:
     """The QAT request as a plan, refused in one line when the backend lacks the scheme or the scheme has no recipe
     (torch-free: runs before any model loads)."""
     from edgekit.exporters import REGISTRY, get
@@ -86,7 +101,9 @@ def resolve(scheme: str, backend: str | None = None, group_size: int | None = No
     if not 0 <= start_fraction < 1:
         raise EdgekitError(f"--qat-start must be in [0, 1), got {start_fraction}",
                            "0 = fake quantization for the whole run, 0.5 = the second half")
-    return QATPlan(p.name, backend, g, p.fake_quant, float(start_fraction))
+    if init not in INITS:
+        raise EdgekitError(f"unknown QAT start {init!r}", f"pass --qat-init {' or --qat-init '.join(INITS)}")
+    return QATPlan(p.name, backend, g, p.fake_quant, float(start_fraction), init)
 
 
 def recipe(plan: QATPlan) -> Recipe:
@@ -116,7 +133,8 @@ def target_linears(model, rec: Recipe) -> list[tuple[str, object]]:
 
 def check_widths(model, plan: QATPlan) -> None:
     """Every fake-quantized linear's input width must be a multiple of the group size (one line naming them)."""
-    bad = [(n, m.in_features) for n, m in target_linears(model, recipe(plan)) if m.in_features % plan.group_size]
+    bad = [(n, m.in_features) for n, m in target_linears(model, recipe(plan))
+           if m.in_features % plan.group_size and bits(plan, n) == 4]  # one scale per row takes any width
     if bad:
         widths = sorted({w for _, w in bad})
         shown = ", ".join(f"{n} (in {w})" for n, w in bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
@@ -126,32 +144,103 @@ def check_widths(model, plan: QATPlan) -> None:
                            f"pass a --group-size that divides {', '.join(map(str, widths))}")
 
 
-def fake_quant_configs(plan: QATPlan):
-    """(activation, weight) torchao IntxFakeQuantizeConfig of the plan's recipe."""
+def bits(plan: QATPlan, name: str) -> int:
+    """The weight bits the plan's recipe trains (and the exporter lowers) this linear at."""
+    from edgekit.exporters.executorch_mix import keeps_8_bits
+
+    rec = recipe(plan)
+    return 8 if rec.eight_bit and keeps_8_bits(name) else rec.weight_bits
+
+
+def fake_quant_configs(plan: QATPlan, name: str = "", fixed: bool = False):
+    """(activation, weight) torchao IntxFakeQuantizeConfig of the plan's recipe for the linear called `name`;
+    `fixed`: the weight scales are set once (GPTQ's) instead of re-derived from the weight at every step."""
     import torch
     from torchao.quantization.qat import IntxFakeQuantizeConfig
 
     rec = recipe(plan)
     act = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False) if rec.act_int8_per_token else None
+    if bits(plan, name) == 8:  # one fp32 scale per output row, as the exporter hands qc8w its scales
+        return act, IntxFakeQuantizeConfig(torch.int8, "per_channel", is_symmetric=True, is_dynamic=not fixed)
     weight = IntxFakeQuantizeConfig(getattr(torch, f"int{rec.weight_bits}"), group_size=plan.group_size,
-                                    is_symmetric=True, scale_precision=getattr(torch, rec.scale_dtype))
+                                    is_symmetric=True, scale_precision=getattr(torch, rec.scale_dtype),
+                                    is_dynamic=not fixed)
     return act, weight
 
 
-def prepare(model, plan: QATPlan) -> int:
+def calibrate(model, plan: QATPlan, calibration: list) -> dict:
+    """The GPTQ start: round the recipe's linears onto its grid by GPTQ on `calibration` (batches of token ids), in
+    place (the same Parameters), as the 8da4w exporter does after training without QAT; returns name -> scales."""
+    import torch
+
+    from edgekit.exporters.executorch import gptq_grid
+
+    names = [n for n, _ in target_linears(model, recipe(plan))]
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        scales = gptq_grid(model, {n for n in names if bits(plan, n) == 8}, plan.group_size, calibration,
+                           in_place=True)
+    model.train(was)
+    return {n: s for n, s in scales.items() if n in names}
+
+
+def prepare(model, plan: QATPlan, scales: dict | None = None) -> int:
     """Swap the recipe's linears for torchao FakeQuantizedLinear in place (the Parameters are the same objects, so
-    an optimizer built before keeps its state and a tied head stays tied); returns how many."""
+    an optimizer built before keeps its state and a tied head stays tied); with `scales` (name -> tensor, from
+    `calibrate` or `load_scales`) each weight quantizer keeps those scales fixed. Returns how many."""
+    import torch
     from torchao.quantization.qat.linear import FakeQuantizedLinear
 
     check_widths(model, plan)
-    act, weight = fake_quant_configs(plan)
     n = 0
     for name, mod in target_linears(model, recipe(plan)):
         if isinstance(mod, FakeQuantizedLinear):
             continue
-        model.set_submodule(name, FakeQuantizedLinear.from_linear(mod, act, weight))
+        fixed = scales is not None and name in scales
+        fq = FakeQuantizedLinear.from_linear(mod, *fake_quant_configs(plan, name, fixed))
+        if fixed:
+            fq.weight_fake_quantizer.scale = scales[name].to(mod.weight.device)
+            fq.weight_fake_quantizer.zero_point = torch.zeros_like(scales[name], dtype=torch.int32)
+        model.set_submodule(name, fq)
         n += 1
     return n
+
+
+def fixed_scales(model) -> dict:
+    """name -> the fixed weight scales of every fake-quantized linear that has them (what `prepare` was given)."""
+    from torchao.quantization.qat.linear import FakeQuantizedLinear
+
+    return {n: m.weight_fake_quantizer.scale.detach().clone() for n, m in model.named_modules()
+            if isinstance(m, FakeQuantizedLinear) and m.weight_fake_quantizer is not None
+            and not m.weight_fake_quantizer.config.is_dynamic}
+
+
+def save_scales(folder: Path, scales: dict) -> None:
+    from safetensors.torch import save
+
+    from edgekit.fsutil import atomic_write_bytes
+
+    atomic_write_bytes(Path(folder) / SCALES_FILE, save({n: s.contiguous().float() for n, s in scales.items()}))
+
+
+def load_scales(folder: Path, plan: QATPlan | None = None) -> dict | None:
+    """The fixed scales a folder's QAT trained on, or None (a `max` start re-derives them from the weights); with
+    the folder's `plan`, a GPTQ start whose scales are missing is refused (its grid cannot be re-derived)."""
+    f = Path(folder) / SCALES_FILE
+    if not f.is_file():
+        if plan is not None and plan.init == "gptq":
+            raise EdgekitError(f"{f.name} is missing from {folder}: its QAT trained on GPTQ's scales, which only "
+                               "that file holds", "restore it from the distill output, or export with -p fp32")
+        return None
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(f))
+    except Exception as e:  # noqa: BLE001 safetensors raises its own error types for a truncated or foreign file
+        raise EdgekitError(f"{f} is not a scales file edgekit wrote ({e})",
+                           "restore it from the distill output; export cannot round on the trained grid without it"
+                           ) from e
 
 
 def convert(model) -> int:
@@ -164,13 +253,16 @@ def convert(model) -> int:
     return len(fq)
 
 
-def weight_grid(weight, plan: QATPlan):
-    """(fake-quantized weight, fp32 group scales) exactly as training's weight fake quantizer computes them: the
-    exporter hands both to torchao (custom scales), which re-derives the very integers QAT trained through."""
+def weight_grid(weight, plan: QATPlan, name: str = "", scale=None):
+    """(fake-quantized weight, fp32 group scales) exactly as training's weight fake quantizer computes them for the
+    linear called `name` (with its fixed `scale` when training had one): the exporter hands both to torchao (custom
+    scales), which re-derives the very integers QAT trained through."""
     import torch
     from torchao.quantization.qat.fake_quantizer import FakeQuantizerBase
 
-    fq = FakeQuantizerBase.from_config(fake_quant_configs(plan)[1])
+    fq = FakeQuantizerBase.from_config(fake_quant_configs(plan, name, scale is not None)[1])
+    if scale is not None:
+        fq.scale, fq.zero_point = scale.to(weight.device), torch.zeros_like(scale, dtype=torch.int32)
     with torch.no_grad():
         w = fq(weight.detach())
     return w, fq.scale.float()
@@ -208,11 +300,13 @@ def read(folder: Path) -> QATPlan | None:
         return None
     try:
         d = json.loads(f.read_text())
-        return QATPlan(d["scheme"], d["backend"], int(d["group_size"]), d["recipe"], float(d.get("start_fraction", 0)))
+        return QATPlan(d["scheme"], d["backend"], int(d["group_size"]), d["recipe"], float(d.get("start_fraction", 0)),
+                       d.get("init", "max"))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise EdgekitError(f"{f} is not a QAT record edgekit wrote ({e})",
                            f"restore it from the distill output, or delete it to export as a plain model") from e
 
 
-__all__ = ["DEFAULT_GROUP", "QAT_FILE", "QATPlan", "RECIPES", "Recipe", "check_widths", "convert", "export_settings", "weight_grid",
-           "prepare", "read", "resolve", "target_linears", "write"]
+__all__ = ["DEFAULT_GROUP", "INITS", "QAT_FILE", "QATPlan", "RECIPES", "Recipe", "SCALES_FILE", "bits", "calibrate",
+           "check_widths", "convert", "export_settings", "fixed_scales", "load_scales", "prepare", "read", "resolve",
+           "save_scales", "target_linears", "weight_grid", "write"]

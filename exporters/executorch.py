@@ -167,22 +167,53 @@ def _bf16(s: torch.Tensor) -> torch.Tensor:
     return s.to(torch.bfloat16).float()  # XNNPACK stores group scales in bf16: choose and round with what runs
 
 
-def quantize_8da4w(model, group_size: int = GROUP_SIZE, calibration: list | None = None, qat=None) -> dict:
+def gptq_grid(model, eight, group_size: int, calibration: list, in_place: bool = False) -> dict:
+    """GPTQ every linear onto the 8da4w grid: the `eight` (names) at int8 with one fp32 scale per row (XNNPACK's
+    qc8w), the rest int4 with bf16 scales per group (qb4w); each weight becomes its rounded values in fp32 (`in_place`:
+    the same Parameter, as QAT needs for its optimizer and a tied head; otherwise a new one, so a tied embedding
+    keeps its float table). Returns name -> scales (rows, groups)."""
+    from edgekit.arch import get_family
+    from edgekit.gptq import gptq, quantize_sequentially
+
+    scales: dict[str, torch.Tensor] = {}
+
+    def to_grid(name, mod, hessian):  # the rounded weights in fp32 for now: calibrating the next layer is faster
+        if name in eight:
+            q, scales[name] = gptq(mod.weight, hessian, mod.in_features, bits=8)
+        else:  # choose and round the scales with what runs
+            q, scales[name] = gptq(mod.weight, hessian, group_size, bits=4, round_scale=_bf16)
+        g = scales[name].shape[1]
+        grid = (q.float().reshape(q.shape[0], g, -1) * scales[name][..., None]).reshape(q.shape)
+        if in_place:
+            mod.weight.data.copy_(grid)
+        else:
+            mod.weight = torch.nn.Parameter(grid, requires_grad=False)
+
+    quantize_sequentially(model, list(get_family(model.config.model_type).layers(model)), calibration, to_grid)
+    return scales
+
+
+def quantize_8da4w(model, group_size: int = GROUP_SIZE, calibration: list | None = None, qat=None,
+                   qat_scales: dict | None = None) -> dict:
     """int8 dynamic activations x int4 grouped weights (torchao), the EIGHT_BIT linears at int8 per channel;
     returns what was done.
 
     With `calibration` (batches of token ids) the weights are GPTQ's (edgekit/gptq.py) rather than torchao's
     round-to-nearest: on SmolLM2-135M mean KL vs fp32 0.62 -> 0.17 with every linear at 4 bits. With `qat`
-    (edgekit.qat.QATPlan) the weights were trained through that plan's fake quantizer, every linear at 4 bits: each
-    is rounded on exactly its grid (round-to-nearest, bf16 scales), which is what QAT trained for; GPTQ or 8 bits
-    would move them off it."""
+    (edgekit.qat.QATPlan) the weights were trained through that plan's fake quantizer (its recipe says which linears
+    at 8 bits), with `qat_scales` when the scales were fixed during training (edgekit.qat.load_scales): each is
+    rounded on exactly its grid by round-to-nearest, which is what QAT trained for; GPTQ would move them off it."""
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxUnpackedToInt8Tensor, quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup
 
-    mixed = qat is None
-    check_group_widths(model, group_size, mixed)
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    eight = [n for n in linears if mixed and keeps_8_bits(n)]
+    if qat is None:
+        eight = [n for n in linears if keeps_8_bits(n)]
+    else:
+        from edgekit.qat import bits
+
+        eight = [n for n in linears if bits(qat, n) == 8]
+    check_group_widths(model, group_size, mixed=bool(eight))
 
     def packed(w, bits, s):  # torchao re-derives exactly the rounded integers from (rounded weights, scales)
         return torch.nn.Parameter(IntxUnpackedToInt8Tensor.from_hp(
@@ -195,8 +226,8 @@ def quantize_8da4w(model, group_size: int = GROUP_SIZE, calibration: list | None
 
         for n in linears:  # torchao re-derives the fake quantizer's integers from (its output, its scales)
             mod = model.get_submodule(n)
-            w, s = weight_grid(mod.weight, qat)
-            mod.weight = packed(w, 4, s)
+            w, s = weight_grid(mod.weight, qat, n, (qat_scales or {}).get(n))
+            mod.weight = packed(w, 8 if n in eight else 4, s)
     elif calibration is None:
         lin = torch.nn.Linear
         quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
@@ -207,22 +238,7 @@ def quantize_8da4w(model, group_size: int = GROUP_SIZE, calibration: list | None
                                                                    weight_granularity=PerAxis(0)),
                       filter_fn=lambda m, n: isinstance(m, lin) and n in eight)
     else:
-        from edgekit.arch import get_family
-        from edgekit.gptq import gptq, quantize_sequentially
-
-        scales: dict[str, torch.Tensor] = {}
-
-        def to_grid(name, mod, hessian):  # the rounded weights in fp32 for now: calibrating the next layer is faster
-            if name in eight:  # one fp32 scale per row, as XNNPACK's qc8w kernels take it
-                q, scales[name] = gptq(mod.weight, hessian, mod.in_features, bits=8)
-            else:  # bf16 scales per group, as XNNPACK stores them: choose and round with what runs
-                q, scales[name] = gptq(mod.weight, hessian, group_size, bits=4, round_scale=_bf16)
-            g = scales[name].shape[1]
-            grid = (q.float().reshape(q.shape[0], g, -1) * scales[name][..., None]).reshape(q.shape)
-            mod.weight = torch.nn.Parameter(grid, requires_grad=False)  # a new one: a tied embedding keeps its own
-
-        quantize_sequentially(model, list(get_family(model.config.model_type).layers(model)), calibration, to_grid)
-        for n, s in scales.items():
+        for n, s in gptq_grid(model, set(eight), group_size, calibration).items():
             mod = model.get_submodule(n)
             mod.weight = packed(mod.weight.data, 8 if n in eight else 4, s)
     plain = [n for n in linears if type(model.get_submodule(n).weight.data) is torch.Tensor]
@@ -279,7 +295,12 @@ def export(model_dir: Path, out: Path, cfg) -> dict:
             qat = getattr(cfg, "qat", None)
             calib = calibration_batches(tok, cfg.calibration) if cfg.calibrate and tok is not None and qat is None \
                 else None
-            info = quantize_8da4w(model, group_size=qat.group_size if qat else GROUP_SIZE, calibration=calib, qat=qat)
+            if qat is not None:
+                from edgekit.qat import load_scales
+
+                info = quantize_8da4w(model, qat.group_size, qat=qat, qat_scales=load_scales(model_dir, qat))
+            else:
+                info = quantize_8da4w(model, calibration=calib)
         spell_out_tanh_gelu(model)
         with warnings.catch_warnings():  # "mutation on a buffer ... meaningless initial state": the mask covers it
             warnings.simplefilter("ignore")

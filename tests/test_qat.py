@@ -38,7 +38,7 @@ def qat_run(models, tmp_path_factory):
     from edgekit.distill import distill
 
     out = tmp_path_factory.mktemp("qatrun") / "student-qat"
-    rep = distill(models["teacher"], models["student"], out, _cfg(qat_start=0.25), progress=False,
+    rep = distill(models["teacher"], models["student"], out, _cfg(qat_start=0.25, qat_init="gptq"), progress=False,
                   log=lambda *_: None)
     return out, rep
 
@@ -52,7 +52,12 @@ def test_distill_qat_trains_and_records_the_scheme(qat_run):
     assert q["start_step"] == 4 and q["steps"] == 12 and q["fake_quantized_linears"] == 2 * 7 + 1
     assert rep["heldout_perplexity"]["after"] < rep["heldout_perplexity"]["before"]
     rec = json.loads((out / "qat.json").read_text())
-    assert rec["scheme"] == "8da4w" and rec["recipe"] == "int8dyn-int4sym" and rec["group_size"] == 32
+    assert rec["scheme"] == "8da4w" and rec["recipe"] == "int8dyn-int4sym-mix" and rec["group_size"] == 32
+    assert rec["init"] == "gptq" and q["gptq_seconds"] >= 0  # QAT started from GPTQ's rounding, scales kept
+    from edgekit import qat
+
+    scales = qat.load_scales(out)
+    assert len(scales) == 15 and scales["lm_head"].shape[1] == 1 and scales["model.layers.0.mlp.up_proj"].shape[1] == 2
     # the saved folder is a plain float HF model (no fake-quant modules, no quantization_config)
     cfg = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in cfg
@@ -78,18 +83,44 @@ def test_qat_export_lowers_the_scheme_and_matches_the_fake_quant_model(qat_run, 
     meta = export_model(out, art, ExportConfig(backend="executorch", context_length=128), log=lambda *_: None)
     assert meta["precision"] == "8da4w" and meta["qat"]["scheme"] == "8da4w"
     assert meta["weight_rounding"] == "qat-grid" and meta["quantized_linears"] == 15 and meta["group_size"] == 32
+    bits = meta["weight_bits"]  # the exporter's mix, trained as such: head, down, k and v at 8 bits per channel
+    assert bits["lm_head"] == bits["model.layers.1.mlp.down_proj"] == bits["model.layers.0.self_attn.v_proj"] == 8
+    assert bits["model.layers.0.self_attn.q_proj"] == bits["model.layers.1.mlp.up_proj"] == 4
     assert meta["gate"]["passed"] and meta["gate_reference"].startswith("fake-quantized"), meta["gate"]["failures"]
     model, _ = load_torch_model(out)
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, 48)
     with torch.no_grad():
         float_logits = model(input_ids=torch.tensor(ids)[None]).logits[0].numpy()
-        qat.prepare(model, qat.read(out))
+        qat.prepare(model, qat.read(out), qat.load_scales(out))  # the GPTQ start's fixed scales
         fq_logits = model(input_ids=torch.tensor(ids)[None]).logits[0].numpy()
     got = sequence_logits(open_artifact(art), ids)
     d_fq, d_float = np.abs(got - fq_logits).max(), np.abs(got - float_logits).max()
     scale = np.abs(fq_logits).max()
     assert d_fq < 0.02 * scale and d_fq < 0.2 * d_float, (d_fq, d_float, scale)
     assert (got.argmax(-1) == fq_logits.argmax(-1)).mean() >= 0.97
+
+
+@pytest.mark.slow
+def test_killed_qat_run_resumes_on_the_same_gptq_grid(models, tmp_path, cli):
+    """SIGKILL after the GPTQ start (step 2 of 8, checkpoint at 4), then the same command: the rerun trains on the
+    scales the checkpoint kept (no second GPTQ) and ends with the uninterrupted run's weights and scales."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    from edgekit import qat
+
+    common = ["distill", "--teacher", models["teacher"], "--student", models["student"], "--steps", 8,
+              "--block-size", 64, "--batch-size", 8, "--micro-batch-size", 4, "--lr", 3e-3, "--checkpoint-every", 2,
+              "--qat", "8da4w", "--qat-start", 0.25, "--qat-init", "gptq"]
+    cli(*common, "-o", tmp_path / "a", check=0)
+    p = cli(*common, "-o", tmp_path / "b", EDGEKIT_FAULT_KILL_AT_STEP="5")
+    assert p.returncode == -signal.SIGKILL and (tmp_path / "b.ckpt" / "step-0000004" / qat.SCALES_FILE).is_file()
+    p = cli(*common, "-o", tmp_path / "b", check=0)
+    assert "step 4/8" in p.stderr and "starts from GPTQ" not in p.stderr, p.stderr[-2000:]
+    for f in ("model.safetensors", qat.SCALES_FILE):
+        a, b = load_file(str(tmp_path / "a" / f)), load_file(str(tmp_path / "b" / f))
+        assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
 def test_qat_export_refuses_another_grid(qat_run, tmp_path):
@@ -101,7 +132,12 @@ def test_qat_export_refuses_another_grid(qat_run, tmp_path):
         export_model(out, tmp_path / "a", ExportConfig(backend="gguf", precision="q4_0"), log=lambda *_: None)
     with pytest.raises(EdgekitError, match="group size 32, not 64"):
         export_model(out, tmp_path / "b", ExportConfig(backend="executorch", group_size=64), log=lambda *_: None)
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    lost = tmp_path / "lost"  # a QAT folder without the scales its GPTQ start trained on
+    shutil.copytree(out, lost)
+    (lost / "qat_scales.safetensors").unlink()
+    with pytest.raises(EdgekitError, match="qat_scales.safetensors is missing"):
+        export_model(lost, tmp_path / "c", ExportConfig(backend="executorch"), log=lambda *_: None)
+    assert not any((tmp_path / n).exists() for n in "abc")
 
 
 def test_bad_qat_requests_are_one_line_and_write_nothing(models, tmp_path, cli):

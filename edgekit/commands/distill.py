@@ -63,6 +63,10 @@ def register(sub) -> None:
     g.add_argument("--group-size", type=int, help="weights per quantization scale (default 32)")
     g.add_argument("--qat-start", type=float, help="fraction of the steps before fake quantization starts "
                    "(default 0: the whole run)")
+    g.add_argument("--qat-init", choices=("max", "gptq"), help="how fake quantization starts: max (default, "
+                   "torchao's rule) re-derives the scales from max |w| at every step; gptq rounds the student onto "
+                   "the grid by GPTQ on the calibration text and keeps those scales (measured worse on SmolLM2: "
+                   "docs/distill.md)")
     g = p.add_argument_group("checkpoints and cache")
     g.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 50)")
     g.add_argument("--checkpoint-dir", type=Path, help="default: OUT.ckpt next to OUT")
@@ -89,9 +93,11 @@ def config_from_args(a):
            "micro_batch_size": a.micro_batch_size, "seed": a.seed, "checkpoint_every": a.checkpoint_every,
            "teacher_cache": a.teacher_cache or None}
     base.update({k: v for k, v in top.items() if v is not None})
-    qat = {"qat": a.qat, "qat_backend": a.backend, "qat_group_size": a.group_size, "qat_start": a.qat_start}
+    qat = {"qat": a.qat, "qat_backend": a.backend, "qat_group_size": a.group_size, "qat_start": a.qat_start,
+           "qat_init": a.qat_init}
     if not a.qat and any(v is not None for v in qat.values()):
-        raise EdgekitError("--backend, --group-size and --qat-start only apply to quantization-aware training",
+        raise EdgekitError("--backend, --group-size, --qat-start and --qat-init only apply to quantization-aware "
+                           "training",
                            "add --qat SCHEME (e.g. --qat 8da4w), or drop them")
     base.update({k: v for k, v in qat.items() if v is not None})
     if a.temperature:

@@ -61,11 +61,13 @@ class DistillConfig:
     log_every: int = 10
     # quantization-aware training (edgekit/qat.py): a QAT-able precision name ("" = plain float distillation), the
     # backend that will lower it ("" = the first that declares it), the weight group size and the fraction of the
-    # steps after which fake quantization starts (0 = the whole run is QAT)
+    # steps after which fake quantization starts (0 = the whole run is QAT) and how it starts (edgekit.qat.INITS:
+    # "max" torchao's scales from max |w| at every step; "gptq" GPTQ's rounding at the switch, scales kept)
     qat: str = ""
     qat_backend: str = ""
     qat_group_size: int = 32
     qat_start: float = 0.0
+    qat_init: str = "max"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -141,7 +143,7 @@ class DistillConfig:
             return None
         from edgekit.qat import resolve
 
-        return resolve(self.qat, self.qat_backend or None, self.qat_group_size, self.qat_start)
+        return resolve(self.qat, self.qat_backend or None, self.qat_group_size, self.qat_start, self.qat_init)
 
     def total_steps(self) -> int:
         if self.steps:

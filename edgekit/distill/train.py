@@ -210,6 +210,8 @@ def distill(teacher: Path, student: Path, out: Path, cfg: DistillConfig, data: P
         say(f"distill: QAT {qat_plan.scheme} ({qat.recipe(qat_plan).description}, group {qat_plan.group_size}) "
             f"from step {qat_step}")
     fake_quantized = 0
+    qat_scales = None  # the fixed scales of a GPTQ start: computed at the switch, or read back from a checkpoint
+    gptq_seconds = 0.0
     say(f"distill: {len(blocks.train)} train blocks x {cfg.data.block_size} tokens from {blocks.source}, "
         f"{len(eval_blocks)} held-out; {total} steps of {cfg.batch_size} sequences "
         f"({total * cfg.batch_size * cfg.data.block_size:,} tokens), {d.world} process(es), accumulation {accum}")
@@ -259,6 +261,9 @@ def distill(teacher: Path, student: Path, out: Path, cfg: DistillConfig, data: P
         _set_rng_state(torch.load(ck / "rng.pt", weights_only=True))
         st = _State(step=meta["step"], history=meta["history"], ppl_before=meta["ppl_before"],
                     teacher_ppl=meta["teacher_ppl"], train_seconds=meta["train_seconds"])
+        if qat_plan is not None:
+            qat_scales = qat.load_scales(ck)
+            gptq_seconds = meta.get("qat_gptq_seconds", 0.0)
         say(f"distill: resumed from {ck} (step {st.step}/{total})")
 
     if st.ppl_before is None:
@@ -298,7 +303,9 @@ def distill(teacher: Path, student: Path, out: Path, cfg: DistillConfig, data: P
         for step in range(st.step, total):
             t0 = time.perf_counter()
             if step >= qat_step and not fake_quantized:  # the same Parameters: optimizer state carries over
-                fake_quantized = qat.prepare(s_model, qat_plan)
+                if qat_plan.init == "gptq" and qat_scales is None:
+                    qat_scales, gptq_seconds = _gptq_start(s_model, tok, qat_plan, say)
+                fake_quantized = qat.prepare(s_model, qat_plan, qat_scales)
             T = temperature(step, total, L)
             g = batch_indices(step, cfg.batch_size, len(blocks.train), cfg.seed)
             per_rank = cfg.batch_size // d.world
@@ -354,12 +361,13 @@ def distill(teacher: Path, student: Path, out: Path, cfg: DistillConfig, data: P
             if kill_at and st.step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
             if (cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0) and st.step < total:
-                _save_checkpoint(paths.checkpoints, wrapper, opt, sched, st, fp, cfg.keep_checkpoints, d)
+                _save_checkpoint(paths.checkpoints, wrapper, opt, sched, st, fp, cfg.keep_checkpoints, d,
+                                 qat_scales, gptq_seconds)
     finally:
         bar.close()
     student_model = s_model
     if qat_plan is not None and not fake_quantized:  # resumed after the last step: evaluate what QAT trained for
-        fake_quantized = qat.prepare(s_model, qat_plan)
+        fake_quantized = qat.prepare(s_model, qat_plan, qat_scales)
     ppl_after = perplexity(student_model, eval_blocks, cfg.micro_batch_size, d)  # with QAT: fake-quantized
     qat_record = None
     if qat_plan is not None:
@@ -367,7 +375,8 @@ def distill(teacher: Path, student: Path, out: Path, cfg: DistillConfig, data: P
 
         qat.convert(s_model)  # plain linears holding the trained float weights; the exporter quantizes them
         qat_record = {"fake_quantized_linears": fake_quantized, "start_step": qat_step, "steps": total - qat_step,
-                      "heldout_perplexity_fake_quant": round(ppl_after, 4), "torchao": version("torchao")}
+                      "heldout_perplexity_fake_quant": round(ppl_after, 4), "torchao": version("torchao"),
+                      **({"gptq_seconds": round(gptq_seconds, 1)} if qat_scales is not None else {})}
     tokens = total * tokens_per_step
     report = {
         "teacher": str(teacher), "student": str(student), "data": blocks.source,
@@ -396,6 +405,8 @@ def distill(teacher: Path, student: Path, out: Path, cfg: DistillConfig, data: P
             tok.save_pretrained(tmp)
             if qat_plan is not None:
                 qat.write(tmp, qat_plan, qat_record)  # export lowers this scheme on this grid
+                if qat_scales is not None:
+                    qat.save_scales(tmp, qat_scales)  # ... with the scales it trained on
             atomic_write_json(tmp / REPORT, report)
         if not keep_checkpoints:
             for p in paths.checkpoints.glob(CKPT_PREFIX + "*"):
@@ -430,19 +441,38 @@ def _Trainee(student, proj, pairs):
     return _trainee_class()(student, proj, pairs)
 
 
-def _save_checkpoint(ckdir: Path, wrapper, opt, sched, st: _State, fp: str, keep: int, d: Dist) -> None:
+def _gptq_start(model, tok, plan, say) -> tuple[dict, float]:
+    """QAT's GPTQ start: the student rounded onto the grid on edgekit's calibration text (as the exporter would
+    quantize it without QAT); returns the scales that stay fixed for the rest of training, and the seconds."""
+    from edgekit import qat
+    from edgekit.exporters.executorch import calibration_batches
+
+    t0 = time.perf_counter()
+    scales = qat.calibrate(model, plan, calibration_batches(tok))
+    dt = time.perf_counter() - t0
+    say(f"distill: QAT starts from GPTQ on the calibration text ({len(scales)} linears, {dt:.0f} s)")
+    return scales, dt
+
+
+def _save_checkpoint(ckdir: Path, wrapper, opt, sched, st: _State, fp: str, keep: int, d: Dist,
+                     qat_scales: dict | None = None, gptq_seconds: float = 0.0) -> None:
     import torch
     from safetensors.torch import save_model
 
     if d.main:
         with atomic_dir(ckdir / f"{CKPT_PREFIX}{st.step:07d}") as tmp:
             save_model(wrapper, str(tmp / "model.safetensors"))
+            if qat_scales is not None:  # a resume past the switch trains on these, not on a second GPTQ
+                from edgekit.qat import save_scales
+
+                save_scales(tmp, qat_scales)
             torch.save(opt.state_dict(), tmp / "optim.pt")
             torch.save(sched.state_dict(), tmp / "sched.pt")
             torch.save(_rng_state(), tmp / "rng.pt")
             atomic_write_json(tmp / "state.json", {"fingerprint": fp, "step": st.step, "history": st.history,
                                                    "ppl_before": st.ppl_before, "teacher_ppl": st.teacher_ppl,
-                                                   "train_seconds": st.train_seconds})
+                                                   "train_seconds": st.train_seconds,
+                                                   "qat_gptq_seconds": gptq_seconds})
         old = sorted(p for p in ckdir.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX))
         for p in old[:-max(1, keep)]:
             shutil.rmtree(p, ignore_errors=True)
