@@ -48,13 +48,13 @@ class LlamaCppRunner:
         m = meta["model"]
         self.max_context = int(meta.get("max_context", m.get("max_position_embeddings", 2048)))
         kw = kv_cache_args(meta.get("kv_cache"))
+        threads = threads or default_threads()
         try:
             # logits_all: llama.cpp returns logits for every token of a batch (the gate compares them all); off for
             # benchmarks, where that n_ctx x vocab float buffer would dominate the measured memory
             self.all_logits = all_logits
             self.llm = Llama(model_path=str(model_path), n_ctx=self.max_context, logits_all=all_logits, verbose=False,
-                             n_threads=threads or default_threads(), n_threads_batch=threads or default_threads(),
-                             **kw)
+                             n_threads=threads, n_threads_batch=threads, **kw)
         except (ValueError, RuntimeError) as e:  # llama-cpp-python raises ValueError for files llama.cpp rejects
             raise EdgekitError(f"llama.cpp cannot load {model_path}: {e}", "re-export the artifact") from e
         self.vocab_size = int(self.llm.n_vocab())
