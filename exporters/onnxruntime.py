@@ -1,6 +1,7 @@
 """ONNX Runtime: a decoder graph with a KV cache (prefill and decode through past key/values), and weight-only
 quantization by onnxruntime's own quantizer: int8 (MatMulNBits, 8 bits, blocks of 32, round-to-nearest)
-and int4 (MatMulNBits, 4 bits, groups of 32/64/128, HQQ; the LM head at 8 bits).
+and int4 (MatMulNBits, 4 bits, groups of 32/64/128, HQQ with integer zero points; the LM head at 8 bits), both
+with int8 activations inside MatMulNBits (accuracy_level 4), its fast path on CPU.
 
 Weight-only, not dynamic: dynamic int8 also quantizes activations per tensor, and LLM activations carry outliers that
 this destroys (SmolLM2-135M with quantize_dynamic: top-1 agreement 0.62, mean KL 0.57; with MatMulNBits int8: top-1
@@ -224,21 +225,111 @@ def _materialize_lm_head(model) -> str | None:
 INT8_COMPUTE = 4  # MatMulNBits accuracy_level: int8 activations x the packed weights (MLAS's CompInt8 kernels)
 
 
-def fast_8bit(model) -> int:
-    """Give every 8-bit MatMulNBits accuracy_level 4. At the default (0) ONNX Runtime 1.32 runs 8-bit blocks on a
-    slow generic path: SmolLM2's 576 x 49,152 head took 265 ms per decode step against 3.3 ms at level 4 (4-bit:
-    3.1 and 2.2 ms), which held int4 and int8 decode at 2-3 tokens/s against fp32's 30 (bench/matrix.md).
+def int8_compute(model, bits: int = 8) -> int:
+    """Give every `bits`-bit MatMulNBits accuracy_level 4 (int8 activations). At the default (0) ONNX Runtime 1.32
+    runs 8-bit blocks on a slow generic path: SmolLM2's 576 x 49,152 head took 265 ms per decode step against 3.3 ms
+    at level 4, which held int8 decode at 2 tokens/s against fp32's 30 (bench/matrix.md). 4-bit blocks gain less
+    but still: Qwen2.5-0.5B int4 decode 24.4 -> 41.8 tokens/s for KL 0.0485 -> 0.0491 (bench/quantize_quality.md).
     Returns how many nodes it set."""
     from onnx import helper
 
     n = 0
     for node in model.graph.node:
         attrs = {a.name: a for a in node.attribute}
-        if node.op_type == "MatMulNBits" and "bits" in attrs and attrs["bits"].i == 8:
+        if node.op_type == "MatMulNBits" and "bits" in attrs and attrs["bits"].i == bits:
             if "accuracy_level" in attrs:
                 node.attribute.remove(attrs["accuracy_level"])
             node.attribute.append(helper.make_attribute("accuracy_level", INT8_COMPUTE))
             n += 1
+    return n
+
+
+def _hqq_integer_zero():
+    """onnxruntime's HQQ quantizer, with its zero points rounded back to integers and the weights re-fitted to them.
+    HQQ optimizes a float zero point per group, and MatMulNBits runs float zero points on a slow path: 2.0 ms against
+    0.04 ms with uint8 ones for a 576 x 1536 decode step (bench/matrix.md), which held ONNX Runtime int4 decode at
+    3 tokens/s. HQQ's float zero points only pay on checkpoints that already sit on a min/offset 4-bit grid (a
+    dequantized Q4_1 / Q4_K GGUF, as SmolLM2's is); on the rest the integer version loses little (bench/quantize_quality.md)."""
+    import torch
+    from onnxruntime.quantization import matmul_nbits_quantizer as mq
+
+    class IntegerZeroHQQ(mq.HQQWeightOnlyQuantizer):
+        def quantize_internal(self, tensor, bits=4, channel_wise=True, group_size=64, optimize=True,
+                              round_zero=True, axis=1):
+            _, scale, zero = super().quantize_internal(tensor, bits, channel_wise, group_size, optimize, round_zero,
+                                                       axis)
+            assert axis == 1 and channel_wise  # how quantize() calls it: groups along the rows of W^T
+            w = tensor.float()
+            w = torch.nn.functional.pad(w, (0, (group_size - w.shape[1] % group_size) % group_size))
+            q, s, z = integer_zero_fit(w.reshape(-1, group_size), scale.reshape(-1, 1).float(),
+                                       zero.reshape(-1, 1).float(), 2**bits - 1)
+            return q.reshape(w.shape).int(), s.reshape(scale.shape).to(scale.dtype), z.reshape(zero.shape)
+
+    return IntegerZeroHQQ
+
+
+SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8)  # fractions of each group's min-max range integer_zero_fit starts from
+
+
+def integer_zero_fit(w, s, z, top: int, iters: int = 2):
+    """Integer zero points and least-squares scales for the groups (rows) of `w`, starting from HQQ's (s, z) and from
+    min-max grids shrunk by SHRINKS: from each start, alternately the codes, the scale that fits them best and the
+    integer zero point nearest their mean offset, keeping each group's best (s, z) by squared error. On Qwen2.5-0.5B
+    this leaves 1.05-1.10x float HQQ's weight error, where rounding HQQ's zero points leaves 1.14-1.26x.
+    s, z: (groups, 1). Returns codes, scales, zero points."""
+    import torch
+
+    def codes(s, z):
+        return torch.round(w / s + z).clamp(0, top)
+
+    def error(s, z):
+        return ((codes(s, z) - z) * s - w).pow(2).sum(1, keepdim=True)
+
+    lo, hi = w.min(1, keepdim=True)[0], w.max(1, keepdim=True)[0]
+    starts = [(s, z)]
+    for k in SHRINKS:
+        s0 = ((hi - lo) * k / top).clamp(min=1e-12)
+        starts.append((s0, (-lo - (hi - lo) * (1 - k) / 2) / s0))
+    best_s, best_z, best = s, z.round().clamp(0, top), None
+    for s, z in starts:
+        z = z.round().clamp(0, top)
+        for _ in range(iters + 1):
+            e = error(s, z)
+            better = e < best if best is not None else torch.ones_like(e, dtype=torch.bool)
+            best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+            best = e if best is None else torch.minimum(e, best)
+            d = codes(s, z) - z
+            dd = (d * d).sum(1, keepdim=True)
+            s = torch.where(dd > 0, (w * d).sum(1, keepdim=True) / dd.clamp(min=1e-12), s).clamp(min=1e-12)
+            z = (codes(s, z) - w / s).mean(1, keepdim=True).round().clamp(0, top)
+    return codes(best_s, best_z), best_s, best_z
+
+
+def pack_zero_points(model) -> int:
+    """Store every MatMulNBits' integer-valued float zero points as packed uint8 (two 4-bit values a byte, the
+    first in the low nibble, rows padded to whole bytes: the operator's layout). Returns how many it converted."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    n = 0
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits" or len(node.input) < 4 or node.input[3] not in inits:
+            continue
+        zp = numpy_helper.to_array(inits[node.input[3]])
+        if zp.dtype == np.uint8:
+            continue
+        attrs = {a.name: a.i for a in node.attribute}
+        bits, N, K, block = attrs["bits"], attrs["N"], attrs["K"], attrs["block_size"]
+        assert bits == 4 and np.array_equal(zp, np.round(zp)), "only integer 4-bit zero points pack"
+        blocks = -(-K // block)
+        z = zp.astype(np.uint8).reshape(N, blocks)
+        if blocks % 2:
+            z = np.pad(z, ((0, 0), (0, 1)))
+        packed = (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
+        t = numpy_helper.from_array(packed, node.input[3])
+        inits[node.input[3]].CopyFrom(t)
+        n += 1
     return n
 
 
@@ -256,6 +347,8 @@ def quantize(model, precision: str, group: int | None = None, calibrate: bool = 
 
     def run(m, config, exclude=()):
         q = mq.MatMulNBitsQuantizer(m, algo_config=config, nodes_to_exclude=list(exclude))
+        if config.algorithm == "HQQ":
+            q.node_quantizer = _hqq_integer_zero()(config)
         with contextlib.redirect_stdout(io.StringIO()):
             q.process()
         q.model.topological_sort()  # what ONNXModel.save_model_to_file does before writing
@@ -266,15 +359,17 @@ def quantize(model, precision: str, group: int | None = None, calibrate: bool = 
 
     if precision == "int8":
         model = run(model, rtn(8, BLOCK))
-        fast_8bit(model)
+        int8_compute(model)
         return model, f"weight-only int8, MatMulNBits block {BLOCK}, int8 compute"
     head = _materialize_lm_head(model)
     if head:  # the LM head first, at 8 bits: every other MatMul is excluded from this pass
         model = run(model, rtn(8, BLOCK), [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name != head])
-        fast_8bit(model)
+        int8_compute(model)
     method = "HQQ" if calibrate else "round-to-nearest"
     model = run(model, mq.HQQWeightOnlyQuantConfig(block_size=group, bits=4) if calibrate else rtn(4, group))
-    return model, (f"weight-only int4 ({method}), MatMulNBits group {group}"
+    pack_zero_points(model)
+    int8_compute(model, bits=4)
+    return model, (f"weight-only int4 ({method}, uint8 zero points), MatMulNBits group {group}, int8 compute"
                    + (f"; LM head int8 block {BLOCK}, int8 compute" if head else "") + "; embedding (Gather) fp32")
 
 

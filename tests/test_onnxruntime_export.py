@@ -306,29 +306,66 @@ def test_optimum_graph_still_exports_and_gates(tiny_models, tmp_path):
     assert meta["gate"]["passed"] and meta["gate"]["greedy_match"]
 
 
-def test_8bit_matmulnbits_get_int8_compute():
-    """ONNX Runtime's default accuracy_level runs 8-bit MatMulNBits on a slow generic path (SmolLM2's head: 265 ms
-    per decode step against 3.3 ms): the exporter sets level 4 on 8-bit nodes only, and the result stays close."""
-    import onnxruntime as ort
+def _nbits_graph(specs, K=64, N=48, G=32, seed=0):
+    """A graph of MatMulNBits nodes sharing input A: specs = [(name, bits, zero points or None)]."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgekit.exporters.onnxruntime import INT8_COMPUTE, fast_8bit
-
-    K, N, G = 64, 48, 32
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     nodes, inits = [], []
-    for bits, name in ((8, "q8"), (4, "q4")):
+    for name, bits, zp in specs:
         inits += [numpy_helper.from_array(rng.integers(0, 255, (N, K // G, G * bits // 8), dtype=np.uint8), f"B{name}"),
                   numpy_helper.from_array((rng.random(N * K // G) * 0.01).astype(np.float32), f"S{name}")]
-        nodes.append(helper.make_node("MatMulNBits", ["A", f"B{name}", f"S{name}"], [name], domain="com.microsoft",
-                                      K=K, N=N, bits=bits, block_size=G, name=name))
+        ins = ["A", f"B{name}", f"S{name}"]
+        if zp is not None:
+            inits.append(numpy_helper.from_array(zp, f"Z{name}"))
+            ins.append(f"Z{name}")
+        nodes.append(helper.make_node("MatMulNBits", ins, [name], domain="com.microsoft", K=K, N=N, bits=bits,
+                                      block_size=G, name=name))
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, K])],
-                          [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, N]) for n in ("q8", "q4")], inits)
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
-    x = rng.random((1, K)).astype(np.float32)
-    before = ort.InferenceSession(model.SerializeToString()).run(None, {"A": x})
-    assert fast_8bit(model) == 1
+                          [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, N]) for n, _, _ in specs], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+
+
+def _run(model, x):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model.SerializeToString()).run(None, {"A": x})
+
+
+def test_matmulnbits_get_int8_compute_per_width():
+    """ONNX Runtime's default accuracy_level runs 8-bit MatMulNBits on a slow generic path (SmolLM2's head: 265 ms
+    per decode step against 3.3 ms): the exporter sets level 4 on the width it is asked for only, and the result
+    stays close."""
+    from edgekit.exporters.onnxruntime import INT8_COMPUTE, int8_compute
+
+    model = _nbits_graph([("q8", 8, None), ("q4", 4, None)])
+    x = np.random.default_rng(1).random((1, 64)).astype(np.float32)
+    before = _run(model, x)
+    assert int8_compute(model) == 1
     levels = {n.name: {a.name: a.i for a in n.attribute}.get("accuracy_level") for n in model.graph.node}
     assert levels == {"q8": INT8_COMPUTE, "q4": None}
-    after = ort.InferenceSession(model.SerializeToString()).run(None, {"A": x})
+    after = _run(model, x)
     assert np.abs(after[0] - before[0]).max() < 0.02 * np.abs(before[0]).max() and np.array_equal(after[1], before[1])
+    assert int8_compute(model, bits=4) == 1
+    assert np.abs(_run(model, x)[1] - before[1]).max() < 0.02 * np.abs(before[1]).max()
+
+
+@pytest.mark.parametrize("K", [64, 96])  # an even and an odd number of blocks per row (the last byte half empty)
+def test_integer_zero_points_pack_to_uint8_and_compute_the_same(K):
+    """MatMulNBits runs float zero points 20-50x slower than uint8 ones: pack_zero_points stores HQQ's (integer)
+    zero points as packed uint8, and ONNX Runtime computes exactly what it did with the float ones."""
+    from onnx import numpy_helper
+
+    from edgekit.exporters.onnxruntime import pack_zero_points
+
+    N, G = 48, 32
+    zp = np.random.default_rng(2).integers(0, 16, N * (K // G)).astype(np.float32)
+    model = _nbits_graph([("q4", 4, zp)], K=K)
+    x = np.random.default_rng(3).standard_normal((1, K)).astype(np.float32)
+    before = _run(model, x)[0]
+    assert pack_zero_points(model) == 1 and pack_zero_points(model) == 0  # once; uint8 ones are left alone
+    packed = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "Zq4"))
+    assert packed.dtype == np.uint8 and packed.size == N * -(-(K // G) // 2)
+    np.testing.assert_allclose(_run(model, x)[0], before, rtol=1e-5, atol=1e-6)
+    with pytest.raises(AssertionError, match="only integer"):
+        pack_zero_points(_nbits_graph([("q4", 4, zp + 0.5)], K=K))
