@@ -244,25 +244,37 @@ def int8_compute(model, bits: int = 8) -> int:
     return n
 
 
+FLOAT_ZERO_GAIN = 2.0  # keep HQQ's float zero points where integer ones would more than double the weight error
+
+
 def _hqq_integer_zero():
-    """onnxruntime's HQQ quantizer, with its zero points rounded back to integers and the weights re-fitted to them.
-    HQQ optimizes a float zero point per group, and MatMulNBits runs float zero points on a slow path: 2.0 ms against
-    0.04 ms with uint8 ones for a 576 x 1536 decode step (bench/matrix.md), which held ONNX Runtime int4 decode at
-    3 tokens/s. HQQ's float zero points only pay on checkpoints that already sit on a min/offset 4-bit grid (a
-    dequantized Q4_1 / Q4_K GGUF, as SmolLM2's is); on the rest the integer version loses little (bench/quantize_quality.md)."""
+    """onnxruntime's HQQ quantizer, with its zero points made integers and the weights re-fitted to them
+    (integer_zero_fit). HQQ optimizes a float zero point per group, and MatMulNBits runs float zero points on a slow
+    path: 2.0 ms against 0.04 ms with uint8 ones for a 576 x 1536 decode step (bench/ort_int4.py), which held ONNX
+    Runtime int4 decode at 3 tokens/s. A matrix whose weights already sit on a min/offset 4-bit grid (a dequantized
+    Q4_1 / Q4_K GGUF, as SmolLM2's is) keeps its float zero points: there they are exact, and integer ones cost
+    hundreds of times the error (SmolLM2 int4 failed its gate at KL 0.30); elsewhere integer ones cost 1.05-1.10x
+    (Qwen2.5-0.5B). `kept_float` / `integer` count the matrices of each kind."""
     import torch
     from onnxruntime.quantization import matmul_nbits_quantizer as mq
 
     class IntegerZeroHQQ(mq.HQQWeightOnlyQuantizer):
+        kept_float = integer = 0
+
         def quantize_internal(self, tensor, bits=4, channel_wise=True, group_size=64, optimize=True,
                               round_zero=True, axis=1):
-            _, scale, zero = super().quantize_internal(tensor, bits, channel_wise, group_size, optimize, round_zero,
-                                                       axis)
+            q0, scale, zero = super().quantize_internal(tensor, bits, channel_wise, group_size, optimize,
+                                                        round_zero, axis)
             assert axis == 1 and channel_wise  # how quantize() calls it: groups along the rows of W^T
             w = tensor.float()
             w = torch.nn.functional.pad(w, (0, (group_size - w.shape[1] % group_size) % group_size))
-            q, s, z = integer_zero_fit(w.reshape(-1, group_size), scale.reshape(-1, 1).float(),
-                                       zero.reshape(-1, 1).float(), 2**bits - 1)
+            wg, s0, z0 = w.reshape(-1, group_size), scale.reshape(-1, 1).float(), zero.reshape(-1, 1).float()
+            q, s, z = integer_zero_fit(wg, s0, z0, 2**bits - 1)
+            e_float = ((q0.reshape(wg.shape).float() - z0) * s0 - wg).pow(2).sum()
+            if ((q - z) * s - wg).pow(2).sum() > FLOAT_ZERO_GAIN * e_float:
+                type(self).kept_float += 1
+                return q0, scale, zero
+            type(self).integer += 1
             return q.reshape(w.shape).int(), s.reshape(scale.shape).to(scale.dtype), z.reshape(zero.shape)
 
     return IntegerZeroHQQ
@@ -306,8 +318,8 @@ def integer_zero_fit(w, s, z, top: int, iters: int = 2):
 
 
 def pack_zero_points(model) -> int:
-    """Store every MatMulNBits' integer-valued float zero points as packed uint8 (two 4-bit values a byte, the
-    first in the low nibble, rows padded to whole bytes: the operator's layout). Returns how many it converted."""
+    """Store every 4-bit MatMulNBits' integer-valued float zero points as packed uint8 (two values a byte, the first
+    in the low nibble, rows padded to whole bytes: the operator's layout); others stay. Returns how many it packed."""
     import numpy as np
     from onnx import numpy_helper
 
@@ -321,7 +333,8 @@ def pack_zero_points(model) -> int:
             continue
         attrs = {a.name: a.i for a in node.attribute}
         bits, N, K, block = attrs["bits"], attrs["N"], attrs["K"], attrs["block_size"]
-        assert bits == 4 and np.array_equal(zp, np.round(zp)), "only integer 4-bit zero points pack"
+        if bits != 4 or not np.array_equal(zp, np.round(zp)):
+            continue  # a matrix that kept HQQ's float zero points (_hqq_integer_zero)
         blocks = -(-K // block)
         z = zp.astype(np.uint8).reshape(N, blocks)
         if blocks % 2:
@@ -352,7 +365,11 @@ def quantize(model, precision: str, group: int | None = None, calibrate: bool = 
         with contextlib.redirect_stdout(io.StringIO()):
             q.process()
         q.model.topological_sort()  # what ONNXModel.save_model_to_file does before writing
+        counts["float"] += getattr(q.node_quantizer, "kept_float", 0)
+        counts["integer"] += getattr(q.node_quantizer, "integer", 0)
         return q.model.model
+
+    counts = {"float": 0, "integer": 0}
 
     def rtn(bits, block):
         return mq.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=bits)
@@ -369,7 +386,11 @@ def quantize(model, precision: str, group: int | None = None, calibrate: bool = 
     model = run(model, mq.HQQWeightOnlyQuantConfig(block_size=group, bits=4) if calibrate else rtn(4, group))
     pack_zero_points(model)
     int8_compute(model, bits=4)
-    return model, (f"weight-only int4 ({method}, uint8 zero points), MatMulNBits group {group}, int8 compute"
+    kept, n = counts["float"], counts["float"] + counts["integer"]
+    zeros = ("" if not calibrate else ", uint8 zero points" if not kept else
+             f", uint8 zero points; {kept} of {n} matrices kept HQQ's float ones (the checkpoint sits on a 4-bit "
+             "offset grid, as a dequantized GGUF does: exact there, but a slow path)")
+    return model, (f"weight-only int4 ({method}{zeros}), MatMulNBits group {group}, int8 compute"
                    + (f"; LM head int8 block {BLOCK}, int8 compute" if head else "") + "; embedding (Gather) fp32")
 
 
