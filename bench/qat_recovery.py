@@ -52,7 +52,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=49152, help="token budget B of each distillation")
     ap.add_argument("--qat-start", type=float, default=0.0, help="fraction of B before fake quantization starts")
-    ap.add_argument("--qat-init", default="max", choices=("max", "gptq"), help="how fake quantization starts")
+    ap.add_argument("--qat-init", default="max", choices=("max", "gptq", "learned"),
+                    help="how fake quantization starts")
     ap.add_argument("--ratio", type=float, default=0.30)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--batch-size", type=int, default=8)

@@ -24,7 +24,8 @@ from edgekit.errors import EdgekitError
 QAT_FILE = "qat.json"
 SCALES_FILE = "qat_scales.safetensors"  # the fixed scales a GPTQ-initialised QAT trained on (export rounds with them)
 DEFAULT_GROUP = 32
-INITS = ("gptq", "max")
+INITS = ("gptq", "learned", "max")
+LEARNED_LR = 0.01  # a learned scale tensor's peak learning rate, as a fraction of its median scale (Adam: ~1%/step)
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,9 @@ class QATPlan:
     # "max": torchao's own rule, scales re-derived from max |w| at every step; "gptq": at the switch GPTQ rounds the
     # weights onto the grid on the calibration text and the scales stay fixed from then on, so QAT starts from what
     # post-training quantization would ship. Measured worse (SmolLM2 pruned 30%, 16k tokens, bench/qat_recovery.py:
-    # 1.39x the fp32 student from step 0 against max's 1.064x; 1.098x against 1.093x from half way), so opt-in
+    # 1.39x the fp32 student from step 0 against max's 1.064x; 1.098x against 1.093x from half way), so opt-in;
+    # "learned": max's scales at the switch, then trained with the weights (LSQ: the scales are Parameters and the
+    # straight-through gradient reaches them; torchao's range learning), saved like GPTQ's for export
     init: str = "max"
 
     def to_dict(self) -> dict:
@@ -152,19 +155,21 @@ def bits(plan: QATPlan, name: str) -> int:
     return 8 if rec.eight_bit and keeps_8_bits(name) else rec.weight_bits
 
 
-def fake_quant_configs(plan: QATPlan, name: str = "", fixed: bool = False):
+def fake_quant_configs(plan: QATPlan, name: str = "", fixed: bool = False, learned: bool = False):
     """(activation, weight) torchao IntxFakeQuantizeConfig of the plan's recipe for the linear called `name`;
-    `fixed`: the weight scales are set once (GPTQ's) instead of re-derived from the weight at every step."""
+    `fixed`: the weight scales are set once (GPTQ's) instead of re-derived from the weight at every step;
+    `learned`: set once, then trained (torchao's range learning)."""
     import torch
     from torchao.quantization.qat import IntxFakeQuantizeConfig
 
     rec = recipe(plan)
     act = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False) if rec.act_int8_per_token else None
     if bits(plan, name) == 8:  # one fp32 scale per output row, as the exporter hands qc8w its scales
-        return act, IntxFakeQuantizeConfig(torch.int8, "per_channel", is_symmetric=True, is_dynamic=not fixed)
+        return act, IntxFakeQuantizeConfig(torch.int8, "per_channel", is_symmetric=True,
+                                           is_dynamic=not (fixed or learned), range_learning=learned)
     weight = IntxFakeQuantizeConfig(getattr(torch, f"int{rec.weight_bits}"), group_size=plan.group_size,
                                     is_symmetric=True, scale_precision=getattr(torch, rec.scale_dtype),
-                                    is_dynamic=not fixed)
+                                    is_dynamic=not (fixed or learned), range_learning=learned)
     return act, weight
 
 
@@ -188,23 +193,59 @@ def calibrate(model, plan: QATPlan, calibration: list) -> dict:
 def prepare(model, plan: QATPlan, scales: dict | None = None) -> int:
     """Swap the recipe's linears for torchao FakeQuantizedLinear in place (the Parameters are the same objects, so
     an optimizer built before keeps its state and a tied head stays tied); with `scales` (name -> tensor, from
-    `calibrate` or `load_scales`) each weight quantizer keeps those scales fixed. Returns how many."""
+    `calibrate` or `load_scales`) each weight quantizer keeps those scales fixed. A `learned` plan's scales start at
+    `scales` or at max's rule and become Parameters (`learned_scales`: add them to the optimizer). Returns how many."""
     import torch
     from torchao.quantization.qat.linear import FakeQuantizedLinear
 
     check_widths(model, plan)
+    learn = plan.init == "learned"
     n = 0
     for name, mod in target_linears(model, recipe(plan)):
         if isinstance(mod, FakeQuantizedLinear):
             continue
-        fixed = scales is not None and name in scales
-        fq = FakeQuantizedLinear.from_linear(mod, *fake_quant_configs(plan, name, fixed))
-        if fixed:
-            fq.weight_fake_quantizer.scale = scales[name].to(mod.weight.device)
-            fq.weight_fake_quantizer.zero_point = torch.zeros_like(scales[name], dtype=torch.int32)
+        start = scales.get(name) if scales is not None else None
+        if learn and start is None:
+            start = weight_grid(mod.weight, plan, name)[1]  # max's scales, rounded as the runtime stores them
+        fq = FakeQuantizedLinear.from_linear(mod, *fake_quant_configs(plan, name, start is not None, learn))
+        if start is not None:
+            wq = fq.weight_fake_quantizer
+            start = start.detach().to(mod.weight.device, torch.float32).clone()
+            wq.scale = torch.nn.Parameter(start) if learn else start
+            wq.zero_point = torch.zeros_like(start, dtype=torch.int32)
         model.set_submodule(name, fq)
         n += 1
     return n
+
+
+def learned_scales(model) -> list:
+    """The trainable scale Parameters of a `learned` plan's fake-quantized linears, in module order."""
+    import torch
+    from torchao.quantization.qat.linear import FakeQuantizedLinear
+
+    return [m.weight_fake_quantizer.scale for m in model.modules() if isinstance(m, FakeQuantizedLinear)
+            and isinstance(getattr(m.weight_fake_quantizer, "scale", None), torch.nn.Parameter)]
+
+
+def clamp_learned_scales(model, floor: float = 1e-8) -> None:
+    import torch
+
+    with torch.no_grad():
+        for p in learned_scales(model):
+            p.clamp_(min=floor)
+
+
+def round_learned_scales(model, plan: QATPlan) -> None:
+    """Round every learned scale as the runtime stores it (bf16 for 4-bit groups), in place: training's last forward
+    passes and the export then use one grid."""
+    import torch
+
+    dtype = getattr(torch, recipe(plan).scale_dtype)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            wq = getattr(m, "weight_fake_quantizer", None)
+            if wq is not None and isinstance(wq.scale, torch.nn.Parameter) and bits(plan, name) == 4:
+                wq.scale.copy_(wq.scale.to(dtype).float())
 
 
 def fixed_scales(model) -> dict:
@@ -229,9 +270,9 @@ def load_scales(folder: Path, plan: QATPlan | None = None) -> dict | None:
     the folder's `plan`, a GPTQ start whose scales are missing is refused (its grid cannot be re-derived)."""
     f = Path(folder) / SCALES_FILE
     if not f.is_file():
-        if plan is not None and plan.init == "gptq":
-            raise EdgekitError(f"{f.name} is missing from {folder}: its QAT trained on GPTQ's scales, which only "
-                               "that file holds", "restore it from the distill output, or export with -p fp32")
+        if plan is not None and plan.init in ("gptq", "learned"):
+            raise EdgekitError(f"{f.name} is missing from {folder}: its QAT trained on {plan.init} scales, which "
+                               "only that file holds", "restore it from the distill output, or export with -p fp32")
         return None
     from safetensors.torch import load_file
 
@@ -307,6 +348,7 @@ def read(folder: Path) -> QATPlan | None:
                            f"restore it from the distill output, or delete it to export as a plain model") from e
 
 
-__all__ = ["DEFAULT_GROUP", "INITS", "QAT_FILE", "QATPlan", "RECIPES", "Recipe", "SCALES_FILE", "bits", "calibrate",
-           "check_widths", "convert", "export_settings", "fixed_scales", "load_scales", "prepare", "read", "resolve",
-           "save_scales", "target_linears", "weight_grid", "write"]
+__all__ = ["DEFAULT_GROUP", "INITS", "LEARNED_LR", "QAT_FILE", "QATPlan", "RECIPES", "Recipe", "SCALES_FILE", "bits",
+           "calibrate", "check_widths", "clamp_learned_scales", "convert", "export_settings", "fixed_scales", "learned_scales", "load_scales",
+           "prepare", "read", "resolve", "round_learned_scales", "save_scales", "target_linears", "weight_grid",
+           "write"]

@@ -237,3 +237,48 @@ def test_build_qat_distills_then_exports_the_scheme(cli, tiny_models, tmp_path):
     assert st["distill"]["status"] == "done" and st["distill"]["result"]["qat"]["scheme"] == "8da4w"
     ex = st["export"]["result"]
     assert ex["precision"] == "8da4w" and ex["gate"]["passed"]
+
+
+def test_learned_scales_train_resume_and_export(models, tmp_path, cli):
+    """--qat-init learned (LSQ): the scales start at max's rule and train with the weights; a SIGKILL mid-run, then
+    the same command, ends with the uninterrupted run's weights and scales; export rounds on those learned scales."""
+    import signal
+
+    import torch
+    from safetensors.torch import load_file
+
+    from edgekit import qat
+    from edgekit.models import load_torch_model
+
+    common = ["distill", "--teacher", models["teacher"], "--student", models["student"], "--steps", 8,
+              "--block-size", 64, "--batch-size", 8, "--micro-batch-size", 4, "--lr", 3e-3, "--checkpoint-every", 2,
+              "--qat", "8da4w", "--qat-init", "learned"]
+    cli(*common, "-o", tmp_path / "a", check=0)
+    p = cli(*common, "-o", tmp_path / "b", EDGEKIT_FAULT_KILL_AT_STEP="5")
+    assert p.returncode == -signal.SIGKILL and (tmp_path / "b.ckpt" / "step-0000004" / qat.SCALES_FILE).is_file()
+    p = cli(*common, "-o", tmp_path / "b", check=0)
+    assert "step 4/8" in p.stderr, p.stderr[-2000:]
+    for f in ("model.safetensors", qat.SCALES_FILE):
+        a, b = load_file(str(tmp_path / "a" / f)), load_file(str(tmp_path / "b" / f))
+        assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6, f
+    plan = qat.read(tmp_path / "a")
+    assert plan.init == "learned"
+    learned = qat.load_scales(tmp_path / "a", plan)
+    model, _ = load_torch_model(tmp_path / "a")
+    names = [n for n, _ in qat.target_linears(model, qat.recipe(plan))]
+    assert sorted(learned) == sorted(names)
+    moved = []
+    for n in names:  # trained: not what max's rule gives for the trained weights
+        s_max = qat.weight_grid(model.get_submodule(n).weight, plan, n)[1]
+        assert learned[n].shape == s_max.shape
+        moved.append(((learned[n] - s_max).abs() / s_max).mean().item())
+        if qat.bits(plan, n) == 4:  # stored as XNNPACK stores 4-bit group scales
+            assert torch.equal(learned[n], learned[n].to(torch.bfloat16).float())
+    assert min(moved) > 0.01, moved
+    # no -p: a QAT folder exports the scheme it trained for
+    out = json.loads(cli("export", tmp_path / "a", "-b", "executorch", "-o", tmp_path / "pte", "--json",
+                         "--context", 128, "--accept-gate-failure", check=0).stdout)
+    assert out["precision"] == "8da4w" and out["gate"]["mean_kl"] < 0.35
+    (tmp_path / "a" / qat.SCALES_FILE).unlink()
+    p = cli("export", tmp_path / "a", "-b", "executorch", "-o", tmp_path / "pte2", check=2)
+    assert f"{qat.SCALES_FILE} is missing" in p.stderr and "learned scales" in p.stderr

@@ -61,8 +61,8 @@ def export(model: str | Path | None = None, *, backend: str, out: str | Path, pr
         cfg = ExportConfig(backend=backend, precision=precision, context_length=context,
                            accept_gate_failure=accept_gate_failure, group_size=group_size, calibrate=calibrate,
                            gptq=gptq, calibration=calibration, target=target, threads=threads,
-                           kv_cache=kv_cache).resolved()
+                           kv_cache=kv_cache)
         if gptq:
-            _check_gptq(cfg)
-        meta = export_model(ref.path, out, cfg, log=log)
+            _check_gptq(cfg.resolved())
+        meta = export_model(ref.path, out, cfg, log=log)  # resolves after a QAT folder's scheme fills precision
     return ExportResult.from_meta(out, meta)

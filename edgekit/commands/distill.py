@@ -63,10 +63,11 @@ def register(sub) -> None:
     g.add_argument("--group-size", type=int, help="weights per quantization scale (default 32)")
     g.add_argument("--qat-start", type=float, help="fraction of the steps before fake quantization starts "
                    "(default 0: the whole run)")
-    g.add_argument("--qat-init", choices=("max", "gptq"), help="how fake quantization starts: max (default, "
-                   "torchao's rule) re-derives the scales from max |w| at every step; gptq rounds the student onto "
-                   "the grid by GPTQ on the calibration text and keeps those scales (measured worse on SmolLM2: "
-                   "docs/distill.md)")
+    g.add_argument("--qat-init", choices=("max", "gptq", "learned"), help="how fake quantization starts: max "
+                   "(default, torchao's rule) re-derives the scales from max |w| at every step; gptq rounds the "
+                   "student onto the grid by GPTQ on the calibration text and keeps those scales (measured worse on "
+                   "SmolLM2); learned starts from max's scales and trains them with the weights (LSQ). "
+                   "docs/distill.md has the measurements")
     g = p.add_argument_group("checkpoints and cache")
     g.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 50)")
     g.add_argument("--checkpoint-dir", type=Path, help="default: OUT.ckpt next to OUT")

@@ -211,6 +211,7 @@ def distill(teacher: Path, student: Path, out: Path, cfg: DistillConfig, data: P
             f"from step {qat_step}")
     fake_quantized = 0
     qat_scales = None  # the fixed scales of a GPTQ start: computed at the switch, or read back from a checkpoint
+    learned = qat_plan is not None and qat_plan.init == "learned"  # scales trained with the weights (LSQ)
     gptq_seconds = 0.0
     say(f"distill: {len(blocks.train)} train blocks x {cfg.data.block_size} tokens from {blocks.source}, "
         f"{len(eval_blocks)} held-out; {total} steps of {cfg.batch_size} sequences "
@@ -255,13 +256,17 @@ def distill(teacher: Path, student: Path, out: Path, cfg: DistillConfig, data: P
                                "or settings)", "pass --fresh to start over, or another --checkpoint-dir")
         from safetensors.torch import load_model
 
+        if qat_plan is not None and qat_plan.init == "learned" and meta["step"] > qat_step:
+            # its checkpoint and optimizer hold the scale Parameters: put them back before loading either
+            fake_quantized = qat.prepare(s_model, qat_plan, qat.load_scales(ck, qat_plan))
+            _add_scale_group(opt, sched, qat.learned_scales(s_model), cfg.optim.lr)
         load_model(wrapper, str(ck / "model.safetensors"), device=d.device)
         opt.load_state_dict(torch.load(ck / "optim.pt", weights_only=True, map_location=d.device))
         sched.load_state_dict(torch.load(ck / "sched.pt", weights_only=True))
         _set_rng_state(torch.load(ck / "rng.pt", weights_only=True))
         st = _State(step=meta["step"], history=meta["history"], ppl_before=meta["ppl_before"],
                     teacher_ppl=meta["teacher_ppl"], train_seconds=meta["train_seconds"])
-        if qat_plan is not None:
+        if qat_plan is not None and qat_plan.init == "gptq":
             qat_scales = qat.load_scales(ck)
             gptq_seconds = meta.get("qat_gptq_seconds", 0.0)
         say(f"distill: resumed from {ck} (step {st.step}/{total})")
@@ -306,6 +311,8 @@ def distill(teacher: Path, student: Path, out: Path, cfg: DistillConfig, data: P
                 if qat_plan.init == "gptq" and qat_scales is None:
                     qat_scales, gptq_seconds = _gptq_start(s_model, tok, qat_plan, say)
                 fake_quantized = qat.prepare(s_model, qat_plan, qat_scales)
+                if qat_plan.init == "learned":
+                    _add_scale_group(opt, sched, qat.learned_scales(s_model), cfg.optim.lr)
             T = temperature(step, total, L)
             g = batch_indices(step, cfg.batch_size, len(blocks.train), cfg.seed)
             per_rank = cfg.batch_size // d.world
@@ -339,6 +346,8 @@ def distill(teacher: Path, student: Path, out: Path, cfg: DistillConfig, data: P
             if cfg.optim.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(wrapper.parameters(), cfg.optim.grad_clip)
             opt.step()
+            if learned:  # a scale is a divisor: keep it positive
+                qat.clamp_learned_scales(s_model)
             sched.step()
             opt.zero_grad(set_to_none=True)
             if d.world > 1:  # report the global mean loss, not rank 0's share
@@ -362,12 +371,15 @@ def distill(teacher: Path, student: Path, out: Path, cfg: DistillConfig, data: P
                 os.kill(os.getpid(), signal.SIGKILL)
             if (cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0) and st.step < total:
                 _save_checkpoint(paths.checkpoints, wrapper, opt, sched, st, fp, cfg.keep_checkpoints, d,
-                                 qat_scales, gptq_seconds)
+                                 qat.fixed_scales(s_model) if learned else qat_scales, gptq_seconds)
     finally:
         bar.close()
     student_model = s_model
     if qat_plan is not None and not fake_quantized:  # resumed after the last step: evaluate what QAT trained for
         fake_quantized = qat.prepare(s_model, qat_plan, qat_scales)
+    if learned:  # the scales as the runtime stores them, for the evaluation below and the export
+        qat.round_learned_scales(s_model, qat_plan)
+        qat_scales = qat.fixed_scales(s_model)
     ppl_after = perplexity(student_model, eval_blocks, cfg.micro_batch_size, d)  # with QAT: fake-quantized
     qat_record = None
     if qat_plan is not None:
@@ -452,6 +464,22 @@ def _gptq_start(model, tok, plan, say) -> tuple[dict, float]:
     dt = time.perf_counter() - t0
     say(f"distill: QAT starts from GPTQ on the calibration text ({len(scales)} linears, {dt:.0f} s)")
     return scales, dt
+
+
+def _add_scale_group(opt, sched, params: list, lr: float) -> None:
+    """Learned QAT scales join the optimizer at the switch, on the weights' schedule without weight decay, one group
+    per tensor: Adam moves a parameter by about its learning rate per step whatever its size, and 8-bit scales are
+    ~10x smaller than 4-bit ones, so each tensor's rate is LEARNED_LR x its median scale x the weights' peak-relative
+    schedule (a shared rate drove the smallest scales negative)."""
+    from edgekit.qat import LEARNED_LR
+
+    for p in params:
+        base = LEARNED_LR * float(p.detach().abs().median())
+        opt.add_param_group({"params": [p], "weight_decay": 0.0, "initial_lr": base,
+                             "lr": base * sched.lr_lambdas[0](sched.last_epoch)})
+        sched.base_lrs.append(base)
+        sched.lr_lambdas.append(sched.lr_lambdas[0])
+    sched._last_lr = [g["lr"] for g in opt.param_groups]
 
 
 def _save_checkpoint(ckdir: Path, wrapper, opt, sched, st: _State, fp: str, keep: int, d: Dist,
