@@ -472,7 +472,8 @@ def matrix_table(data: dict) -> list[tuple]:
         rss = r.get("peak_rss_mb")
         fits = {True: "fits", False: "OVER", None: "?"}[r.get("fits")]
         mem = (f"{rss:.0f} / {r['budget_mb']:.0f} {fits}" if rss is not None else
-               f"plan {_f(r.get('planned_mb'), '.0f')} / {r.get('budget_mb', 0):.0f} {fits}")
+               f"plan {r['planned_mb']:.0f} / {r['budget_mb']:.0f} {fits}" if r.get("planned_mb") is not None
+               else "-")  # a row that failed its gate was never benchmarked
         gate = {True: "passed", False: "FAILED", None: "-"}[r.get("gate_passed")]
         result = ("WINNER" if r["id"] in winners else "") + (" (skipped: done earlier)" if r.get("skipped") else "")
         if r.get("error"):

@@ -89,3 +89,15 @@ def test_report_opens_in_headless_chromium(build, tmp_path):
     errors = screenshot(build / "report.html", png)
     assert errors == []
     assert png.stat().st_size > 10_000
+
+
+def test_matrix_table_shows_a_gate_failed_row_without_inventing_a_budget():
+    """A row that failed its gate was never benchmarked: its memory cell is '-', its quality and error are shown."""
+    from edgekit.report import MATRIX_HEADERS, matrix_table
+
+    row = {"id": "host:onnxruntime/int4", "device": "host", "backend": "onnxruntime", "precision": "int4",
+           "status": "gate-failed", "error": "onnxruntime int4 artifact failed the fidelity gate: mean KL 0.303 > 0.1",
+           "size_bytes": 211_600_000, "gate_passed": False, "mean_kl": 0.303, "top1": 0.734}
+    cells = dict(zip(MATRIX_HEADERS, matrix_table({"rows": [row], "winners": {}})[0]))
+    assert cells["peak RSS / budget MB"] == "-" and cells["gate"] == "FAILED"
+    assert "mean KL 0.303 > 0.1" in cells["result"] and "WINNER" not in cells["result"]
