@@ -282,3 +282,12 @@ def test_learned_scales_train_resume_and_export(models, tmp_path, cli):
     (tmp_path / "a" / qat.SCALES_FILE).unlink()
     p = cli("export", tmp_path / "a", "-b", "executorch", "-o", tmp_path / "pte2", check=2)
     assert f"{qat.SCALES_FILE} is missing" in p.stderr and "learned scales" in p.stderr
+
+
+def test_learned_scales_refuse_several_processes():
+    from edgekit.errors import EdgekitError
+
+    _cfg(qat_init="learned").validate(1)
+    with pytest.raises(EdgekitError, match="runs in one process, not 2"):
+        _cfg(qat_init="learned").validate(2)
+    _cfg(qat_init="max").validate(2)

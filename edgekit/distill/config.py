@@ -109,6 +109,10 @@ class DistillConfig:
             raise EdgekitError(
                 f"global batch {self.batch_size} is not a multiple of micro batch {self.micro_batch_size} x "
                 f"{world_size} process(es)", "make --batch-size a multiple of --micro-batch-size times the process count")
+        if self.qat and self.qat_init == "learned" and world_size > 1:  # DDP registers its parameters up front
+            raise EdgekitError("--qat-init learned adds its scales as parameters mid-run, which DDP cannot take: it "
+                               f"runs in one process, not {world_size}",
+                               "run it with plain python (no torchrun), or use --qat-init max")
         if L.kd_weight < 0 or L.ce_weight < 0 or L.hidden_weight < 0:
             raise EdgekitError("loss weights must be >= 0", "set kd/ce/hidden weights to 0 or more")
         if L.kd_weight == 0 and L.ce_weight == 0 and L.hidden_weight == 0:

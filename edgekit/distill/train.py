@@ -256,10 +256,10 @@ def distill(teacher: Path, student: Path, out: Path, cfg: DistillConfig, data: P
                                "or settings)", "pass --fresh to start over, or another --checkpoint-dir")
         from safetensors.torch import load_model
 
-        if qat_plan is not None and qat_plan.init == "learned" and meta["step"] > qat_step:
+        if learned and meta["step"] > qat_step:
             # its checkpoint and optimizer hold the scale Parameters: put them back before loading either
             fake_quantized = qat.prepare(s_model, qat_plan, qat.load_scales(ck, qat_plan))
-            _add_scale_group(opt, sched, qat.learned_scales(s_model), cfg.optim.lr)
+            _add_scale_groups(opt, sched, qat.learned_scales(s_model))
         load_model(wrapper, str(ck / "model.safetensors"), device=d.device)
         opt.load_state_dict(torch.load(ck / "optim.pt", weights_only=True, map_location=d.device))
         sched.load_state_dict(torch.load(ck / "sched.pt", weights_only=True))
@@ -311,8 +311,8 @@ def distill(teacher: Path, student: Path, out: Path, cfg: DistillConfig, data: P
                 if qat_plan.init == "gptq" and qat_scales is None:
                     qat_scales, gptq_seconds = _gptq_start(s_model, tok, qat_plan, say)
                 fake_quantized = qat.prepare(s_model, qat_plan, qat_scales)
-                if qat_plan.init == "learned":
-                    _add_scale_group(opt, sched, qat.learned_scales(s_model), cfg.optim.lr)
+                if learned:
+                    _add_scale_groups(opt, sched, qat.learned_scales(s_model))
             T = temperature(step, total, L)
             g = batch_indices(step, cfg.batch_size, len(blocks.train), cfg.seed)
             per_rank = cfg.batch_size // d.world
@@ -466,7 +466,7 @@ def _gptq_start(model, tok, plan, say) -> tuple[dict, float]:
     return scales, dt
 
 
-def _add_scale_group(opt, sched, params: list, lr: float) -> None:
+def _add_scale_groups(opt, sched, params: list) -> None:
     """Learned QAT scales join the optimizer at the switch, on the weights' schedule without weight decay, one group
     per tensor: Adam moves a parameter by about its learning rate per step whatever its size, and 8-bit scales are
     ~10x smaller than 4-bit ones, so each tensor's rate is LEARNED_LR x its median scale x the weights' peak-relative
