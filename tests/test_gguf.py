@@ -74,8 +74,10 @@ def test_q4_k_m_uses_k_quants_when_aligned(aligned_models, tmp_path, arch):
 
 @pytest.mark.smollm2
 def test_smollm2_q4_k_m_gate(smollm2, tmp_path):
-    """Real weights: Q4_K_M passes its gate; hidden 576 is no multiple of 256, so those rows fall back (reported)."""
-    meta = _export(smollm2, tmp_path / "a", "q4_k_m")
+    """Real weights: Q4_K_M passes its gate; hidden 576 is no multiple of 256, so those rows fall back (reported).
+    The importance matrix alone (--no-gptq): GPTQ's pass took 100 s of this test's 154, and tests/test_gguf_gptq.py
+    covers it; bench/quantize_quality.py measures both on SmolLM2."""
+    meta = _export(smollm2, tmp_path / "a", "q4_k_m", gptq=False)
     g = meta["gate"]
     assert g["passed"] and g["top1_agreement"] >= 0.85 and g["mean_kl"] < 0.1, g
     fb = {f["tensor"]: f["row_width"] for f in meta["k_quant_fallbacks"]}

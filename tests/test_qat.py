@@ -239,6 +239,7 @@ def test_build_qat_distills_then_exports_the_scheme(cli, tiny_models, tmp_path):
     assert ex["precision"] == "8da4w" and ex["gate"]["passed"]
 
 
+@pytest.mark.slow  # 84 s: three distill and two export processes, like the GPTQ-start resume test above
 def test_learned_scales_train_resume_and_export(models, tmp_path, cli):
     """--qat-init learned (LSQ): the scales start at max's rule and train with the weights; a SIGKILL mid-run, then
     the same command, ends with the uninterrupted run's weights and scales; export rounds on those learned scales."""
@@ -291,3 +292,31 @@ def test_learned_scales_refuse_several_processes():
     with pytest.raises(EdgekitError, match="runs in one process, not 2"):
         _cfg(qat_init="learned").validate(2)
     _cfg(qat_init="max").validate(2)
+
+
+def test_learned_scales_are_parameters_that_get_gradients(models):
+    """In process (the slow test above runs the whole CLI): a learned plan's scales start at max's rule, are
+    Parameters the loss reaches, stay positive when clamped and round to bf16 where the runtime stores bf16."""
+    import torch
+
+    from edgekit import qat
+    from edgekit.models import load_torch_model
+
+    model, _ = load_torch_model(models["student"])
+    plan = qat.resolve("8da4w", init="learned")
+    before = {n: qat.weight_grid(m.weight, plan, n)[1] for n, m in qat.target_linears(model, qat.recipe(plan))}
+    assert qat.prepare(model, plan) == len(before)
+    scales = qat.learned_scales(model)
+    assert len(scales) == len(before) and all(isinstance(p, torch.nn.Parameter) for p in scales)
+    assert all(torch.equal(a, b) for a, b in zip(qat.fixed_scales(model).values(), before.values()))
+    model(input_ids=torch.arange(1, 17)[None]).logits.float().pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in scales)
+    with torch.no_grad():
+        scales[0].fill_(-1.0)
+        scales[1].mul_(1.0 + 1e-3)  # off bf16's grid
+    qat.clamp_learned_scales(model)
+    qat.round_learned_scales(model, plan)
+    assert scales[0].min() > 0
+    four = [n for n in before if qat.bits(plan, n) == 4]
+    fixed = qat.fixed_scales(model)
+    assert four and all(torch.equal(fixed[n], fixed[n].to(torch.bfloat16).float()) for n in four)
