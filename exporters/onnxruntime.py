@@ -229,7 +229,7 @@ def int8_compute(model, bits: int = 8) -> int:
     """Give every `bits`-bit MatMulNBits accuracy_level 4 (int8 activations). At the default (0) ONNX Runtime 1.32
     runs 8-bit blocks on a slow generic path: SmolLM2's 576 x 49,152 head took 265 ms per decode step against 3.3 ms
     at level 4, which held int8 decode at 2 tokens/s against fp32's 30 (bench/matrix.md). 4-bit blocks gain less
-    but still: Qwen2.5-0.5B int4 decode 24.4 -> 41.8 tokens/s for KL 0.0485 -> 0.0491 (bench/quantize_quality.md).
+    but still: Qwen2.5-0.5B int4 decode 24.4 -> 41.8 tokens/s for KL 0.0485 -> 0.0491 (commit 1be931e).
     Returns how many nodes it set."""
     from onnx import helper
 
@@ -272,9 +272,9 @@ def _hqq_integer_zero():
             q, s, z = integer_zero_fit(wg, s0, z0, 2**bits - 1)
             e_float = ((q0.reshape(wg.shape).float() - z0) * s0 - wg).pow(2).sum()
             if ((q - z) * s - wg).pow(2).sum() > FLOAT_ZERO_GAIN * e_float:
-                type(self).kept_float += 1
+                self.kept_float += 1
                 return q0, scale, zero
-            type(self).integer += 1
+            self.integer += 1
             return q.reshape(w.shape).int(), s.reshape(scale.shape).to(scale.dtype), z.reshape(zero.shape)
 
     return IntegerZeroHQQ

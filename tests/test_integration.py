@@ -27,6 +27,7 @@ def test_non_uniform_prune_exports_as_deci_and_passes_the_gguf_gate(non_uniform,
 
 
 @pytest.mark.smollm2
+@pytest.mark.slow  # 109 s: the tiny-model Deci tests cover the path in the default run; this is the real-checkpoint check
 def test_smollm2_non_uniform_prune_to_deci_q8_0(smollm2, tmp_path):
     """The real model, 25% removed with per-layer widths aligned to 32 (so q8_0 holds every row): the refit lowers
     the calibration loss of the cut, and llama.cpp's deci arch runs it within the q8_0 gate."""

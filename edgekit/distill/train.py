@@ -479,7 +479,6 @@ def _add_scale_groups(opt, sched, params: list) -> None:
                              "lr": base * sched.lr_lambdas[0](sched.last_epoch)})
         sched.base_lrs.append(base)
         sched.lr_lambdas.append(sched.lr_lambdas[0])
-    sched._last_lr = [g["lr"] for g in opt.param_groups]
 
 
 def _save_checkpoint(ckdir: Path, wrapper, opt, sched, st: _State, fp: str, keep: int, d: Dist,
