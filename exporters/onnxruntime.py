@@ -394,6 +394,55 @@ def quantize(model, precision: str, group: int | None = None, calibrate: bool = 
                    + (f"; LM head int8 block {BLOCK}, int8 compute" if head else "") + "; embedding (Gather) fp32")
 
 
+IMAGE_EMBEDS = "image_embeds"
+
+
+def splice_image_embeds(model, image_token_id: int) -> int:
+    """Give a decoder graph a second input, image_embeds (batch, k, hidden): its k rows replace, in order, the
+    embeddings of the first k positions of input_ids that hold `image_token_id` (a VLM's image features, placed as
+    transformers' masked_scatter places them). Every other position keeps the graph's own embedding table, so with
+    k = 0 (text-only calls feed (1, 0, hidden)) the graph computes exactly what it did without the input. One graph
+    for both, so the language weights are not stored twice. Returns the hidden size."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgekit.errors import EdgekitError
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    gather = next((n for n in g.node if n.op_type == "Gather" and n.input[0] in inits and n.input[1] == "input_ids"),
+                  None)
+    if gather is None:
+        raise EdgekitError("the ONNX decoder graph has no embedding Gather over input_ids to splice image embeddings "
+                           "into", "report it with the model, or export the language model with --backend gguf")
+    hidden = int(inits[gather.input[0]].dims[1])
+    ids_dtype = helper.tensor_dtype_to_np_dtype(next(i for i in g.input if i.name == "input_ids")
+                                                .type.tensor_type.elem_type)
+    p, emb = "/model/image_embeds/", gather.output[0]
+    out = p + "ScatterND/output_0"
+    for n in g.node:  # every reader of the token embeddings reads the spliced ones instead
+        n.input[:] = [out if x == emb else x for x in n.input]
+    g.initializer.extend([numpy_helper.from_array(np.array(image_token_id, dtype=ids_dtype), p + "image_token_id"),
+                          numpy_helper.from_array(np.array([-1, hidden], dtype=np.int64), p + "rows_shape"),
+                          numpy_helper.from_array(np.array([0], dtype=np.int64), p + "zero")])
+    nodes = [helper.make_node("Equal", ["input_ids", p + "image_token_id"], [p + "Equal/output_0"], p + "Equal"),
+             helper.make_node("NonZero", [p + "Equal/output_0"], [p + "NonZero/output_0"], p + "NonZero"),
+             helper.make_node("Transpose", [p + "NonZero/output_0"], [p + "Transpose/output_0"], p + "Transpose",
+                              perm=[1, 0]),  # (k, 2): one (batch, position) index per image token, in order
+             helper.make_node("Reshape", [IMAGE_EMBEDS, p + "rows_shape"], [p + "Reshape/output_0"], p + "Reshape"),
+             helper.make_node("Shape", [p + "Reshape/output_0"], [p + "Shape/output_0"], p + "Shape", end=1),
+             helper.make_node("Slice", [p + "Transpose/output_0", p + "zero", p + "Shape/output_0", p + "zero"],
+                              [p + "Slice/output_0"], p + "Slice"),  # the first k image tokens: as many as rows
+             helper.make_node("ScatterND", [emb, p + "Slice/output_0", p + "Reshape/output_0"], [out],
+                              p + "ScatterND")]
+    at = list(g.node).index(gather) + 1
+    for i, n in enumerate(nodes):
+        g.node.insert(at + i, n)
+    g.input.append(helper.make_tensor_value_info(IMAGE_EMBEDS, TensorProto.FLOAT,
+                                                 ["batch_size", "image_positions", hidden]))
+    return hidden
+
+
 def export(model_dir: Path, out: Path, cfg) -> dict:
     import json
 
@@ -415,9 +464,13 @@ def export(model_dir: Path, out: Path, cfg) -> dict:
         opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
         # Re-saved, not moved: the layout (model.onnx, plus EXTERNAL_DATA past protobuf's limit) is then the same on
         # every path, not optimum's own (model.onnx_data, at torch's threshold) nor the builder's (always external).
+        image = getattr(cfg, "image_token_id", None)
+        if image is not None:  # a VLM's language model: image features go in beside the token ids
+            splice_image_embeds(model, image)
         if cfg.precision != "fp32":  # weights in blocks with an fp32 scale each, activations stay fp32
             model, quantization = quantize(model, cfg.precision, group, cfg.calibrate)
         written = save_onnx(model, out / "model.onnx")
     return {"entry": "model.onnx", "opset": opset, "graph": graph} | ({"graph_fallback": why} if why else {}) | (
         {"external_data": EXTERNAL_DATA} if EXTERNAL_DATA in written else {}) | (
-        {"quantization": quantization} if quantization else {}) | ({"group_size": group} if group else {})
+        {"quantization": quantization} if quantization else {}) | ({"group_size": group} if group else {}) | (
+        {"image_embeds": {"input": IMAGE_EMBEDS, "image_token_id": image}} if image is not None else {})

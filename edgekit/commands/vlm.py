@@ -204,8 +204,10 @@ def run_export(a) -> int:
     print(f"{a.out}: vision {m['vision']['backend']} {m['vision']['precision']} gate "
           f"{'passed' if v['passed'] else 'FAILED'} (min cosine "
           f"{v['min_cosine']:.6f}); language {m['language']['backend']} {m['language']['precision']} gate "
-          f"{'passed' if lg.get('passed') else 'FAILED'}; split vs whole max |dlogit| "
-          f"{m['recomposed']['max_abs_logit_delta']:.2e}")
+          f"{'passed' if lg.get('passed') else 'FAILED'}"
+          + (f", image+text gate {'passed' if ig['passed'] else 'FAILED'} (mean KL {ig['mean_kl']:.2e}, top-1 "
+             f"{ig['top1_agreement']:.3f})" if (ig := m["language"].get("image_gate")) else "")
+          + f"; split vs whole max |dlogit| {m['recomposed']['max_abs_logit_delta']:.2e}")
     return 0
 
 

@@ -3,7 +3,9 @@
 One interface for both graphs edgekit exports (exporters/onnxruntime.py GRAPHS) and for plain .onnx files of either
 layout: input_ids, attention_mask (ones over past + new tokens) and, where the graph takes them, position_ids; past
 key/values (1, kv_heads, past, head_dim) in, present.* out. optimum's graph declares head_dim in its input shapes;
-the lean (GroupQueryAttention) graph leaves it symbolic, so it comes from artifact.json's model shape."""
+the lean (GroupQueryAttention) graph leaves it symbolic, so it comes from artifact.json's model shape.
+A VLM's language graph also takes image_embeds (exporters/onnxruntime.py splice_image_embeds): forward's
+`image_embeds` rows replace the image tokens' embeddings in order; none given, it is fed empty (plain lookup)."""
 
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ class OrtRunner:
         self.max_context = int(meta.get("max_context") or m.get("max_position_embeddings") or 2048)
         self._kv_shape = {n: (1, self._dim(n, 1, m.get("num_kv_heads")), 0, self._dim(n, 3, m.get("head_dim")))
                           for n in self.past_names}
+        self.image_token_id = (meta.get("image_embeds") or {}).get("image_token_id")
+        self.hidden_size = self._dim("image_embeds", 2, m.get("hidden_size")) if "image_embeds" in self.inputs else 0
         self.reset()
 
     def _dim(self, name: str, axis: int, fallback) -> int:
@@ -50,17 +54,35 @@ class OrtRunner:
         raise EdgekitError(f"the graph's {name} leaves axis {axis} symbolic ({d!r}) and no artifact.json says its "
                            "size", "open the artifact folder edgekit wrote (artifact.json gives the model's shape)")
 
+    def _image_rows(self, ids: np.ndarray, image_embeds: np.ndarray | None) -> np.ndarray:
+        """(1, k, hidden) float32: one row per image token of this call, checked here (ScatterND only names shapes);
+        none given, image tokens keep their table embedding, as in a graph without the input."""
+        if image_embeds is None:
+            return np.zeros((1, 0, self.hidden_size), dtype=np.float32)
+        rows = np.asarray(image_embeds, dtype=np.float32).reshape(-1, self.hidden_size)
+        k = int((ids == self.image_token_id).sum()) if self.image_token_id is not None else 0
+        if rows.shape[0] != k:
+            raise EdgekitError(f"{rows.shape[0]} image-embedding rows for {k} image tokens (id {self.image_token_id}) "
+                               "in the ids", "pass one row per image token of this call, in order (a prompt split "
+                               "into chunks splits its rows alike)")
+        return rows[None]
+
     def reset(self) -> None:
         self.past = {n: np.zeros(s, dtype=np.float32) for n, s in self._kv_shape.items()}
         self.length = 0
 
-    def forward(self, ids: np.ndarray) -> np.ndarray:
+    def forward(self, ids: np.ndarray, image_embeds: np.ndarray | None = None) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
         t = ids.shape[1]
         if self.length + t > self.max_context:
             raise EdgekitError(f"sequence of {self.length + t} tokens exceeds the artifact's context "
                                f"({self.max_context})", "use a shorter prompt or export with a longer context")
         feeds = {"input_ids": ids}
+        if "image_embeds" in self.inputs:
+            feeds["image_embeds"] = self._image_rows(ids, image_embeds)
+        elif image_embeds is not None:
+            raise EdgekitError("this ONNX language graph takes token ids only (no image_embeds input)",
+                               "export the language model with `edgekit vlm export -b onnxruntime`")
         if "attention_mask" in self.inputs:
             feeds["attention_mask"] = np.ones((1, self.length + t), dtype=np.int64)
         if "position_ids" in self.inputs:

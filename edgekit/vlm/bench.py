@@ -1,11 +1,13 @@
 """Benchmark an exported VLM folder (edgekit vlm export): image-encode latency of the vision artifact, time to first
 token for an image prompt, and decode tokens/s of the language artifact, each in its own real runtime.
 
-TTFT for an image prompt = encoding the image + prefilling its image_tokens positions and the text prompt. With
-llama.cpp's mmproj that is the real prompt (mtmd encodes the image and decodes its embeddings, then the text).
-edgekit's ONNX and .pte language artifacts take token ids (their graphs have no inputs_embeds input yet), so there
-ids stand in for the image embeddings during the prefill: the same positions through the same layers, the embedding
-lookup aside. The report says which (`ttft_prefill`).
+TTFT for an image prompt = encoding the image + prefilling its image prompt and the text prompt. With llama.cpp's
+mmproj that is the real prompt (mtmd encodes the image and decodes its embeddings, then the text). On ONNX Runtime it
+is too: the language graph takes the vision artifact's embeddings at the image-token positions (its image_embeds
+input), so the prefill is the family's image prompt (vlm.json image_prompt) + text ids fed those embeddings.
+ExecuTorch's .pte (and ONNX language graphs exported before image_embeds) take token ids only, so there ids stand in
+for the image embeddings during the prefill: the same positions through the same layers, the embedding lookup aside.
+The report says which (`ttft_prefill`).
 """
 
 from __future__ import annotations
@@ -48,13 +50,21 @@ def bench_vlm(art: Path, runs: int = 10, prompt_tokens: int = 16, new_tokens: in
         encode(one)
         enc_s.append(time.perf_counter() - t)
     lm = open_artifact(art / m["language"]["folder"], threads=threads, all_logits=False)
-    n_prefill = m["image_tokens"] + prompt_tokens
+    # ONNX Runtime's VLM language graph: the real image prompt, fed the image's embeddings
+    spliced = getattr(lm, "image_token_id", None) is not None and "image_embeds" in getattr(lm, "inputs", {})
+    prompt = list(m.get("image_prompt") or [m["image_token_index"]] * m["image_tokens"]) if spliced else []
+    n_image = len(prompt) if spliced else m["image_tokens"]
+    n_prefill = n_image + prompt_tokens
     if n_prefill + new_tokens > lm.max_context:
         raise EdgekitError(f"{n_prefill + new_tokens} positions exceed the language artifact's context "
                            f"({lm.max_context})", "pass fewer --prompt-tokens / --new-tokens, or export with a "
                            "longer --context")
     rng = np.random.default_rng(0)
     ids = rng.integers(0, lm.vocab_size - 1, n_prefill)  # the last id is <image>: never fed as text
+    if spliced:
+        text = ids[:prompt_tokens]
+        text[text == m["image_token_index"]] = 0  # text never holds <image>: each one takes an embedding row
+        ids = np.concatenate([np.asarray(prompt, dtype=np.int64), text])
     mtmd = getattr(encode, "encoder", None)  # llama.cpp: the real image prompt, embeddings decoded by mtmd
     if mtmd is not None:  # real text of prompt_tokens tokens (llama.cpp's own tokenizer)
         words = " ".join(["a red circle on a blue background"] * prompt_tokens)
@@ -70,6 +80,9 @@ def bench_vlm(art: Path, runs: int = 10, prompt_tokens: int = 16, new_tokens: in
             image_prompt_logits(mtmd, one.images[0], text=prompt_text)
             ttft_s.append(time.perf_counter() - t)
             logits = lm.forward(ids)
+        elif spliced:
+            logits = lm.forward(ids, image_embeds=encode(one)[0])
+            ttft_s.append(time.perf_counter() - t)
         else:
             encode(one)
             logits = lm.forward(ids)
@@ -87,10 +100,11 @@ def bench_vlm(art: Path, runs: int = 10, prompt_tokens: int = 16, new_tokens: in
          "language": {"backend": m["language"]["backend"], "precision": m["language"]["precision"]},
          "image_tokens": m["image_tokens"], "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
          "image_encode_ms": _pct(enc_s), "ttft_ms": _pct(ttft_s),
-         "ttft_prefill": f"{n_prefill} positions ({m['image_tokens']} image + {prompt_tokens} text); " + (
+         "ttft_prefill": f"{n_prefill} positions ({n_image} image + {prompt_tokens} text); " + (
              "the image prompt itself, run by llama.cpp's mtmd (image encoded and its embeddings decoded)"
-             if mtmd is not None else "token ids stand in for the image embeddings (the language artifact takes "
-             "ids)"),
+             if mtmd is not None else "the image prompt itself, the image's embeddings fed to the language graph's "
+             "image_embeds input" if spliced else "token ids stand in for the image embeddings (the language "
+             "artifact takes ids)"),
          "decode_tokens_per_s": round(float(np.median(decode_tps)), 2), "threads": threads}
     log(f"bench: image encode p50 {r['image_encode_ms']['p50']:.2f} ms, TTFT (image prompt) p50 "
         f"{r['ttft_ms']['p50']:.2f} ms, decode {r['decode_tokens_per_s']:.1f} tok/s")

@@ -4,9 +4,13 @@
   <image> tokens), run by ONNX Runtime and gated against PyTorch on held-out images (cosine similarity per image
   token and max |delta|), with the image processor's config beside it;
 - language/: the language model saved as a plain causal-LM folder (the decoder family's own layout) and exported
-  by edgekit's decoder exporters (ONNX Runtime, GGUF, ExecuTorch), gated by their own fidelity gate.
+  by edgekit's decoder exporters (ONNX Runtime, GGUF, ExecuTorch), gated by their own fidelity gate. On ONNX
+  Runtime the graph also takes image_embeds (rows for the image-token positions), and is gated a second time on
+  image+text prompts fed the vision artifact's embeddings (image_prompt_gate); llama.cpp runs whole image prompts
+  through mtmd (llamacpp_prompt_check); ExecuTorch's .pte takes token ids only.
 
-vlm.json records both parts, the image token id and how many positions one image takes.
+vlm.json records both parts, the image token id, how many positions one image takes and the ids of its image
+prompt.
 """
 
 from __future__ import annotations
@@ -214,6 +218,88 @@ def recompose_check(model, fam, model_dir: Path, mcfg: dict, lm_dir: Path, embed
             "threshold": RECOMPOSED_MAX_DELTA}
 
 
+IMAGE_GATE_PROMPTS = 2
+IMAGE_GATE_DECODE = 4  # the prompt's last positions go through the KV cache one token at a time
+IMAGE_GATE_NEW = 8  # greedy tokens generated after the prompt
+
+
+def image_prompt_gate(model, fam, mcfg: dict, model_dir: Path, lang_dir: Path, precision: str, embed,
+                      threads: int | None = None) -> dict:
+    """The language artifact's gate on image+text prompts, run as a device runs them on ONNX Runtime: the vision
+    artifact's embeddings (`embed(VisionInputs)`) fed to the language graph's image_embeds input at the image-token
+    positions of the family's image prompt + a caption (prefill, then the last IMAGE_GATE_DECODE tokens decoded
+    through the cache), every position's logits and a greedy continuation against the whole PyTorch VLM on the same
+    pixels and ids, judged by the language precision's thresholds (edgekit.verify)."""
+    import tempfile
+    from dataclasses import asdict
+
+    import numpy as np
+    import onnxruntime
+    import torch
+
+    from edgekit.exporters.vision import VisionInputs
+    from edgekit.runtime import open_artifact
+    from edgekit.verify import _log_softmax, judge, thresholds_for
+    from edgekit.vlm.data import encode, generate_pairs, load_image, load_pairs
+
+    lm = open_artifact(lang_dir, threads=threads)
+    size = int(mcfg["vision_config"].get("image_size", 224))
+    with tempfile.TemporaryDirectory() as d:
+        pairs = load_pairs(generate_pairs(Path(d), IMAGE_GATE_PROMPTS, size=size, seed=24680))  # unlike the other gates
+        _, _, items = encode(model_dir, pairs, fam, mcfg)
+        images = [np.asarray(load_image(p.image), dtype=np.uint8) for p in pairs]
+    n_image = int((items[0].labels[0] == -100).sum())  # the image prompt: image tokens + the family's wrapping
+    if n_image + IMAGE_GATE_DECODE + 1 + IMAGE_GATE_NEW > lm.max_context:
+        raise EdgekitError(f"the language artifact's context ({lm.max_context}) cannot hold one image prompt "
+                           f"({n_image} positions) and a caption", f"pass --context "
+                           f"{n_image + IMAGE_GATE_DECODE + 1 + IMAGE_GATE_NEW} or more")
+    image_id = fam.image_token_id(mcfg)
+
+    def pick(logits) -> int:  # greedy, never <image>: a generated one would have no image features behind it
+        return int(np.where(np.arange(len(logits)) == image_id, -np.inf, logits).argmax())
+
+    ref, got, ref_new, got_new = [], [], [], []
+    with torch.no_grad():
+        for b, im in zip(items, images):
+            ids = b.input_ids[0, :lm.max_context - IMAGE_GATE_NEW]
+            rows = np.asarray(embed(VisionInputs(b.pixel_values.numpy(), im[None])), dtype=np.float32)
+            seq = ids.numpy()
+            cut = len(seq) - IMAGE_GATE_DECODE
+            lm.reset()
+            out = [lm.forward(seq[:cut], image_embeds=rows)] + [lm.forward(seq[i:i + 1]) for i in range(cut, len(seq))]
+            got.append(np.concatenate(out))
+            ref.append(model(input_ids=ids[None], pixel_values=b.pixel_values, use_cache=False).logits[0].numpy())
+            nxt, new = pick(got[-1][-1]), []
+            for _ in range(IMAGE_GATE_NEW):  # the runner's cache continues the image prompt
+                new.append(nxt)
+                nxt = pick(lm.forward(np.array([nxt]))[-1])
+            got_new.append(new)
+            s = ids[None]
+            for _ in range(IMAGE_GATE_NEW):  # full recompute each step, as the text gate's reference does
+                t = pick(model(input_ids=s, pixel_values=b.pixel_values, use_cache=False).logits[0, -1].numpy())
+                s = torch.cat([s, torch.tensor([[t]])], dim=1)
+            ref_new.append(s[0, len(ids):].tolist())
+    del lm
+
+    def scores(r, g) -> dict:
+        p, q = _log_softmax(r), _log_softmax(g)
+        return {"top1_agreement": float((r.argmax(-1) == g.argmax(-1)).mean()),
+                "mean_kl": float((np.exp(p) * (p - q)).sum(-1).mean()),
+                "max_abs_logit_delta": float(np.abs(r - g).max())}
+
+    res = {"prompts": len(items), "positions": int(sum(len(r) for r in ref)),
+           "image_tokens": fam.image_tokens(mcfg), **scores(np.concatenate(ref), np.concatenate(got)),
+           "last_position": scores(np.stack([r[-1] for r in ref]), np.stack([g[-1] for g in got])),
+           "greedy_match": ref_new == got_new}
+    first = [next(i for i, (a, b) in enumerate(zip(x, y)) if a != b) for x, y in zip(ref_new, got_new) if x != y]
+    res["greedy_first_divergence"] = min(first) if first else None
+    th = thresholds_for(precision)
+    failures = judge(res, th)
+    res.update(thresholds=asdict(th), failures=failures, passed=not failures,
+               runtime=f"onnxruntime {onnxruntime.__version__}")
+    return res
+
+
 def llamacpp_prompt_check(model, fam, mcfg: dict, model_dir: Path, mmproj: Path, lm_gguf: Path,
                           threads: int = 1) -> dict:
     """Image+text prompts run whole by llama.cpp (mtmd encodes the image with the mmproj and decodes it into the
@@ -268,7 +354,7 @@ def export_vlm(model_dir: Path, out: Path, cfg: VlmExportConfig = VlmExportConfi
     import tempfile
 
     import torch
-    from transformers import AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
 
     from edgekit.arch import vlm_family_of
     from edgekit.export import ExportConfig, export_model
@@ -286,7 +372,9 @@ def export_vlm(model_dir: Path, out: Path, cfg: VlmExportConfig = VlmExportConfi
                            "save the model's image processor next to it (processor.save_pretrained)")
     lang_cfg = ExportConfig(backend=cfg.language_backend, precision=cfg.language_precision,
                             context_length=cfg.context_length, accept_gate_failure=cfg.accept_gate_failure,
-                            target=cfg.target)
+                            target=cfg.target,
+                            # ONNX Runtime's language graph then also takes image_embeds (image_prompt_gate)
+                            image_token_id=fam.image_token_id(mcfg) if cfg.language_backend == "onnxruntime" else None)
     lang_cfg.resolved()  # refuse early
     vision_backend, vision_precision = cfg.vision()
     if vision_backend == "gguf":
@@ -320,12 +408,29 @@ def export_vlm(model_dir: Path, out: Path, cfg: VlmExportConfig = VlmExportConfi
                 raise GateFailed(f"the split VLM ({vision_backend} vision + saved language model) differs from the "
                                  f"whole model (max |delta logit| {recomposed['max_abs_logit_delta']:.2e})",
                                  "report it with the model; --accept-gate-failure keeps the artifact")
+            image_gate = None
+            if lang.get("image_embeds"):  # the language artifact itself on image+text prompts (ONNX Runtime)
+                image_gate = image_prompt_gate(model, fam, mcfg, model_dir, tmp / "language", lang["precision"],
+                                               lambda inp: run(tmp / "vision", meta, inp)[0])
+                image_gate["vision_backend"] = vision_backend
+                image_gate["overridden"] = bool(cfg.accept_gate_failure and not image_gate["passed"])
+                log(f"export: {vision_backend} image embeddings -> {lang['backend']} {lang['precision']} language "
+                    f"graph on image+text prompts vs PyTorch: mean KL {image_gate['mean_kl']:.2e}, top-1 "
+                    f"{image_gate['top1_agreement']:.3f}, max |delta logit| {image_gate['max_abs_logit_delta']:.2e}")
+                if not image_gate["passed"] and not cfg.accept_gate_failure:
+                    raise GateFailed(f"the {lang['backend']} {lang['precision']} language graph fed {vision_backend} "
+                                     f"image embeddings differs from PyTorch on image+text prompts: "
+                                     f"{'; '.join(image_gate['failures'])}",
+                                     "try a more faithful --precision, or --accept-gate-failure to keep the artifact")
         manifest = {"task": fam.task, "arch": fam.model_type, "source": str(model_dir),
                     "image_token_index": fam.image_token_id(mcfg), "image_tokens": fam.image_tokens(mcfg),
+                    # the ids one image takes in a prompt (image tokens + the family's wrapping), for hosts
+                    "image_prompt": fam.image_prompt(AutoTokenizer.from_pretrained(model_dir), mcfg),
                     "parts": fam.geometry(mcfg).parts(),
                     "recomposed": recomposed,
                     "vision": {"folder": "vision", **vision},
                     "language": {"backend": lang["backend"], "precision": lang["precision"], "folder": "language",
-                                 "gate": lang.get("gate")}}
+                                 "gate": lang.get("gate"),
+                                 **({"image_gate": image_gate} if image_gate is not None else {})}}
         atomic_write_json(tmp / MANIFEST, manifest)
     return manifest
