@@ -85,6 +85,72 @@ def test_executorch_vision_pte_runs_in_executorch_and_passes(llava, tmp_path):
         _vision(llava, tmp_path / "q", "executorch", "fp16")
 
 
+IDEFICS3_LAYOUT = ["idefics3", "smolvlm"]
+
+
+@pytest.fixture(scope="module", params=IDEFICS3_LAYOUT)
+def idefics(request, tmp_path_factory):
+    """A tiny Idefics3-layout VLM (SigLIP-style tower, pixel-shuffle connector): (family, folder, config, model)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from edgekit.testing import make_tiny_vlm
+
+    path = make_tiny_vlm(request.param, tmp_path_factory.mktemp("vis") / request.param,
+                         seed=5 + IDEFICS3_LAYOUT.index(request.param))  # the same layout: different weights
+    cfg = json.loads((path / "config.json").read_text())
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    return request.param, path, cfg, model
+
+
+def test_idefics3_position_ids_are_transformers_bucketize():
+    """The numpy position ids (a constant in the exported graph) are exactly what transformers' torch.bucketize
+    gives a full grid, at every grid side up to 80 (SmolVLM's 512 / 16 = 32, Idefics3's 364 / 14 = 26)."""
+    import torch
+
+    for n in range(1, 81):
+        bounds = torch.arange(1 / n, 1.0, 1 / n)
+        b = torch.bucketize(torch.arange(n, dtype=torch.float32) / n * (1 - 1e-6), bounds, right=True)
+        assert VLM_FAMILIES["idefics3"].full_image_positions(n) == (b[:, None] * n + b).flatten().tolist(), n
+
+
+def test_executorch_vision_runs_the_idefics3_layout(idefics, tmp_path):
+    """Idefics3 / SmolVLM's tower + connector lowers to XNNPACK (no aten.bucketize left in the graph), and the .pte
+    run by ExecuTorch's runtime matches transformers' own get_image_features."""
+    import torch
+
+    from edgekit.exporters.vision import VisionInputs, executorch_open
+    from edgekit.vlm.export import export_vision
+
+    arch, path, cfg, model = idefics
+    m = export_vision(model, VLM_FAMILIES[arch], cfg, path, tmp_path, "executorch", images=2, log=quiet)
+    g = m["gate"]
+    assert g["passed"] and g["runtime"] == "executorch" and g["shape"] == [2, 16, 64], g
+    assert g["min_cosine"] > 0.99999 and g["max_abs_delta"] < 1e-5, g
+    assert m["delegated_ops"] > 0 and m["input"]["pixel_values"] == [1, 3, 32, 32]  # (images, C, H, W) per prompt
+    ref = np.load(tmp_path / "reference.npz")
+    run = executorch_open(tmp_path, m)
+    got = run(VisionInputs(ref["pixel_values"], ref["images"]))[0]
+    with torch.no_grad():
+        hf = model.model.get_image_features(torch.as_tensor(ref["pixel_values"])).numpy()
+    assert np.abs(got - hf.reshape(got.shape)).max() < 1e-5
+
+
+@pytest.mark.slow
+def test_vlm_export_both_parts_to_executorch_idefics3(idefics, tmp_path, cli):
+    """`edgekit vlm export -b executorch --vision-backend executorch` for the Idefics3 layout: both .pte files gated in
+    ExecuTorch's runtime, and the split matches the whole VLM on image+text prompts."""
+    arch, path, _, _ = idefics
+    cli("vlm", "export", path, "-b", "executorch", "--vision-backend", "executorch", "--context", "64",
+        "-o", tmp_path / "a", check=0)
+    m = json.loads((tmp_path / "a" / "vlm.json").read_text())
+    v = m["vision"]
+    assert m["arch"] == arch and v["file"] == "vision_encoder.pte" and v["gate"]["passed"], v["gate"]
+    assert v["gate"]["min_cosine"] > 0.99999 and v["gate"]["max_abs_delta"] < 1e-5, v["gate"]
+    assert m["language"]["backend"] == "executorch" and m["language"]["gate"]["passed"]
+    assert m["recomposed"]["passed"] and m["recomposed"]["max_abs_logit_delta"] < 1e-4, m["recomposed"]
+
+
 @pytest.fixture(scope="module")
 def lm_gguf(llava, tmp_path_factory):
     """The tiny LLaVA's language model as an f32 GGUF (mtmd needs a llama model for its context)."""

@@ -65,11 +65,14 @@ class Idefics3Family(VlmFamily):
     @staticmethod
     def full_image_positions(n: int) -> list[int]:
         """The position ids transformers' embedding buckets for a full (unpadded) n x n patch grid, computed as it
-        does (fractional coordinates bucketized; with exact binary fractions they are not simply 0..n*n-1)."""
-        import torch
+        does in float32 (fractional coordinates bucketized; with exact binary fractions they are not simply
+        0..n*n-1). In numpy, not torch: torch.export traces torch ops even on constants, and ExecuTorch has no
+        aten.bucketize."""
+        import numpy as np
 
-        bounds = torch.arange(1 / n, 1.0, 1 / n)
-        b = torch.bucketize(torch.arange(n, dtype=torch.float32) / n * (1 - 1e-6), bounds, right=True)
+        bounds = np.arange(1 / n, 1.0, 1 / n).astype(np.float32)  # torch.arange: float64 steps, float32 values
+        x = np.arange(n, dtype=np.float32) / np.float32(n) * np.float32(1 - 1e-6)
+        b = np.searchsorted(bounds, x, side="right")  # == torch.bucketize(x, bounds, right=True)
         return (b[:, None] * n + b).flatten().tolist()
 
     def vision_features(self, model, pixel_values):
