@@ -253,6 +253,12 @@ def make_tiny_vlm(arch: str, out: Path, seed: int = 0, **overrides) -> Path:
     out = Path(out)
     make_tokenizer(out, vocab - len(fam.extra_tokens))
     tok = AutoTokenizer.from_pretrained(out)
+    # pieces llama.cpp's image template looks up (Idefics3: "\n\n") that real tokenizers have as one token
+    missing = [p for p in fam.mmproj_template_pieces if len(tok(p, add_special_tokens=False)["input_ids"]) != 1]
+    if missing:
+        make_tokenizer(out, vocab - len(fam.extra_tokens) - len(missing))
+        tok = AutoTokenizer.from_pretrained(out)
+        tok.add_tokens(missing)
     tok.add_special_tokens({"additional_special_tokens": list(fam.extra_tokens)})
     tok.pad_token = tok.eos_token
     tok.save_pretrained(out)

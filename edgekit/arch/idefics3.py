@@ -15,6 +15,8 @@ from edgekit.arch.vlm import VisionGeometry, VisionLayerWidths, VlmFamily, VlmGe
 
 class Idefics3Family(VlmFamily):
     image_token_key = "image_token_id"
+    # text pieces llama.cpp's idefics3 image template looks up in the vocabulary (real tokenizers have them)
+    mmproj_template_pieces = ("\n\n", "\n")
     wrap_tokens = ("<fake_token_around_image>", "<global-img>")  # before the image tokens; the first also after
     extra_tokens = ("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>")
 
@@ -93,6 +95,17 @@ class Idefics3Family(VlmFamily):
         """(B, image_tokens, text hidden): what replaces the <image> tokens."""
         return model.model.connector(self.vision_features(model, pixel_values))
 
+    def mmproj_tensors(self, model):
+        import torch
+
+        vm = self.vision_tower(model)
+        # llama.cpp adds position row i to patch i; transformers adds row full_image_positions[i]: written gathered
+        pos = torch.tensor(self.full_image_positions(vm.embeddings.num_patches_per_side))
+        for n, t in vm.state_dict().items():
+            if not n.endswith("position_ids"):
+                yield "vision:model.vision_model." + n, t[pos] if n == "embeddings.position_embedding.weight" else t
+        yield "projector:mm.model.fc.weight", self.projector(model)[0].weight
+
     def language_view(self, model):
         import torch
         import transformers
@@ -118,8 +131,8 @@ class Idefics3Family(VlmFamily):
 
 
 FAMILY = Idefics3Family(model_type="idefics3", name="Idefics3", config_class="Idefics3Config",
-                        vision_model_types=("idefics3_vision",),
+                        vision_model_types=("idefics3_vision",), mmproj_projector_type="idefics3",
                         notes=("SigLIP-style vision tower", "pixel-shuffle connector", "Llama language model"))
 SMOLVLM = Idefics3Family(model_type="smolvlm", name="SmolVLM", config_class="SmolVLMConfig",
-                         vision_model_types=("smolvlm_vision",),
+                         vision_model_types=("smolvlm_vision",), mmproj_projector_type="idefics3",
                          notes=("Idefics3 layout", "SigLIP-style vision tower", "pixel-shuffle connector"))

@@ -109,6 +109,7 @@ class VlmFamily:
         return [self.image_token_id(cfg)] * self.image_tokens(cfg)
     # llama.cpp's clip.projector_type for this family's mmproj file; None: llama.cpp (or edgekit) has no mmproj for it
     mmproj_projector_type: str | None = None
+    mmproj_template_pieces = ()  # ordinary text pieces llama.cpp's image template for the family looks up
 
     # -- config -> geometry (torch-free) ---------------------------------------------------------------------
     def language_family(self, cfg: dict) -> Family:
