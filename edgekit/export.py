@@ -47,7 +47,8 @@ class ExportConfig:
     qat: Any = None  # edgekit.qat.QATPlan the model was trained for (read from its qat.json by export_model)
     kv_cache: str | None = None  # KV-cache element type (edgekit.precision.KV_CACHES) where the runtime takes one
     onnx_graph: str | None = None  # ONNX Runtime: "lean" | "optimum"; None: lean where the model allows it
-    # ONNX Runtime, a VLM's language model: the graph also takes image_embeds, placed at this token's positions
+    # ONNX Runtime / ExecuTorch, a VLM's language model: the graph also takes image_embeds, placed at this token's
+    # positions
     image_token_id: int | None = None
 
     def resolved(self) -> "ExportConfig":

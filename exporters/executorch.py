@@ -8,6 +8,12 @@ plans (and the Python runtime allocates) activations for T's upper bound, so bou
 SmolLM2 about 1 GB at 2048 tokens of context. The causal mask is built from `input_pos` over the whole cache, so
 positions not yet written never take part in attention (they need no zeroing on reset).
 
+A VLM's language model (cfg.image_token_id set) takes two more inputs, `image_embeds (1, T, hidden)` and
+`image_mask (1, T, 1)`: where the mask is 1 the position's embedding is that row (the image features, as
+transformers' masked_scatter places them), elsewhere the table's. Rows travel per position, sharing T's dynamic dim,
+because a (k, hidden) input spliced in the graph needs nonzero/masked_scatter, whose data-dependent shapes neither
+torch.export's static planning nor XNNPACK take; a text call feeds a zero mask and computes the plain graph's logits.
+
 8da4w = int8 dynamic activations, int4 weights in groups of GROUP_SIZE input channels (torchao), with the head,
 down_proj, k_proj and v_proj at int8 per channel (exporters/executorch_mix.py says why). torchao and
 ExecuTorch's own recipe quietly leave a linear in fp32 when its input width is not a multiple of the group size;
@@ -79,6 +85,9 @@ class StaticCacheLM(torch.nn.Module):
         self.register_buffer("slots", torch.arange(max_context), persistent=False)
 
     def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        return self._logits(input_pos, input_ids=input_ids)
+
+    def _logits(self, input_pos: torch.Tensor, **inputs) -> torch.Tensor:
         n = len(self.layers)
         cache = _BufferCache([getattr(self, f"k_{i}") for i in range(n)], [getattr(self, f"v_{i}") for i in range(n)])
         # A query at position p sees cache slots 0..p: the already written past and itself; a sliding layer only the
@@ -88,9 +97,27 @@ class StaticCacheLM(torch.nn.Module):
         if self.window:
             masks["sliding_attention"] = full & (self.slots[None, :] > input_pos[:, None] - self.window)[None, None]
         mask = masks if len(self.kinds) > 1 else masks[self.kinds[0]]
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=input_pos[None],
+        out = self.model(**inputs, attention_mask=mask, position_ids=input_pos[None],
                          cache_position=input_pos, past_key_values=cache, use_cache=True)
         return out.logits
+
+
+IMAGE_EMBEDS, IMAGE_MASK = "image_embeds", "image_mask"
+
+
+class StaticCacheVLM(StaticCacheLM):
+    """A VLM's language model: forward(input_ids, input_pos, image_embeds (1, T, hidden), image_mask (1, T, 1)) ->
+    logits (1, T, vocab); rows where the mask is 1 replace the table's embeddings (module docstring)."""
+
+    def __init__(self, model, max_context: int):
+        super().__init__(model, max_context)
+        self.hidden = int(model.get_input_embeddings().weight.shape[1])
+
+    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor, image_embeds: torch.Tensor,
+                image_mask: torch.Tensor) -> torch.Tensor:
+        table = self.model.get_input_embeddings()(input_ids)
+        # a blend, not torch.where: mask 0/1 makes it exact either way, and mul/add stay inside XNNPACK
+        return self._logits(input_pos, inputs_embeds=table * (1 - image_mask) + image_embeds * image_mask)
 
 
 def layer_caches(model) -> list[LayerCache]:
@@ -274,8 +301,12 @@ def lower(wrapper: StaticCacheLM):
 
     seq = torch.export.Dim("seq", min=1, max=max(EXAMPLE_TOKENS, min(wrapper.max_context, MAX_CHUNK)))
     example = (torch.zeros((1, EXAMPLE_TOKENS), dtype=torch.long), torch.arange(EXAMPLE_TOKENS))
+    shapes: tuple = ({1: seq}, {0: seq})
+    if isinstance(wrapper, StaticCacheVLM):  # image rows and mask: one per position, on the same dynamic T
+        example += (torch.zeros((1, EXAMPLE_TOKENS, wrapper.hidden)), torch.zeros((1, EXAMPLE_TOKENS, 1)))
+        shapes += ({1: seq}, {1: seq})
     with torch.no_grad():
-        ep = torch.export.export(wrapper, example, dynamic_shapes=({1: seq}, {0: seq}), strict=False)
+        ep = torch.export.export(wrapper, example, dynamic_shapes=shapes, strict=False)
         edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
         summary = delegation_summary(edge)  # before to_executorch, which adds memory-planning nodes to the graph
         return edge.to_executorch(), summary
@@ -304,8 +335,11 @@ def export(model_dir: Path, out: Path, cfg) -> dict:
         spell_out_tanh_gelu(model)
         with warnings.catch_warnings():  # "mutation on a buffer ... meaningless initial state": the mask covers it
             warnings.simplefilter("ignore")
-            prog, summary = lower(StaticCacheLM(model, n_ctx))
+            image = getattr(cfg, "image_token_id", None)  # a VLM's language model: image rows go in beside the ids
+            prog, summary = lower((StaticCacheLM if image is None else StaticCacheVLM)(model, n_ctx))
     atomic_write_bytes(out / ENTRY, prog.buffer)
     return {"entry": ENTRY, "max_context": n_ctx, "max_chunk": min(n_ctx, MAX_CHUNK),
             "size_bytes": (out / ENTRY).stat().st_size,
-            **summary, **info}
+            **summary, **info} | ({"image_embeds": {"input": IMAGE_EMBEDS, "image_token_id": image,
+                                                   "inputs": ["input_ids", "input_pos", IMAGE_EMBEDS, IMAGE_MASK]}}
+                                  if image is not None else {})

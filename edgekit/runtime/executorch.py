@@ -5,6 +5,10 @@ in the loaded method and persist between calls, so this runner only tracks the n
 torch at module import, but ExecuTorch's Python runtime (`executorch.runtime`) imports torch itself and takes torch
 tensors as inputs: on a device, `pip install executorch==1.4.1` (it brings a CPU torch). A C++ app would use
 ExecuTorch's Module API on the same .pte with no Python at all.
+
+A VLM's language .pte (artifact.json `image_embeds`) takes two more inputs, image_embeds (1, T, hidden) and
+image_mask (1, T, 1) (exporters/executorch.py StaticCacheVLM): forward's `image_embeds` rows go, in order, to the
+image tokens' positions with mask 1; none given, the mask is zero (plain lookup), as OrtRunner does.
 """
 
 from __future__ import annotations
@@ -38,6 +42,10 @@ class ExecuTorchRunner:
             raise EdgekitError(f"ExecuTorch cannot load {pte}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
                                "re-export the artifact with the same executorch version as this runtime") from e
         self._program = program  # keeps the program (and its data) alive as long as the method
+        self.image_token_id = (meta.get("image_embeds") or {}).get("image_token_id")
+        io = self.method.metadata
+        # the method's own signature decides (a plain .pte has no artifact.json): rows + mask after ids and positions
+        self.hidden_size = int(io.input_tensor_meta(2).sizes()[-1]) if io.num_inputs() == 4 else 0
         self.vocab_size = int(meta["model"]["vocab_size"])
         self.max_context = int(meta["max_context"])
         # tokens one call may take (the method's planned bound); artifacts before it was recorded took the context
@@ -45,11 +53,43 @@ class ExecuTorchRunner:
         self.all_logits = all_logits
         self.reset()
 
+    @property
+    def takes_image_embeds(self) -> bool:
+        return bool(self.hidden_size) and self.image_token_id is not None
+
+    def _image_rows(self, ids: np.ndarray, image_embeds: np.ndarray | None):
+        """(rows (1, T, hidden), mask (1, T, 1)) float32 for a VLM .pte, None for a token-id one; checked here (the
+        method would take any rows)."""
+        if not self.hidden_size:
+            if image_embeds is not None:
+                raise EdgekitError("this .pte takes token ids only (no image_embeds input)",
+                                   "export the language model with `edgekit vlm export -b executorch`")
+            return None
+        rows = np.zeros((1, ids.shape[1], self.hidden_size), dtype=np.float32)
+        mask = np.zeros((1, ids.shape[1], 1), dtype=np.float32)
+        if image_embeds is None:
+            return rows, mask
+        if self.image_token_id is None:
+            raise EdgekitError("this .pte takes image_embeds but no artifact.json says its image token id",
+                               "open the artifact folder `edgekit vlm export` wrote (language/)")
+        given = np.asarray(image_embeds, dtype=np.float32)
+        if given.size % self.hidden_size:
+            raise EdgekitError(f"image embeddings of shape {given.shape} are not rows of the model's width "
+                               f"{self.hidden_size}", "pass the vision artifact's image_embeds (k, hidden)")
+        given = given.reshape(-1, self.hidden_size)
+        at = np.flatnonzero(ids[0] == self.image_token_id)
+        if given.shape[0] != len(at):
+            raise EdgekitError(f"{given.shape[0]} image-embedding rows for {len(at)} image tokens (id "
+                               f"{self.image_token_id}) in the ids", "pass one row per image token of this call, in "
+                               "order (a prompt split into chunks splits its rows alike)")
+        rows[0, at], mask[0, at] = given, 1.0
+        return rows, mask
+
     def reset(self) -> None:
         # The mask only lets a query see slots up to its own position, so stale K/V past `length` never count.
         self.length = 0
 
-    def forward(self, ids: np.ndarray) -> np.ndarray:
+    def forward(self, ids: np.ndarray, image_embeds: np.ndarray | None = None) -> np.ndarray:
         ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(1, -1))
         t = ids.shape[1]
         if t == 0:
@@ -57,12 +97,16 @@ class ExecuTorchRunner:
         if self.length + t > self.max_context:
             raise EdgekitError(f"sequence of {self.length + t} tokens exceeds the artifact's context "
                                f"({self.max_context})", "use a shorter prompt or export with a longer --context")
+        image = self._image_rows(ids, image_embeds)
         torch = self._torch
         parts = []
         for i in range(0, t, self.max_chunk):
             chunk = ids[:, i:i + self.max_chunk]
             pos = torch.arange(self.length, self.length + chunk.shape[1], dtype=torch.long)
-            out = self.method.execute([torch.from_numpy(chunk), pos])[0][0].numpy()
+            inputs = [torch.from_numpy(chunk), pos]
+            if image is not None:  # a chunk's rows and mask alike
+                inputs += [torch.from_numpy(np.ascontiguousarray(a[:, i:i + self.max_chunk])) for a in image]
+            out = self.method.execute(inputs)[0][0].numpy()
             self.length += chunk.shape[1]
             # Copy: the output lives in the method's planned memory, which the next call overwrites. Generation
             # needs the last row only: copying all of them held up to three chunk x vocab arrays at once.

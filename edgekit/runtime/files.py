@@ -118,7 +118,7 @@ def _pte(path: Path) -> dict:
         raise EdgekitError(f"{path} has no loadable forward method ({str(e).splitlines()[0] if str(e) else e!r})",
                            "pass a .pte with forward(input_ids, input_pos), as `edgekit export -b executorch` "
                            "writes") from e
-    if m.num_inputs() != 2 or m.num_outputs() < 1:
+    if m.num_inputs() not in (2, 4) or m.num_outputs() < 1:  # 4: a VLM's language .pte (+ image_embeds, image_mask)
         raise EdgekitError(f"{path}'s forward takes {m.num_inputs()} inputs, not (input_ids, input_pos)",
                            "pass a .pte as `edgekit export -b executorch` writes")
     # The sequence dim is dynamic up to the static KV cache's length; the meta reports that upper bound.

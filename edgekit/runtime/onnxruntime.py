@@ -54,6 +54,10 @@ class OrtRunner:
         raise EdgekitError(f"the graph's {name} leaves axis {axis} symbolic ({d!r}) and no artifact.json says its "
                            "size", "open the artifact folder edgekit wrote (artifact.json gives the model's shape)")
 
+    @property
+    def takes_image_embeds(self) -> bool:
+        return self.image_token_id is not None and "image_embeds" in self.inputs
+
     def _image_rows(self, ids: np.ndarray, image_embeds: np.ndarray | None) -> np.ndarray:
         """(1, k, hidden) float32: one row per image token of this call, checked here (ScatterND only names shapes);
         none given, image tokens keep their table embedding, as in a graph without the input."""

@@ -2,12 +2,12 @@
 token for an image prompt, and decode tokens/s of the language artifact, each in its own real runtime.
 
 TTFT for an image prompt = encoding the image + prefilling its image prompt and the text prompt. With llama.cpp's
-mmproj that is the real prompt (mtmd encodes the image and decodes its embeddings, then the text). On ONNX Runtime it
-is too: the language graph takes the vision artifact's embeddings at the image-token positions (its image_embeds
-input), so the prefill is the family's image prompt (vlm.json image_prompt) + text ids fed those embeddings.
-ExecuTorch's .pte (and ONNX language graphs exported before image_embeds) take token ids only, so there ids stand in
-for the image embeddings during the prefill: the same positions through the same layers, the embedding lookup aside.
-The report says which (`ttft_prefill`).
+mmproj that is the real prompt (mtmd encodes the image and decodes its embeddings, then the text). On ONNX Runtime and
+ExecuTorch it is too: the language graph takes the vision artifact's embeddings at the image-token positions (its
+image_embeds input), so the prefill is the family's image prompt (vlm.json image_prompt) + text ids fed those
+embeddings. Language artifacts exported before image_embeds take token ids only, so there ids stand in for the image
+embeddings during the prefill: the same positions through the same layers, the embedding lookup aside. The report
+says which (`ttft_prefill`).
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ def bench_vlm(art: Path, runs: int = 10, prompt_tokens: int = 16, new_tokens: in
         encode(one)
         enc_s.append(time.perf_counter() - t)
     lm = open_artifact(art / m["language"]["folder"], threads=threads, all_logits=False)
-    # ONNX Runtime's VLM language graph: the real image prompt, fed the image's embeddings
-    spliced = getattr(lm, "image_token_id", None) is not None and "image_embeds" in getattr(lm, "inputs", {})
+    # an ONNX Runtime / ExecuTorch VLM language graph: the real image prompt, fed the image's embeddings
+    spliced = getattr(lm, "takes_image_embeds", False)
     prompt = list(m.get("image_prompt") or [m["image_token_index"]] * m["image_tokens"]) if spliced else []
     n_image = len(prompt) if spliced else m["image_tokens"]
     n_prefill = n_image + prompt_tokens

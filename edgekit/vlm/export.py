@@ -5,9 +5,9 @@
   token and max |delta|), with the image processor's config beside it;
 - language/: the language model saved as a plain causal-LM folder (the decoder family's own layout) and exported
   by edgekit's decoder exporters (ONNX Runtime, GGUF, ExecuTorch), gated by their own fidelity gate. On ONNX
-  Runtime the graph also takes image_embeds (rows for the image-token positions), and is gated a second time on
-  image+text prompts fed the vision artifact's embeddings (image_prompt_gate); llama.cpp runs whole image prompts
-  through mtmd (llamacpp_prompt_check); ExecuTorch's .pte takes token ids only.
+  Runtime and ExecuTorch the graph also takes image_embeds (rows for the image-token positions), and is gated a
+  second time on image+text prompts fed the vision artifact's embeddings (image_prompt_gate); llama.cpp runs whole
+  image prompts through mtmd (llamacpp_prompt_check).
 
 vlm.json records both parts, the image token id, how many positions one image takes and the ids of its image
 prompt.
@@ -164,6 +164,11 @@ def vision_gate_error(vision: dict) -> GateFailed:
                               p.get("max_abs_logit_delta_vs_llamacpp_graph") is not None else ""),
                           "use --vision-backend onnxruntime or executorch, or a llama.cpp with the fix (PR #25844); "
                           "--accept-gate-failure keeps the mmproj")
+    if vision["backend"] == "gguf":
+        from edgekit.exporters.mmproj import f16_runtime_failure
+
+        if why := f16_runtime_failure(vision):
+            return GateFailed(*why)
     return GateFailed(f"the vision tower's {vision['backend']} embeddings differ from PyTorch (min cosine "
                       f"{g['min_cosine']:.6f}, max |delta| {g['max_abs_delta']:.2e})",
                       "report it with the model; --accept-gate-failure keeps the artifact")
@@ -182,9 +187,12 @@ def save_language_model(model, fam, model_dir: Path, out: Path) -> Path:
 
 
 RECOMPOSED_MAX_DELTA = 1e-3
+# an fp16 vision artifact (llama.cpp's mmproj) carries its own gated rounding into the logits; wiring errors are far
+# larger
+RECOMPOSED_MAX_DELTAS = {"fp32": RECOMPOSED_MAX_DELTA, "fp16": 2e-2}
 
 
-def recompose_check(model, fam, model_dir: Path, mcfg: dict, lm_dir: Path, embed) -> dict:
+def recompose_check(model, fam, model_dir: Path, mcfg: dict, lm_dir: Path, embed, precision: str = "fp32") -> dict:
     """Image+text prompts through the parts as a device runs them (the exported vision tower's embeddings, from
     `embed(VisionInputs)`, put in place of the <image> tokens, then the saved language-model folder) against the whole
     PyTorch VLM: proves the split loses nothing (the language artifact is then gated against that folder by its own
@@ -214,8 +222,8 @@ def recompose_check(model, fam, model_dir: Path, mcfg: dict, lm_dir: Path, embed
             emb[0, mask] = img[0]
             split = lm(inputs_embeds=emb, use_cache=False).logits
             worst = max(worst, float((whole - split).abs().max()))
-    return {"max_abs_logit_delta": worst, "prompts": len(items), "passed": worst <= RECOMPOSED_MAX_DELTA,
-            "threshold": RECOMPOSED_MAX_DELTA}
+    th = RECOMPOSED_MAX_DELTAS[precision]
+    return {"max_abs_logit_delta": worst, "prompts": len(items), "passed": worst <= th, "threshold": th}
 
 
 IMAGE_GATE_PROMPTS = 2
@@ -225,24 +233,25 @@ IMAGE_GATE_NEW = 8  # greedy tokens generated after the prompt
 
 def image_prompt_gate(model, fam, mcfg: dict, model_dir: Path, lang_dir: Path, precision: str, embed,
                       threads: int | None = None) -> dict:
-    """The language artifact's gate on image+text prompts, run as a device runs them on ONNX Runtime: the vision
-    artifact's embeddings (`embed(VisionInputs)`) fed to the language graph's image_embeds input at the image-token
-    positions of the family's image prompt + a caption (prefill, then the last IMAGE_GATE_DECODE tokens decoded
-    through the cache), every position's logits and a greedy continuation against the whole PyTorch VLM on the same
-    pixels and ids, judged by the language precision's thresholds (edgekit.verify)."""
+    """The language artifact's gate on image+text prompts, run as a device runs them (ONNX Runtime or ExecuTorch:
+    the runner the artifact opens with): the vision artifact's embeddings (`embed(VisionInputs)`) fed to the language
+    graph's image_embeds input at the image-token positions of the family's image prompt + a caption (prefill, then
+    the last IMAGE_GATE_DECODE tokens decoded through the cache), every position's logits and a greedy continuation
+    against the whole PyTorch VLM on the same pixels and ids, judged by the language precision's thresholds
+    (edgekit.verify)."""
     import tempfile
     from dataclasses import asdict
+    from importlib.metadata import version
 
     import numpy as np
-    import onnxruntime
     import torch
 
     from edgekit.exporters.vision import VisionInputs
-    from edgekit.runtime import open_artifact
+    from edgekit.runtime import open_artifact, read_artifact
     from edgekit.verify import _log_softmax, judge, thresholds_for
     from edgekit.vlm.data import encode, generate_pairs, load_image, load_pairs
 
-    lm = open_artifact(lang_dir, threads=threads)
+    lm, backend = open_artifact(lang_dir, threads=threads), read_artifact(lang_dir)["backend"]
     size = int(mcfg["vision_config"].get("image_size", 224))
     with tempfile.TemporaryDirectory() as d:
         pairs = load_pairs(generate_pairs(Path(d), IMAGE_GATE_PROMPTS, size=size, seed=24680))  # unlike the other gates
@@ -296,7 +305,7 @@ def image_prompt_gate(model, fam, mcfg: dict, model_dir: Path, lang_dir: Path, p
     th = thresholds_for(precision)
     failures = judge(res, th)
     res.update(thresholds=asdict(th), failures=failures, passed=not failures,
-               runtime=f"onnxruntime {onnxruntime.__version__}")
+               runtime=f"{backend} {version(backend)}")  # both backends are named as their distributions
     return res
 
 
@@ -314,15 +323,23 @@ def llamacpp_prompt_check(model, fam, mcfg: dict, model_dir: Path, mmproj: Path,
 
     from edgekit.exporters.mmproj import MtmdEncoder, image_prompt_logits, llamacpp_graph_reference
 
-    inputs = gate_inputs(model_dir, mcfg, 2, seed=54321)
+    import gguf
+
+    inputs = gate_inputs(model_dir, mcfg, 2, seed=54321, fam=fam)
     tok = AutoTokenizer.from_pretrained(model_dir)
     with tempfile.TemporaryDirectory() as d:
         from edgekit.vlm.data import generate_pairs, load_pairs
 
         texts = [p.text for p in load_pairs(generate_pairs(Path(d), 2, size=inputs.images.shape[1], seed=54321))]
+    # the reference feeds every image chunk mtmd makes the gate image itself: true unless mtmd resizes it into
+    # slices (an idefics3 mmproj whose processor splits images, preproc_image_size > image_size)
+    f = gguf.GGUFReader(str(mmproj)).fields.get(gguf.Keys.ClipVision.PREPROC_IMAGE_SIZE)
+    if f is not None and int(f.contents()) > inputs.images.shape[1]:
+        return {"skipped": f"llama.cpp resizes the {inputs.images.shape[1]}px gate image to {int(f.contents())}px "
+                           "slices with its own resampler; no PyTorch reference has those pixels"}
     enc = MtmdEncoder(mmproj, lm_gguf, threads=threads)
     lm = fam.language_view(model)
-    n_img, image_id = fam.image_tokens(mcfg), mcfg["image_token_index"]
+    image_id = fam.image_token_id(mcfg)
     vs_vlm = vs_graph = 0.0
     agree = 0
     try:
@@ -330,20 +347,25 @@ def llamacpp_prompt_check(model, fam, mcfg: dict, model_dir: Path, mmproj: Path,
             for pix, img, text in zip(inputs.pixel_values, inputs.images, texts):
                 ids = tok(text, add_special_tokens=False)["input_ids"][:24]
                 got = image_prompt_logits(enc, img, ids)
-                seq = torch.tensor([[image_id] * n_img + ids])
+                # the ids mtmd decoded (the family's image template: Idefics3's slice + global image wrapping)
+                lay = enc.layout(img, enc.llm.detokenize(ids, special=True).decode("utf-8", "replace"))
+                seq = torch.tensor([[t for x in lay for t in ([image_id] * x[1] if isinstance(x, tuple) else [x])]])
+                k = sum(isinstance(x, tuple) for x in lay)
                 p = torch.as_tensor(pix[None])
+                p = torch.cat([p] * k, dim=1) if k > 1 else p  # (1, images, C, H, W): the same pixels each
                 whole = model(input_ids=seq, pixel_values=p, use_cache=False).logits[0, -1].numpy()
-                emb = lm.get_input_embeddings()(seq)
                 sim = llamacpp_graph_reference(model, fam, p)
                 if sim is not None:
-                    emb[0, :n_img] = torch.as_tensor(sim[0])
+                    emb = lm.get_input_embeddings()(seq)
+                    emb[0, seq[0] == image_id] = torch.as_tensor(sim[0])
                     graph = lm(inputs_embeds=emb, use_cache=False).logits[0, -1].numpy()
                     vs_graph = max(vs_graph, float(np.abs(got - graph).max()))
                 vs_vlm = max(vs_vlm, float(np.abs(got - whole).max()))
                 agree += int(got.argmax() == whole.argmax())
     finally:
         enc.close()
-    return {"prompts": len(texts), "max_abs_logit_delta": vs_vlm, "top1_agreement": agree / len(texts),
+    return {"prompts": len(texts), "image_chunks": k, "positions": int(seq.shape[1]),
+            "max_abs_logit_delta": vs_vlm, "top1_agreement": agree / len(texts),
             "max_abs_logit_delta_vs_llamacpp_graph": vs_graph if vs_graph else None}
 
 
@@ -373,8 +395,9 @@ def export_vlm(model_dir: Path, out: Path, cfg: VlmExportConfig = VlmExportConfi
     lang_cfg = ExportConfig(backend=cfg.language_backend, precision=cfg.language_precision,
                             context_length=cfg.context_length, accept_gate_failure=cfg.accept_gate_failure,
                             target=cfg.target,
-                            # ONNX Runtime's language graph then also takes image_embeds (image_prompt_gate)
-                            image_token_id=fam.image_token_id(mcfg) if cfg.language_backend == "onnxruntime" else None)
+                            # the ONNX / .pte language graph then also takes image_embeds (image_prompt_gate)
+                            image_token_id=fam.image_token_id(mcfg)
+                            if cfg.language_backend in ("onnxruntime", "executorch") else None)
     lang_cfg.resolved()  # refuse early
     vision_backend, vision_precision = cfg.vision()
     if vision_backend == "gguf":
@@ -401,7 +424,7 @@ def export_vlm(model_dir: Path, out: Path, cfg: VlmExportConfig = VlmExportConfi
             run = BACKENDS[vision_backend][1]
             meta = {**vision, "language_gguf": str(gguf_lm)} if gguf_lm is not None else vision
             recomposed = recompose_check(model, fam, model_dir, mcfg, lm_dir,
-                                         lambda inp: run(tmp / "vision", meta, inp)[0])
+                                         lambda inp: run(tmp / "vision", meta, inp)[0], vision_precision)
             log(f"export: {vision_backend} image embeddings + the saved language model vs the whole PyTorch VLM on "
                 f"image+text prompts: max |delta logit| {recomposed['max_abs_logit_delta']:.2e}")
             if not recomposed["passed"] and not cfg.accept_gate_failure:
@@ -409,7 +432,7 @@ def export_vlm(model_dir: Path, out: Path, cfg: VlmExportConfig = VlmExportConfi
                                  f"whole model (max |delta logit| {recomposed['max_abs_logit_delta']:.2e})",
                                  "report it with the model; --accept-gate-failure keeps the artifact")
             image_gate = None
-            if lang.get("image_embeds"):  # the language artifact itself on image+text prompts (ONNX Runtime)
+            if lang.get("image_embeds"):  # the language artifact itself on image+text prompts (ORT, ExecuTorch)
                 image_gate = image_prompt_gate(model, fam, mcfg, model_dir, tmp / "language", lang["precision"],
                                                lambda inp: run(tmp / "vision", meta, inp)[0])
                 image_gate["vision_backend"] = vision_backend
