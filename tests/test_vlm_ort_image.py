@@ -12,34 +12,15 @@ import pytest
 
 from edgekit.arch import VLM_FAMILIES
 from edgekit.errors import EdgekitError
+from vlm_helpers import export_cache, quiet
 
 VLMS = sorted(VLM_FAMILIES)
-
-
-def quiet(*a, **k):
-    pass
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """family -> (model folder, config, PyTorch VLM, export folder, vlm.json), each exported once (~10 s)."""
-    import torch
-    from transformers import AutoModelForImageTextToText
-
-    from edgekit.testing import make_tiny_vlm
-    from edgekit.vlm.export import VlmExportConfig, export_vlm
-
-    root, cache = tmp_path_factory.mktemp("ortimg"), {}
-
-    def get(family):
-        if family not in cache:
-            path = make_tiny_vlm(family, root / family, seed=5)
-            m = export_vlm(path, root / f"{family}-art", VlmExportConfig(context_length=96), log=quiet)
-            model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32,
-                                                                attn_implementation="eager").eval()
-            cache[family] = path, json.loads((path / "config.json").read_text()), model, root / f"{family}-art", m
-        return cache[family]
-    return get
+    return export_cache(tmp_path_factory.mktemp("ortimg"), context_length=96)
 
 
 def _session(folder, name):
