@@ -71,6 +71,12 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
+def mean_kl(ref_logits: np.ndarray, got_logits: np.ndarray) -> float:
+    """Mean over positions of KL(reference || artifact) of the next-token distributions."""
+    p_log, q_log = _log_softmax(ref_logits), _log_softmax(got_logits)
+    return float((np.exp(p_log) * (p_log - q_log)).sum(-1).mean())
+
+
 def _perplexity(log_probs: np.ndarray, ids: np.ndarray) -> float:
     return float(np.exp(-log_probs[np.arange(len(ids) - 1), ids[1:]].mean()))
 
@@ -88,13 +94,13 @@ def compare(ref: dict[str, np.ndarray], runner: Runner, th: Thresholds) -> dict:
     if "logits" in ref:
         full = ref["logits"]
         res["max_abs_logit_delta"] = float(np.abs(got - full).max())
-        p_log, q_log = _log_softmax(full), _log_softmax(got)
         # next-token perplexity of the gate text under the artifact and under PyTorch: the quality the matrix compares
-        res["perplexity"], res["reference_perplexity"] = _perplexity(q_log, ids), _perplexity(p_log, ids)
+        res["perplexity"] = _perplexity(_log_softmax(got), ids)
+        res["reference_perplexity"] = _perplexity(_log_softmax(full), ids)
+        res["mean_kl"] = mean_kl(full, got)
     else:  # on the device only the tail travels
         res["max_abs_logit_delta"] = float(np.abs(tail - ref["logits_tail"]).max())
-        p_log, q_log = _log_softmax(ref["logits_tail"]), _log_softmax(tail)
-    res["mean_kl"] = float((np.exp(p_log) * (p_log - q_log)).sum(-1).mean())
+        res["mean_kl"] = mean_kl(ref["logits_tail"], tail)
     new = greedy(runner, ref["greedy_prompt"], len(ref["greedy_ids"]))
     same = new == ref["greedy_ids"]
     res["greedy_match"] = bool(same.all())

@@ -64,6 +64,9 @@ class ExporterSpec:
     not_yet: tuple[tuple[str, str], ...] = ()
     # precisions it exports a VLM's vision tower + projector in (exporters/vision.py), most faithful first; () = none
     vision_precisions: tuple[str, ...] = ()
+    # its language artifact also takes a VLM's image embeddings at the image-token positions
+    # (ExportConfig.image_token_id)
+    image_embeds: bool = False
     # KV-cache element types the runtime can be told to use (edgekit.precision.KV_CACHES); () = only its default
     kv_caches: tuple[str, ...] = ()
 
@@ -129,7 +132,7 @@ REGISTRY: dict[str, ExporterSpec] = {
                      "MatMulNBits",
                      "onnx", RuntimeMemory(overhead_mb=90, kv_bytes=4, kv_copies=2, attn_buffers=3,
                                            logits_per_chunk=True, fp32_embedding=True),
-                     ORT_LIBRARIES, vision_precisions=("fp32",)),
+                     ORT_LIBRARIES, vision_precisions=("fp32",), image_embeds=True),
         ExporterSpec("gguf", "edgekit.exporters.gguf", "edgekit.runtime.llamacpp",
                      ("fp32", "fp16", "q8_0", "q5_k_m", "q4_k_m", "q4_0"), "GGUF for llama.cpp", "gguf",
                      # f16 cache; unquantized artifacts get an f32 one (f16 alone adds ~1.5e-3 logit error)
@@ -147,7 +150,7 @@ REGISTRY: dict[str, ExporterSpec] = {
                                    tied_stored_twice=True, head_twice_at_load=True,
                                    # 8da4w keeps the head, down, k and v at 8 bits: counted per tensor
                                    weight_bytes="edgekit.exporters.executorch_mix:planned_weight_bytes"),
-                     ("executorch", "torchao"), vision_precisions=("fp32",)),
+                     ("executorch", "torchao"), vision_precisions=("fp32",), image_embeds=True),
         ExporterSpec("tensorrt", "edgekit.exporters.tensorrt", "edgekit.runtime.tensorrt",
                      ("fp32", "fp16"), "ONNX + trtexec plan; the engine is built on the Jetson itself", "onnx",
                      RuntimeMemory(overhead_mb=700, kv_bytes=2, attn_buffers=2, logits_per_chunk=True),

@@ -335,7 +335,7 @@ def export(model_dir: Path, out: Path, cfg) -> dict:
         spell_out_tanh_gelu(model)
         with warnings.catch_warnings():  # "mutation on a buffer ... meaningless initial state": the mask covers it
             warnings.simplefilter("ignore")
-            image = getattr(cfg, "image_token_id", None)  # a VLM's language model: image rows go in beside the ids
+            image = cfg.image_token_id  # a VLM's language model: image rows go in beside the ids
             prog, summary = lower((StaticCacheLM if image is None else StaticCacheVLM)(model, n_ctx))
     atomic_write_bytes(out / ENTRY, prog.buffer)
     return {"entry": ENTRY, "max_context": n_ctx, "max_chunk": min(n_ctx, MAX_CHUNK),

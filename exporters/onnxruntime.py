@@ -464,7 +464,7 @@ def export(model_dir: Path, out: Path, cfg) -> dict:
         opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
         # Re-saved, not moved: the layout (model.onnx, plus EXTERNAL_DATA past protobuf's limit) is then the same on
         # every path, not optimum's own (model.onnx_data, at torch's threshold) nor the builder's (always external).
-        image = getattr(cfg, "image_token_id", None)
+        image = cfg.image_token_id
         if image is not None:  # a VLM's language model: image features go in beside the token ids
             splice_image_embeds(model, image)
         if cfg.precision != "fp32":  # weights in blocks with an fp32 scale each, activations stay fp32

@@ -6,6 +6,8 @@ from typing import Protocol
 
 import numpy as np
 
+from edgekit.errors import EdgekitError
+
 ARTIFACT_FILE = "artifact.json"
 REFERENCE_FILE = "reference.npz"
 
@@ -40,3 +42,23 @@ def greedy(runner: Runner, prompt: np.ndarray, n_new: int) -> np.ndarray:
         out.append(tok)
         logits = runner.forward(np.array([tok], dtype=np.int64))
     return np.array(out, dtype=np.int64)
+
+
+def image_rows(ids: np.ndarray, image_embeds, image_token_id: int | None, hidden: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows (k, hidden) float32, their positions in `ids`): a VLM language artifact's image embeddings, one row per
+    image token of this call, in order; refused in one line otherwise (neither runtime checks: ONNX's ScatterND and
+    the .pte take any rows)."""
+    if image_token_id is None:
+        raise EdgekitError("this language artifact takes image_embeds but no artifact.json says its image token id",
+                           "open the artifact folder `edgekit vlm export` wrote (language/)")
+    rows = np.asarray(image_embeds, dtype=np.float32)
+    if rows.size % hidden:
+        raise EdgekitError(f"image embeddings of shape {rows.shape} are not rows of the model's width {hidden}",
+                           "pass the vision artifact's image_embeds (k, hidden)")
+    rows = rows.reshape(-1, hidden)
+    at = np.flatnonzero(np.asarray(ids).reshape(-1) == image_token_id)
+    if rows.shape[0] != len(at):
+        raise EdgekitError(f"{rows.shape[0]} image-embedding rows for {len(at)} image tokens (id {image_token_id}) in "
+                           "the ids", "pass one row per image token of this call, in order (a prompt split into "
+                           "chunks splits its rows alike)")
+    return rows, at

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from edgekit.errors import EdgekitError
+from edgekit.runtime.base import image_rows
 
 
 class ExecuTorchRunner:
@@ -69,19 +70,7 @@ class ExecuTorchRunner:
         mask = np.zeros((1, ids.shape[1], 1), dtype=np.float32)
         if image_embeds is None:
             return rows, mask
-        if self.image_token_id is None:
-            raise EdgekitError("this .pte takes image_embeds but no artifact.json says its image token id",
-                               "open the artifact folder `edgekit vlm export` wrote (language/)")
-        given = np.asarray(image_embeds, dtype=np.float32)
-        if given.size % self.hidden_size:
-            raise EdgekitError(f"image embeddings of shape {given.shape} are not rows of the model's width "
-                               f"{self.hidden_size}", "pass the vision artifact's image_embeds (k, hidden)")
-        given = given.reshape(-1, self.hidden_size)
-        at = np.flatnonzero(ids[0] == self.image_token_id)
-        if given.shape[0] != len(at):
-            raise EdgekitError(f"{given.shape[0]} image-embedding rows for {len(at)} image tokens (id "
-                               f"{self.image_token_id}) in the ids", "pass one row per image token of this call, in "
-                               "order (a prompt split into chunks splits its rows alike)")
+        given, at = image_rows(ids, image_embeds, self.image_token_id, self.hidden_size)
         rows[0, at], mask[0, at] = given, 1.0
         return rows, mask
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from edgekit.errors import EdgekitError
+from edgekit.runtime.base import image_rows
 
 
 class OrtRunner:
@@ -59,17 +60,11 @@ class OrtRunner:
         return self.image_token_id is not None and "image_embeds" in self.inputs
 
     def _image_rows(self, ids: np.ndarray, image_embeds: np.ndarray | None) -> np.ndarray:
-        """(1, k, hidden) float32: one row per image token of this call, checked here (ScatterND only names shapes);
-        none given, image tokens keep their table embedding, as in a graph without the input."""
+        """(1, k, hidden) float32, one row per image token of this call; none given, image tokens keep their table
+        embedding, as in a graph without the input."""
         if image_embeds is None:
             return np.zeros((1, 0, self.hidden_size), dtype=np.float32)
-        rows = np.asarray(image_embeds, dtype=np.float32).reshape(-1, self.hidden_size)
-        k = int((ids == self.image_token_id).sum()) if self.image_token_id is not None else 0
-        if rows.shape[0] != k:
-            raise EdgekitError(f"{rows.shape[0]} image-embedding rows for {k} image tokens (id {self.image_token_id}) "
-                               "in the ids", "pass one row per image token of this call, in order (a prompt split "
-                               "into chunks splits its rows alike)")
-        return rows[None]
+        return image_rows(ids, image_embeds, self.image_token_id, self.hidden_size)[0][None]
 
     def reset(self) -> None:
         self.past = {n: np.zeros(s, dtype=np.float32) for n, s in self._kv_shape.items()}

@@ -252,7 +252,7 @@ def check_reference(artifact: Path) -> dict:
     from edgekit.exporters.tensorrt import input_shapes, parse_version, shape_spec
     from edgekit.runtime import read_artifact
     from edgekit.runtime.base import REFERENCE_FILE
-    from edgekit.verify import _log_softmax, load_reference, thresholds_for
+    from edgekit.verify import load_reference, mean_kl, thresholds_for
 
     artifact = Path(artifact)
     meta, plan = read_artifact(artifact), read_plan(artifact)
@@ -271,10 +271,9 @@ def check_reference(artifact: Path) -> dict:
     th = thresholds_for(meta["precision"])
     tail = logits[-len(ref["logits_tail"]):]
     top1 = float((logits.argmax(-1) == ref["top1"]).mean())
-    p_log, q_log = _log_softmax(ref["logits_tail"]), _log_softmax(tail)
     res = {"positions": int(len(ids)), "top1_agreement": top1,
            "max_abs_logit_delta": float(np.abs(tail - ref["logits_tail"]).max()),
-           "mean_kl": float((np.exp(p_log) * (p_log - q_log)).sum(-1).mean()),
+           "mean_kl": mean_kl(ref["logits_tail"], tail),
            "greedy_match": None, "note": "engine logits from one trtexec prefill; greedy decoding not checked"}
     from edgekit.verify import judge
 

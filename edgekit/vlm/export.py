@@ -248,7 +248,7 @@ def image_prompt_gate(model, fam, mcfg: dict, model_dir: Path, lang_dir: Path, p
 
     from edgekit.exporters.vision import VisionInputs
     from edgekit.runtime import open_artifact, read_artifact
-    from edgekit.verify import _log_softmax, judge, thresholds_for
+    from edgekit.verify import judge, mean_kl, thresholds_for
     from edgekit.vlm.data import encode, generate_pairs, load_image, load_pairs
 
     lm, backend = open_artifact(lang_dir, threads=threads), read_artifact(lang_dir)["backend"]
@@ -291,9 +291,7 @@ def image_prompt_gate(model, fam, mcfg: dict, model_dir: Path, lang_dir: Path, p
     del lm
 
     def scores(r, g) -> dict:
-        p, q = _log_softmax(r), _log_softmax(g)
-        return {"top1_agreement": float((r.argmax(-1) == g.argmax(-1)).mean()),
-                "mean_kl": float((np.exp(p) * (p - q)).sum(-1).mean()),
+        return {"top1_agreement": float((r.argmax(-1) == g.argmax(-1)).mean()), "mean_kl": mean_kl(r, g),
                 "max_abs_logit_delta": float(np.abs(r - g).max())}
 
     res = {"prompts": len(items), "positions": int(sum(len(r) for r in ref)),
@@ -380,6 +378,7 @@ def export_vlm(model_dir: Path, out: Path, cfg: VlmExportConfig = VlmExportConfi
 
     from edgekit.arch import vlm_family_of
     from edgekit.export import ExportConfig, export_model
+    from edgekit.exporters import get as get_backend
     from edgekit.exporters.vision import BACKENDS
     from edgekit.fsutil import atomic_dir, atomic_write_json
 
@@ -395,9 +394,9 @@ def export_vlm(model_dir: Path, out: Path, cfg: VlmExportConfig = VlmExportConfi
     lang_cfg = ExportConfig(backend=cfg.language_backend, precision=cfg.language_precision,
                             context_length=cfg.context_length, accept_gate_failure=cfg.accept_gate_failure,
                             target=cfg.target,
-                            # the ONNX / .pte language graph then also takes image_embeds (image_prompt_gate)
+                            # where the backend's artifact takes image_embeds (image_prompt_gate)
                             image_token_id=fam.image_token_id(mcfg)
-                            if cfg.language_backend in ("onnxruntime", "executorch") else None)
+                            if get_backend(cfg.language_backend).image_embeds else None)
     lang_cfg.resolved()  # refuse early
     vision_backend, vision_precision = cfg.vision()
     if vision_backend == "gguf":
