@@ -234,6 +234,43 @@ def test_saliency_is_normalized_per_block_and_modality(vlm_models, pairs):
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_modality_scores_read_text_positions_and_unread_vision_layers(vlm_models, pairs):
+    """The default criterion: language units scored on the text positions only (checked by hand on layer 0's MLP),
+    the vision layer the projector does not read scores zero, the rest is activation_scores'."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from edgekit.vlm.data import encode, load_pairs
+    from edgekit.vlm.prune import VlmPlan, activation_scores, distinct, modality_scores
+
+    src = vlm_models["llava"]
+    cfg = json.loads((src / "config.json").read_text())
+    fam = VLM_FAMILIES["llava"]
+    model = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32).eval()
+    tok, _, items = encode(src, load_pairs(pairs)[:3], fam, cfg)
+    act = activation_scores(model, fam, items, tok.pad_token_id)
+    mod = modality_scores(model, fam, items, tok.pad_token_id)
+    # layer 0's MLP input on the text rows, by hand
+    lm, lfam = fam.language_view(model), fam.language_family(cfg)
+    layer = list(lfam.layers(lm))[0]
+    rows = []
+    h = lfam.down(layer).register_forward_pre_hook(lambda m, i: rows.append(i[0].detach().double()))
+    with torch.no_grad():
+        for b in items:
+            model(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values, use_cache=False)
+    h.remove()
+    text = torch.cat([r[0][b.input_ids[0] != cfg["image_token_index"]] for r, b in zip(rows, items)])
+    want = text.pow(2).mean(0) * lfam.down(layer).weight.detach().double().pow(2).sum(0)
+    assert torch.allclose(mod.language.mlp[0], want, rtol=1e-4)
+    assert not torch.allclose(mod.language.mlp[0], act.language.mlp[0], rtol=1e-2)
+    assert float(mod.vision_mlp[-1].abs().sum()) == 0 and float(mod.vision_heads[-1].abs().sum()) == 0
+    assert torch.equal(mod.vision_mlp[0], act.vision_mlp[0]) and torch.equal(mod.language.hidden, act.language.hidden)
+    # candidates whose plans coincide (shares past the vision MLPs' floor) are scored once
+    cands = {(0.5, None): VlmPlan([[0, 1]], None, None), (0.7, None): VlmPlan([[0, 1]], None, None),
+             (0.3, None): VlmPlan([[0, 1, 2]], None, None)}
+    assert distinct(list(cands), cands) == [(0.5, None), (0.3, None)]
+
+
 def test_vlm_prune_bad_requests_are_one_line(vlm_models, tmp_path, capsys):
     from edgekit.cli import main
 

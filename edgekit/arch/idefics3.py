@@ -5,8 +5,9 @@ folded into one token, then one bias-free linear `modality_projection.proj` into
 Llama-family language model. An image is wrapped as <fake_token_around_image><global-img><image>*n
 <fake_token_around_image>, as the family's processor writes it without image splitting.
 
-Vision heads are not cut (head_dim is hidden / heads here too); the connector's input is the vision hidden width x
-scale^2 (not cut), its output rows follow the language model's kept hidden channels."""
+Vision heads are cut only with the vision hidden width (head_dim is hidden / heads here too); the connector's input,
+the vision hidden width x scale^2, follows the kept vision channels in each of the scale^2 shuffled copies, its
+output rows the language model's kept hidden channels."""
 
 from __future__ import annotations
 
@@ -117,13 +118,14 @@ class Idefics3Family(VlmFamily):
         return lm.eval()
 
     def prune_projector(self, sd: dict, hidden, inner) -> None:
-        """The connector's output rows follow the kept LM hidden channels (its input, vision hidden x scale^2, is
-        not cut)."""
+        """The connector's output rows follow the kept LM hidden channels (its input, vision hidden x scale^2, follows
+        the vision channels: prune_projector_input)."""
         k = self.PROJECTOR_PREFIX + "modality_projection.proj.weight"
         sd[k] = sd[k][hidden]
 
     VISION_PREFIX = "model.vision_model."
     PROJECTOR_PREFIX = "model.connector."
+    PROJECTOR_INPUT = PROJECTOR_PREFIX + "modality_projection.proj.weight"
     LANGUAGE_PREFIX = "model.text_model."
 
     def language_state_name(self, name: str) -> str:

@@ -67,6 +67,7 @@ class LlavaFamily(VlmFamily):
     # tensor names in a saved folder
     VISION_PREFIX = "model.vision_tower.vision_model."
     PROJECTOR_PREFIX = "model.multi_modal_projector."
+    PROJECTOR_INPUT = PROJECTOR_PREFIX + "linear_1.weight"
     LANGUAGE_PREFIX = "model.language_model."
 
     def language_state_name(self, name: str) -> str:

@@ -4,15 +4,15 @@ ViT), pixel_values -> token features and a pooled image embedding.
 Geometry is torch-free (VisionGeometry, the counter the VLM towers use, plus the pooling head). Module access works
 on a loaded transformers model: its layers, each layer's MLP (up, down) and attention projections, and every MLP
 whose width is `intermediate_size` (SigLIP's attention-pooling head has one too, so a cut must take it along).
-Heads are not cut: all three derive head_dim from hidden_size / heads, so fewer heads at the same width would not
-load with from_pretrained.
+All three derive head_dim from hidden_size / heads, so heads are cut together with hidden channels (width_layout:
+every tensor by how it holds the hidden width).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgekit.arch.vlm import VisionGeometry, VisionLayerWidths
+from edgekit.arch.vlm import VisionGeometry, VisionLayerWidths, WidthLayout, clip_width_layout
 from edgekit.errors import EdgekitError
 
 VISION_ENCODER = "vision-encoder"
@@ -74,6 +74,18 @@ class VisionEncoderFamily:
         """Every (up, down) pair whose width is config.intermediate_size."""
         return [self.mlp(layer) for layer in self.layers(model)]
 
+    def attention(self, layer) -> tuple:
+        """(q, k, v, out) projections of one layer."""
+        a = layer.self_attn
+        return a.q_proj, a.k_proj, a.v_proj, a.out_proj
+
+    def width_layout(self, cfg: dict) -> WidthLayout:
+        return clip_width_layout("vision_model.", self.geometry(cfg).vision)
+
+    def width_config(self, cfg: dict, hidden: int, heads: int) -> dict:
+        """cfg with the hidden width and heads cut."""
+        return {**cfg, "hidden_size": hidden, "num_attention_heads": heads}
+
     def pixel_batch(self, proc, images) -> object:
         """pixel_values (numpy) of the images, as the tower's image processor lays them out (the vision gate's hook)."""
         return proc(images=images, return_tensors="np")["pixel_values"]
@@ -99,14 +111,48 @@ class SiglipVisionFamily(VisionEncoderFamily):
         head = getattr(model.vision_model, "head", None)
         return super().mlps(model) + ([(head.mlp.fc1, head.mlp.fc2)] if head is not None else [])
 
+    def width_layout(self, cfg: dict) -> WidthLayout:
+        base = super().width_layout(cfg)
+        if not cfg.get("vision_use_head", True):
+            return base
+        h = "vision_model.head."  # the pooling attention has heads too: MultiheadAttention's fused in_proj
+        return base + WidthLayout((h + "probe", h + "layernorm.weight", h + "layernorm.bias"), (h + "mlp.fc2.",),
+                                  (h + "mlp.fc1.weight",), (((h + "attention.in_proj_",), h + "attention.out_proj."),))
+
 
 class VitFamily(VisionEncoderFamily):
     def head_params(self, cfg: dict) -> int:
         d = cfg.get("hidden_size", 768)
-        return d * d + d  # the pooler (ViTModel's default add_pooling_layer)
+        p = cfg.get("pooler_output_size") or d
+        return d * p + p  # the pooler (ViTModel's default add_pooling_layer)
 
     def layers(self, model) -> list:
         return list(model.encoder.layer)
 
     def mlp(self, layer) -> tuple:
         return layer.intermediate.dense, layer.output.dense
+
+    def attention(self, layer) -> tuple:
+        a = layer.attention
+        return a.attention.query, a.attention.key, a.attention.value, a.output.dense
+
+    def width_layout(self, cfg: dict) -> WidthLayout:
+        def norm(n):
+            return (n + ".weight", n + ".bias")
+
+        # mask_token / pooler only where the model has them (cut_width skips absent names; the load checks shapes)
+        vec = ["embeddings.cls_token", "embeddings.position_embeddings", "embeddings.mask_token", *norm("layernorm")]
+        writers, readers, attn = ["embeddings.patch_embeddings.projection."], ["pooler.dense.weight"], []
+        for i in range(cfg.get("num_hidden_layers", 12)):
+            p = f"encoder.layer.{i}."
+            vec += norm(p + "layernorm_before") + norm(p + "layernorm_after")
+            writers.append(p + "output.dense.")
+            readers.append(p + "intermediate.dense.weight")
+            attn.append(((p + "attention.attention.query.", p + "attention.attention.key.",
+                          p + "attention.attention.value."), p + "attention.output.dense."))
+        return WidthLayout(tuple(vec), tuple(writers), tuple(readers), tuple(attn))
+
+    def width_config(self, cfg: dict, hidden: int, heads: int) -> dict:
+        # the pooler's output is not a hidden channel: it keeps its width (the pooled embedding's size)
+        return {**super().width_config(cfg, hidden, heads),
+                "pooler_output_size": cfg.get("pooler_output_size") or cfg.get("hidden_size", 768)}

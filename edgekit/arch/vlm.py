@@ -4,7 +4,7 @@ space, and a decoder that is itself a registered causal-LM family.
 Geometry is torch-free (one counter for both towers plus the projector). Module access works on a loaded
 transformers model and hands the language model out as a plain causal LM view (edgekit's decoder pruner and the
 decoder exporters then work on it unchanged); the vision tower has its own access (layers, q/k/v/out, fc1/fc2,
-layer norms).
+layer norms) and a width layout (every tensor by how it holds the hidden width, to cut heads with it).
 """
 
 from __future__ import annotations
@@ -57,6 +57,43 @@ class VisionGeometry:
 
     def with_(self, **kw) -> "VisionGeometry":
         return replace(self, **kw)
+
+
+@dataclass(frozen=True)
+class WidthLayout:
+    """An image tower's tensors (full state-dict names) by how they hold its hidden (residual) width. The attention
+    sizes head_dim as hidden / heads, so heads are cut together with hidden channels (kept heads x head_dim of
+    them): q/k/v rows and out columns follow the kept heads, everything listed here follows the kept channels."""
+
+    vectors: tuple[str, ...] = ()  # last dim is the hidden width: norms, class / position embeddings, a probe
+    writers: tuple[str, ...] = ()  # prefixes (+ "weight" / "bias") whose output rows are hidden channels
+    readers: tuple[str, ...] = ()  # weights whose input columns are hidden channels
+    # per attention block: ((q, k, v) prefixes, out prefix); one fused prefix holds [q; k; v] rows (MultiheadAttention)
+    attention: tuple[tuple[tuple[str, ...], str], ...] = ()
+
+    def __add__(self, o: "WidthLayout") -> "WidthLayout":
+        return WidthLayout(self.vectors + o.vectors, self.writers + o.writers, self.readers + o.readers,
+                           self.attention + o.attention)
+
+
+def clip_width_layout(prefix: str, g: VisionGeometry) -> WidthLayout:
+    """CLIP's tower layout (SigLIP's and Idefics3's share its names, without the class token and pre-norm)."""
+    def norm(n):
+        return (f"{prefix}{n}.weight", f"{prefix}{n}.bias")
+
+    vec = [f"{prefix}embeddings.position_embedding.weight"] + ([f"{prefix}embeddings.class_embedding"]
+                                                                if g.class_token else [])
+    vec += norm("pre_layrnorm") if g.pre_norm else ()  # transformers' spelling
+    vec += norm("post_layernorm") if g.post_norm else ()
+    writers, readers, attn = [f"{prefix}embeddings.patch_embedding."], [], []
+    for i in range(len(g.layers)):
+        p = f"{prefix}encoder.layers.{i}."
+        vec += norm(p[len(prefix):] + "layer_norm1") + norm(p[len(prefix):] + "layer_norm2")
+        writers.append(p + "mlp.fc2.")
+        readers.append(p + "mlp.fc1.weight")
+        attn.append(((p + "self_attn.q_proj.", p + "self_attn.k_proj.", p + "self_attn.v_proj."),
+                     p + "self_attn.out_proj."))
+    return WidthLayout(tuple(vec), tuple(writers), tuple(readers), tuple(attn))
 
 
 @dataclass(frozen=True)
@@ -187,6 +224,24 @@ class VlmFamily:
     def prune_projector(self, sd: dict, hidden, inner) -> None:
         """Cut the projector tensors in state dict sd to the kept LM hidden channels (and inner units)."""
         raise NotImplementedError
+
+    def vision_width_layout(self, cfg: dict) -> WidthLayout:
+        """The vision tower's tensors by how they hold its hidden width (CLIP's names; SigLIP-style towers share
+        them); the projector's input is cut apart (prune_projector_input)."""
+        return clip_width_layout(self.VISION_PREFIX, self.vision_geometry(cfg))
+
+    PROJECTOR_INPUT = ""  # the state-dict name of the weight reading the vision hidden states
+
+    def prune_projector_input(self, sd: dict, channels, width: int) -> None:
+        """Cut the projector's input columns to the kept vision channels. Its input is blocks of the vision width
+        (LLaVA: feature layers concatenated; Idefics3: the scale^2 pixel-shuffled neighbours, each a whole
+        vision-width vector): channel c of block j is column j * width + c."""
+        import torch
+
+        w = sd[self.PROJECTOR_INPUT]
+        blocks = w.shape[1] // width
+        cols = torch.cat([torch.as_tensor(channels, dtype=torch.long) + j * width for j in range(blocks)])
+        sd[self.PROJECTOR_INPUT] = w[:, cols]
 
     def mmproj_tensors(self, model):
         """(name, tensor) pairs for the mmproj writer: "vision:<HF name under the tower>" (mapped by gguf-py) or

@@ -10,6 +10,7 @@ from pathlib import Path
 EPILOG = """\
 examples:
   edgekit vision prune ./clip-vision --ratio 0.3 -o pruned        MLP neurons of every layer, one uniform width
+  edgekit vision prune ./clip-vision --ratio 0.5 --heads 9 -o pruned   9 heads per layer, hidden 9 x head_dim
   edgekit vision export pruned -b onnxruntime -o art               ONNX, gated on token features + pooled embedding
   edgekit vision export pruned -b executorch -o art-pte            a .pte run by ExecuTorch's runtime
   edgekit vision export pruned -b tensorrt -p fp16 --target jetson-orin -o art-trt
@@ -32,6 +33,8 @@ def register(sub) -> None:
                    "vit)")
     q.add_argument("--ratio", type=float, required=True, help="fraction of the tower's parameters to remove, in (0, 1)")
     q.add_argument("--align", type=int, default=8, help="the pruned width is a multiple of this (default 8)")
+    q.add_argument("--heads", type=int, help="attention heads kept per layer (default: all); the hidden width is cut "
+                   "with them to heads x head_dim, counted in --ratio, MLP neurons make up the rest")
     q.add_argument("--calibration", type=Path, help="image+caption pairs, captions unused (default: generated shapes)")
     q.add_argument("--samples", type=int, default=32, help="calibration images (default 32)")
     q.add_argument("--no-refit", action="store_true", help="skip the least-squares refit of the down projections")
@@ -58,18 +61,19 @@ def run_prune(a) -> int:
     from edgekit.vision.prune import REPORT_FILE, VisionPruneConfig, prune_vision_encoder
 
     cfg = VisionPruneConfig(ratio=a.ratio, align=a.align, calibration=a.calibration, num_samples=a.samples,
-                            refit=not a.no_refit)
+                            refit=not a.no_refit, heads=a.heads)
     cfg.check()
     out = check_output(a.out, [a.model], REPORT_FILE, a.force)
     r = prune_vision_encoder(a.model, out, cfg, log=lambda m: print(m, file=sys.stderr))
     if a.json:
         print_json(r)
         return 0
-    h = r["held_out"]
+    h, (h0, h1), (d0, d1) = r["held_out"], r["num_attention_heads"], r["hidden_size"]
     print(f"{a.out}: {r['arch']} parameters {r['params_before']:,} -> {r['params_after']:,} "
           f"({r['removed_fraction']:.1%} removed), MLP width {r['intermediate_size'][0]} -> "
-          f"{r['intermediate_size'][1]}; held-out pooled-embedding cosine to the dense tower "
-          f"{h['pooled_mean_cosine']:.4f} (tokens {h['token_mean_cosine']:.4f})")
+          f"{r['intermediate_size'][1]}" + (f", heads {h0} -> {h1} (hidden {d0} -> {d1})" if h1 < h0 else "") +
+          f"; held-out pooled-embedding cosine to the dense tower {h['pooled_mean_cosine']:.4f} "
+          f"(tokens {h['token_mean_cosine']:.4f})")
     return 0
 
 

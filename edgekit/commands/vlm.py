@@ -11,6 +11,7 @@ examples:
   edgekit vlm data -o pairs --images 64                       a deterministic image+caption set (shapes, captions)
   edgekit vlm prune ./my-llava --ratio 0.3 --calibration pairs -o pruned
   edgekit vlm prune ./my-llava --ratio 0.2 --keep-vision -o pruned       only the language model is cut
+  edgekit vlm prune ./my-llava --ratio 0.3 --vision-heads 12 -o pruned   vision heads (and hidden width) cut too
   edgekit vlm export pruned -b onnxruntime -o art              vision ONNX (gated by cosine) + language artifact
   edgekit vlm export pruned -b gguf -p q8_0 -o art-gguf
 
@@ -44,12 +45,15 @@ def register(sub) -> None:
     k.add_argument("--keep-vision", action="store_true", help="leave the vision tower whole (cut the language model)")
     k.add_argument("--keep-language", action="store_true", help="leave the language model whole (cut the vision MLPs)")
     k.add_argument("--vision-share", type=float, help="share of the cut taken from vision, in [0, 1] "
-                   "(default: searched on caption loss)")
+                   "(past a --vision-heads cut; default: searched on caption loss)")
     q.add_argument("--hidden-keep", type=float, default=1.0, help="fraction of the language model's hidden "
                    "channels kept (default 1: the projector's output follows when < 1)")
+    q.add_argument("--vision-heads", type=int, help="vision attention heads kept per layer (default: all); the "
+                   "vision hidden width is cut with them to heads x head_dim, the projector's input follows")
     q.add_argument("--align", type=int, default=8, help="pruned widths are multiples of this (default 8)")
-    q.add_argument("--criterion", default="ukmp", choices=("ukmp", "activation"), help="importance: ukmp (|w * grad| "
-                   "normalized per block and modality, default) or activation (plain, a baseline)")
+    q.add_argument("--criterion", default="modality", choices=("modality", "ukmp", "activation"),
+                   help="importance: modality (activations on each modality's own tokens, default), ukmp (|w * grad| "
+                   "normalized per block and modality) or activation (plain, a baseline)")
     q.add_argument("--calibration", type=Path, help="image+caption pairs (default: generated shapes)")
     q.add_argument("--samples", type=int, default=16, help="calibration pairs (default 16)")
     q.add_argument("-o", "--out", type=Path, required=True)
@@ -134,7 +138,8 @@ def run_prune(a) -> int:
 
     cfg = VlmPruneConfig(ratio=a.ratio, keep_vision=a.keep_vision, keep_language=a.keep_language,
                          vision_share=a.vision_share, hidden_keep=a.hidden_keep, align=a.align,
-                         calibration=a.calibration, num_samples=a.samples, criterion=a.criterion)
+                         calibration=a.calibration, num_samples=a.samples, criterion=a.criterion,
+                         vision_heads=a.vision_heads)
     cfg.check()
     out = check_output(a.out, [a.model], REPORT_FILE, a.force)
     import sys
@@ -143,9 +148,10 @@ def run_prune(a) -> int:
     if a.json:
         print_json(r)
         return 0
-    pb, pa = r["parts_before"], r["parts_after"]
+    pb, pa, (h0, h1) = r["parts_before"], r["parts_after"], r["vision"]["heads"]
+    heads = f" (heads {h0} -> {h1}, hidden {r['vision']['hidden'][0]} -> {r['vision']['hidden'][1]})" if h1 < h0 else ""
     print(f"{a.out}: {r['arch']} parameters {r['params_before']:,} -> {r['params_after']:,} "
-          f"({r['removed_fraction']:.1%} removed): vision {pb['vision']:,} -> {pa['vision']:,}, projector "
+          f"({r['removed_fraction']:.1%} removed): vision {pb['vision']:,} -> {pa['vision']:,}{heads}, projector "
           f"{pb['projector']:,} -> {pa['projector']:,}, language {pb['language']:,} -> {pa['language']:,}; "
           f"caption loss {r['dense_search_loss']:.3f} -> {r['pruned_search_loss']:.3f}")
     return 0
