@@ -57,6 +57,8 @@ def main() -> int:
     ap.add_argument("--ratio", type=float, default=0.30)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward (a GPU takes the batch)")
+    ap.add_argument("--checkpoint-every", type=int, default=8, help="steps between resumable checkpoints")
     ap.add_argument("--block-size", type=int, default=256)
     ap.add_argument("--eval-blocks", type=int, default=32)
     ap.add_argument("--no-gptq", action="store_true", help="skip the GPTQ row of (b)")
@@ -81,16 +83,19 @@ def main() -> int:
     info = json.loads((a.out / "prune.json").read_text())
     log(f"pruned in {time.perf_counter() - t0:.0f}s: {info}")
 
-    base = dict(tokens=a.tokens, batch_size=a.batch_size, micro_batch_size=4, checkpoint_every=8,
+    base = dict(tokens=a.tokens, batch_size=a.batch_size, micro_batch_size=a.micro_batch_size,
+                checkpoint_every=a.checkpoint_every,
                 data=DataConfig(block_size=a.block_size, max_eval_blocks=a.eval_blocks), optim=OptimConfig(lr=a.lr))
-    runs = {"fp32": DistillConfig(**base), "qat": DistillConfig(**base, qat="8da4w", qat_start=a.qat_start, qat_init=a.qat_init)}
+    runs = {"fp32": DistillConfig(**base),
+            "qat": DistillConfig(**base, qat="8da4w", qat_start=a.qat_start, qat_init=a.qat_init)}
     reps = {}
     for name, cfg in runs.items():
         done = a.out / name / "distill.json"
         new = json.loads(json.dumps(cfg.to_dict()))
         old = json.loads(done.read_text())["config"] if done.exists() else None
-        if name == "fp32" and old is not None:  # QAT fields added to DistillConfig since do not touch a float run
-            old = {**new, **old}
+        if old is not None:  # float runs predate the QAT fields; batch split and checkpoints do not change the training
+            same = {k: new[k] for k in ("micro_batch_size", "checkpoint_every", "keep_checkpoints")}
+            old = {**(new if name == "fp32" else {}), **old, **same}
         if old == new:
             reps[name] = json.loads(done.read_text())
             log(f"{name}: reusing {done.parent}")
@@ -119,7 +124,8 @@ def main() -> int:
     q = reps["qat"]["qat"]
     plan = qat.read(a.out / "qat")
     model, _ = load_torch_model(a.out / "qat")
-    rows.append((f"(c) distill, last {q['steps']} of {reps['qat']['steps']} steps QAT ({q.get('init', 'max')} start): fake-quant",
+    rows.append((f"(c) distill, last {q['steps']} of {reps['qat']['steps']} steps QAT "
+                 f"({q.get('init', 'max')} start): fake-quant",
                  reps["qat"]["heldout_perplexity"]["after"], reps["qat"]["tokens"], reps["qat"]["wall_s"]))
     with torch.no_grad():
         quantize_8da4w(model, group_size=plan.group_size, qat=plan, qat_scales=qat.load_scales(a.out / "qat"))
@@ -143,7 +149,8 @@ def main() -> int:
     print(f"reproduce: PYTHONPATH=. python bench/qat_recovery.py --tokens {a.tokens} --qat-start {a.qat_start} "
           f"--qat-init {a.qat_init} "
           f"--ratio {a.ratio} --lr {a.lr} --batch-size {a.batch_size} --block-size {a.block_size} "
-          f"--eval-blocks {a.eval_blocks} -o {a.out}")
+          f"--eval-blocks {a.eval_blocks} --micro-batch-size {a.micro_batch_size} "
+          f"--checkpoint-every {a.checkpoint_every} -o {a.out}")
     return 0
 
 
