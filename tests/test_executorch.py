@@ -217,17 +217,6 @@ def test_sliding_window_narrower_than_the_gate_is_masked(tmp_path):
     assert meta["gate"]["greedy_match"] and meta["gate"]["max_abs_logit_delta"] < 1e-4, meta["gate"]
 
 
-def test_tanh_gelu_matches_pytorch(tmp_path):
-    """Gemma 3's GELU-tanh: XNNPACK's GELU ignores `approximate` and computes the erf form, which moved a tiny
-    Gemma's logits by 8.4e-4 and its greedy continuation at token 18 (0.041 on the real 270M); the exporter writes
-    the tanh formula out instead, and fp32 then matches PyTorch like every other family."""
-    model = make_tiny_model("gemma3_text", tmp_path / "g", quirks=True)
-    assert json.loads((model / "config.json").read_text())["hidden_activation"] == "gelu_pytorch_tanh"
-    meta = export(model, tmp_path / "a", context=CONTEXT)
-    check_artifact(meta, tmp_path / "a")
-    assert meta["gate"]["greedy_match"] and meta["gate"]["max_abs_logit_delta"] < 1e-4, meta["gate"]
-
-
 def test_context_is_capped(tmp_path):
     from types import SimpleNamespace
 

@@ -217,6 +217,10 @@ def test_executorch_fp32_gate_passes(family_pruned, tmp_path, family):
     _, nu = family_pruned[family]  # per-layer widths: ExecuTorch serves every family's non-uniform model
     meta = _export(nu, tmp_path / "et", "executorch", "fp32")
     assert meta["gate"]["passed"], meta["gate"]["failures"]
+    # fp32 matches PyTorch far inside the gate's bound. Gemma 3's GELU-tanh is the case this catches: XNNPACK's GELU
+    # ignores `approximate` and computes the erf form (8.4e-4 on a tiny Gemma, a greedy flip at token 18 on the real
+    # 270M), so the exporter writes the tanh formula out
+    assert meta["gate"]["greedy_match"] and meta["gate"]["max_abs_logit_delta"] < 1e-4, meta["gate"]
     assert meta["max_context"] == CONTEXT
 
 
