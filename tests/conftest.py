@@ -64,3 +64,21 @@ def smollm2():
     from edgekit.models import resolve_model
 
     return resolve_model(None).path
+
+
+@pytest.fixture(scope="session")
+def vlm_models(tmp_path_factory):
+    """{family: folder} of a tiny random model of every registered VLM family (the VLM tests share them)."""
+    from edgekit.arch import VLM_FAMILIES
+    from edgekit.testing import make_tiny_vlm
+
+    root = tmp_path_factory.mktemp("vlm")
+    return {f: make_tiny_vlm(f, root / f, seed=i) for i, f in enumerate(sorted(VLM_FAMILIES))}
+
+
+@pytest.fixture(scope="session")
+def pairs(tmp_path_factory):
+    """24 generated image+caption pairs (calibration and distillation data of the VLM tests)."""
+    from edgekit.vlm.data import generate_pairs
+
+    return generate_pairs(tmp_path_factory.mktemp("pairs"), n=24)

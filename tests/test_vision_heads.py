@@ -199,21 +199,6 @@ def test_vision_heads_bad_requests_are_one_line(towers, tmp_path, capsys):
 
 # -- the VLM towers -------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def vlms(tmp_path_factory):
-    from edgekit.testing import make_tiny_vlm
-
-    root = tmp_path_factory.mktemp("vlm")
-    return {f: make_tiny_vlm(f, root / f, seed=i) for i, f in enumerate(VLMS)}
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    from edgekit.vlm.data import generate_pairs
-
-    return generate_pairs(tmp_path_factory.mktemp("pairs"), n=12)
-
-
 def _batch(path, pairs, fam, cfg, n=2):
     from edgekit.vlm.data import collate, encode, load_pairs
 
@@ -222,14 +207,14 @@ def _batch(path, pairs, fam, cfg, n=2):
 
 
 @pytest.mark.parametrize("family", VLMS)
-def test_vlm_tower_head_cut_is_the_masked_dense_model(vlms, pairs, family):
+def test_vlm_tower_head_cut_is_the_masked_dense_model(vlm_models, pairs, family):
     """The whole VLM's logits: vision heads + hidden (and MLP neurons) cut, the projector's input following."""
     from transformers import AutoModelForImageTextToText
 
     from edgekit.vlm.prune import VlmPlan, build_vlm, pruned_vlm
 
     fam = VLM_FAMILIES[family]
-    src = vlms[family]
+    src = vlm_models[family]
     cfg = json.loads((src / "config.json").read_text())
     model = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32).eval()
     channels, heads = _kept()
@@ -263,7 +248,7 @@ def test_vlm_tower_head_cut_is_the_masked_dense_model(vlms, pairs, family):
 
 
 @pytest.fixture(scope="module")
-def heads_pruned(vlms, pairs, tmp_path_factory):
+def heads_pruned(vlm_models, pairs, tmp_path_factory):
     """{family: (folder, report)}: 30% removed, vision heads 4 -> 3 (hidden 32 -> 24), the rest shared; two
     re-scored steps, so the iterative path applies the width cut in its first step."""
     from edgekit.vlm.prune import VlmPruneConfig, prune_vlm
@@ -271,7 +256,7 @@ def heads_pruned(vlms, pairs, tmp_path_factory):
     root = tmp_path_factory.mktemp("heads-pruned")
     return {f: (root / f, prune_vlm(src, root / f, VlmPruneConfig(
         ratio=0.3, vision_share=0.3, vision_heads=3, calibration=pairs, num_samples=8, search_samples=4, steps=2),
-        log=quiet)) for f, src in vlms.items()}
+        log=quiet)) for f, src in vlm_models.items()}
 
 
 @pytest.mark.parametrize("family", VLMS)
@@ -309,19 +294,19 @@ def test_vlm_head_cut_vision_exports_to_onnxruntime_gated(heads_pruned, tmp_path
     assert m["gate"]["passed"] and m["gate"]["min_cosine"] > 0.9999, m["gate"]
 
 
-def test_vlm_vision_heads_without_heads_cut_keeps_the_note(vlms, pairs, tmp_path):
+def test_vlm_vision_heads_without_heads_cut_keeps_the_note(vlm_models, pairs, tmp_path):
     from edgekit.vlm.prune import VlmPruneConfig, prune_vlm
 
-    r = prune_vlm(vlms["llava"], tmp_path / "p", VlmPruneConfig(
+    r = prune_vlm(vlm_models["llava"], tmp_path / "p", VlmPruneConfig(
         ratio=0.1, keep_language=True, vision_heads=4, calibration=pairs, num_samples=4, search_samples=2, steps=1),
         log=quiet)
     assert r["vision"]["heads"] == [4, 4] and r["vision"]["hidden"] == [32, 32] and "heads_not_cut" in r["vision"]
 
 
-def test_vlm_vision_heads_bad_requests_are_one_line(vlms, tmp_path, capsys):
+def test_vlm_vision_heads_bad_requests_are_one_line(vlm_models, tmp_path, capsys):
     from edgekit.cli import main
 
-    src = vlms["llava"]
+    src = vlm_models["llava"]
 
     def err(*argv):
         assert main([str(a) for a in argv]) == 2

@@ -19,21 +19,6 @@ def quiet(*a, **k):
     pass
 
 
-@pytest.fixture(scope="session")
-def vlm_models(tmp_path_factory):
-    from edgekit.testing import make_tiny_vlm
-
-    root = tmp_path_factory.mktemp("vlm")
-    return {f: make_tiny_vlm(f, root / f, seed=i) for i, f in enumerate(VLMS)}
-
-
-@pytest.fixture(scope="session")
-def pairs(tmp_path_factory):
-    from edgekit.vlm.data import generate_pairs
-
-    return generate_pairs(tmp_path_factory.mktemp("pairs"), n=24)
-
-
 def test_registry_keeps_tasks_apart():
     from edgekit.arch import REGISTRY, get_family, get_vlm_family
 
