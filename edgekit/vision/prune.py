@@ -194,16 +194,16 @@ def cut_width(sd: dict, layout, channels, heads, head_dim: int) -> None:
     for n in layout.readers:
         cut(n, 1, c)
     for (qkv, out), kept in zip(layout.attention, heads):
-        rows = _head_rows(kept, head_dim)
+        cols = rows = _head_rows(kept, head_dim)  # out's columns; q/k/v's rows
         if len(qkv) == 1:  # a fused [q; k; v] in_proj: the same heads in each third
             third = sd[qkv[0] + "weight"].shape[0] // 3
-            rows = torch.cat([rows + j * third for j in range(3)])
+            rows = torch.cat([cols + j * third for j in range(3)])
         for p in qkv:
             cut(p + "weight", 0, rows)
             cut(p + "weight", 1, c)
             cut(p + "bias", 0, rows)
         cut(out + "weight", 0, c)
-        cut(out + "weight", 1, _head_rows(kept, head_dim))
+        cut(out + "weight", 1, cols)
         cut(out + "bias", 0, c)
 
 
