@@ -1,4 +1,4 @@
-"""After a 30% prune, does quantization-aware distillation make a 4-bit (8da4w) student as good as the fp32 one?
+"""After a 30% prune, does quantization-aware distillation make a 4-bit student as good as the fp32 one?
 
 SmolLM2-135M-Instruct (edgekit's embedded default) pruned by 30% of parameters with edgekit.prune (widths aligned to
 32, the 8da4w group), then, at the same token budget B and with the same data, schedule and loss:
@@ -9,11 +9,16 @@ SmolLM2-135M-Instruct (edgekit's embedded default) pruned by 30% of parameters w
       grid (what `edgekit export -b executorch` does with a QAT folder).
 Perplexities of (b) and (c) are reported relative to (a); the issue's acceptance is (c) <= 1.05x (a).
 
+`--scheme int4` does the same for ONNX Runtime's 4-bit (MatMulNBits, weight-only, integer zero points, the head at
+8 bits): (b) is the fp32 student exported by `edgekit export -p int4` (HQQ) and round-to-nearest on the QAT grid,
+(c) the QAT folder exported as `edgekit export` does; the exported rows are scored by ONNX Runtime itself.
+
 The 4-bit numbers are eager torchao (the same IntxUnpacked tensors the exporter lowers; the test
 tests/test_qat.py::test_qat_export_lowers_the_scheme_and_matches_the_fake_quant_model shows the .pte from the
 ExecuTorch runtime reproduces the fake-quant eager model), scored on the distill held-out blocks.
 
     PYTHONPATH=. python bench/qat_recovery.py --tokens 16384 --qat-start 0 -o /tmp/qat-bench
+    PYTHONPATH=. python bench/qat_recovery.py --scheme int4 --tokens 16384 -o /tmp/qat-bench
 """
 
 from __future__ import annotations
@@ -48,8 +53,70 @@ def ppl_of(model, blocks) -> float:
     return perplexity(model, blocks, 4, Dist())
 
 
+def ort_ppl(artifact: Path, blocks) -> float:
+    """Held-out perplexity of an exported artifact in its own runtime (the same blocks and sum as `ppl_of`)."""
+    import math
+
+    import numpy as np
+
+    from edgekit.runtime import open_artifact
+    from edgekit.runtime.base import sequence_logits
+
+    runner = open_artifact(artifact)
+    nll = n = 0.0
+    for b in blocks:
+        ids = b.numpy()
+        x = sequence_logits(runner, ids)[:-1].astype(np.float64)
+        x -= x.max(-1, keepdims=True)
+        logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
+        nll -= logp[np.arange(len(ids) - 1), ids[1:]].sum()
+        n += len(ids) - 1
+    return math.exp(nll / n)
+
+
+def export_ort(folder: Path, out: Path, **kw) -> dict:
+    import shutil
+
+    from edgekit.export import ExportConfig, export_model
+
+    if out.exists():
+        shutil.rmtree(out)
+    return export_model(folder, out, ExportConfig(backend="onnxruntime", precision="int4", accept_gate_failure=True,
+                                                  **kw), log=log)
+
+
+def int4_rows(a, qat_dir: Path, reps, eval_blocks, rows) -> None:
+    """(b) and (c) for --scheme int4: exported by edgekit and scored by ONNX Runtime, plus the eager grid rows."""
+    import torch
+
+    from edgekit import qat
+    from edgekit.models import load_torch_model
+
+    plan = qat.read(qat_dir)
+    model, _ = load_torch_model(a.out / "fp32")
+    with torch.no_grad():  # the QAT grid without training: round-to-nearest with the fake quantizer's rule
+        qat.prepare(model, plan)
+        rows.append(("(b) distill, then int4 round-to-nearest on the QAT grid (eager)", ppl_of(model, eval_blocks),
+                     reps["fp32"]["tokens"], ""))
+    t1 = time.perf_counter()
+    meta = export_ort(a.out / "fp32", a.out / "ort-int4-fp32")
+    rows.append((f"(b) distill, then ONNX Runtime int4 (export default: HQQ), gate "
+                 f"{'pass' if meta['gate']['passed'] else 'FAIL'}", ort_ppl(a.out / "ort-int4-fp32", eval_blocks),
+                 reps["fp32"]["tokens"], round(time.perf_counter() - t1, 1)))
+    q = reps["qat"]["qat"]
+    rows.append((f"(c) distill, last {q['steps']} of {reps['qat']['steps']} steps QAT: fake-quant",
+                 reps["qat"]["heldout_perplexity"]["after"], reps["qat"]["tokens"], reps["qat"]["wall_s"]))
+    t1 = time.perf_counter()
+    meta = export_ort(qat_dir, a.out / "ort-int4-qat")
+    rows.append((f"(c) ... then edgekit export (ONNX Runtime int4 on the QAT grid), gate "
+                 f"{'pass' if meta['gate']['passed'] else 'FAIL'}", ort_ppl(a.out / "ort-int4-qat", eval_blocks),
+                 reps["qat"]["tokens"], round(time.perf_counter() - t1, 1)))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scheme", default="8da4w", choices=("8da4w", "int4"),
+                    help="the 4-bit scheme: ExecuTorch 8da4w or ONNX Runtime int4")
     ap.add_argument("--tokens", type=int, default=49152, help="token budget B of each distillation")
     ap.add_argument("--qat-start", type=float, default=0.0, help="fraction of B before fake quantization starts")
     ap.add_argument("--qat-init", default="max", choices=("max", "gptq", "learned"),
@@ -65,12 +132,8 @@ def main() -> int:
     ap.add_argument("-o", "--out", type=Path, default=Path("/tmp/qat-bench"))
     a = ap.parse_args()
 
-    import torch
-
-    from edgekit import qat
     from edgekit.distill import DataConfig, DistillConfig, OptimConfig, distill
     from edgekit.distill.data import load_blocks
-    from edgekit.exporters.executorch import calibration_batches, quantize_8da4w
     from edgekit.fsutil import atomic_write_json
     from edgekit.models import load_torch_model, resolve_model
 
@@ -87,10 +150,11 @@ def main() -> int:
                 checkpoint_every=a.checkpoint_every,
                 data=DataConfig(block_size=a.block_size, max_eval_blocks=a.eval_blocks), optim=OptimConfig(lr=a.lr))
     runs = {"fp32": DistillConfig(**base),
-            "qat": DistillConfig(**base, qat="8da4w", qat_start=a.qat_start, qat_init=a.qat_init)}
+            "qat": DistillConfig(**base, qat=a.scheme, qat_start=a.qat_start, qat_init=a.qat_init)}
     reps = {}
+    dirs = {"fp32": "fp32", "qat": "qat" if a.scheme == "8da4w" else f"qat-{a.scheme}"}
     for name, cfg in runs.items():
-        done = a.out / name / "distill.json"
+        done = a.out / dirs[name] / "distill.json"
         new = json.loads(json.dumps(cfg.to_dict()))
         old = json.loads(done.read_text())["config"] if done.exists() else None
         if old is not None:  # float runs predate the QAT fields; batch split and checkpoints do not change the training
@@ -101,7 +165,7 @@ def main() -> int:
             log(f"{name}: reusing {done.parent}")
             continue
         t1 = time.perf_counter()
-        rep = distill(teacher, student, a.out / name, cfg, log=log, progress=False)
+        rep = distill(teacher, student, a.out / dirs[name], cfg, log=log, progress=False)
         rep["wall_s"] = round(time.perf_counter() - t1, 1)
         atomic_write_json(done, rep)
         reps[name] = rep
@@ -111,6 +175,21 @@ def main() -> int:
     rows = []
     ppl_a = ppl_of(model, eval_blocks)  # == reps["fp32"]["heldout_perplexity"]["after"]
     rows.append(("(a) distill, fp32", ppl_a, reps["fp32"]["tokens"], reps["fp32"]["wall_s"]))
+    if a.scheme == "int4":
+        int4_rows(a, a.out / dirs["qat"], reps, eval_blocks, rows)
+    else:
+        eight_da_4w_rows(a, a.out / dirs["qat"], reps, eval_blocks, rows, model)
+    finish(a, info, reps, rows, ppl_a, eval_blocks)
+    return 0
+
+
+def eight_da_4w_rows(a, qat_dir: Path, reps, eval_blocks, rows, model) -> None:
+    import torch
+
+    from edgekit import qat
+    from edgekit.exporters.executorch import calibration_batches, quantize_8da4w
+    from edgekit.models import load_torch_model
+
     with torch.no_grad():
         quantize_8da4w(model)
     rows.append(("(b) distill, then 8da4w round-to-nearest", ppl_of(model, eval_blocks), reps["fp32"]["tokens"], ""))
@@ -122,14 +201,18 @@ def main() -> int:
         rows.append(("(b) distill, then 8da4w GPTQ (export default)", ppl_of(model, eval_blocks),
                      reps["fp32"]["tokens"], round(time.perf_counter() - t1, 1)))
     q = reps["qat"]["qat"]
-    plan = qat.read(a.out / "qat")
-    model, _ = load_torch_model(a.out / "qat")
+    plan = qat.read(qat_dir)
+    model, _ = load_torch_model(qat_dir)
     rows.append((f"(c) distill, last {q['steps']} of {reps['qat']['steps']} steps QAT "
                  f"({q.get('init', 'max')} start): fake-quant",
                  reps["qat"]["heldout_perplexity"]["after"], reps["qat"]["tokens"], reps["qat"]["wall_s"]))
     with torch.no_grad():
-        quantize_8da4w(model, group_size=plan.group_size, qat=plan, qat_scales=qat.load_scales(a.out / "qat"))
+        quantize_8da4w(model, group_size=plan.group_size, qat=plan, qat_scales=qat.load_scales(qat_dir))
     rows.append(("(c) ... then 8da4w on the QAT grid (export)", ppl_of(model, eval_blocks), reps["qat"]["tokens"], ""))
+
+
+def finish(a, info, reps, rows, ppl_a, eval_blocks) -> None:
+    from edgekit.fsutil import atomic_write_json
 
     t_ppl = reps["fp32"]["heldout_perplexity"]["teacher"]
     result = {"prune": info, "teacher_ppl": t_ppl, "pruned_ppl": reps["fp32"]["heldout_perplexity"]["before"],
@@ -141,13 +224,13 @@ def main() -> int:
     print(f"\nSmolLM2-135M-Instruct pruned {info['removed_fraction']:.1%} (align 32), held-out perplexity "
           f"({len(eval_blocks)} blocks x {a.block_size} tokens of edgekit's held-out text); teacher {t_ppl:.3f}, "
           f"pruned {result['pruned_ppl']:.3f}; budget B = {a.tokens:,} tokens, lr {a.lr}, batch {a.batch_size}; "
-          "4-bit = 8da4w eager torchao")
+          + ("4-bit = 8da4w eager torchao" if a.scheme == "8da4w" else "4-bit = ONNX Runtime int4 (MatMulNBits)"))
     print(f"{'model':<62} {'ppl':>9} {'x (a)':>7} {'tokens':>8} {'wall s':>8}")
     for r in result["rows"]:
         print(f"{r['model']:<62} {r['ppl']:>9.3f} {r['x_fp32_student']:>7.3f} {r['tokens']:>8,} {str(r['wall_s']):>8}")
     print(f"(c) <= 1.05x (a): {result['acceptance_c_le_1.05x']} ({c:.3f}x)")
-    print(f"reproduce: PYTHONPATH=. python bench/qat_recovery.py --tokens {a.tokens} --qat-start {a.qat_start} "
-          f"--qat-init {a.qat_init} "
+    print(f"reproduce: PYTHONPATH=. python bench/qat_recovery.py --scheme {a.scheme} --tokens {a.tokens} "
+          f"--qat-start {a.qat_start} --qat-init {a.qat_init} "
           f"--ratio {a.ratio} --lr {a.lr} --batch-size {a.batch_size} --block-size {a.block_size} "
           f"--eval-blocks {a.eval_blocks} --micro-batch-size {a.micro_batch_size} "
           f"--checkpoint-every {a.checkpoint_every} -o {a.out}")

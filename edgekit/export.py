@@ -160,7 +160,8 @@ def export_model(model_dir: Path, out: Path, cfg: ExportConfig, log=print) -> di
         log("verify: PyTorch reference on held-out text")
         model, tok = load_torch_model(model_dir)
         if cfg.qat is not None:  # the model QAT trained (and distill scored) is the fake-quantized one: gate the
-            qat.prepare(model, cfg.qat)  # runtime against it; its float weights are an intermediate never meant to run
+            # runtime against it, on the scales it trained with; its float weights are an intermediate never run
+            qat.prepare(model, cfg.qat, qat.load_scales(model_dir, cfg.qat))
             meta["gate_reference"] = "fake-quantized eager model (QAT)"
         ref = make_reference(model, tok)
         del model

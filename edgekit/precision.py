@@ -53,7 +53,7 @@ PRECISIONS: dict[str, Precision] = {
         # ONNX Runtime MatMulNBits 4-bit by HQQ: an fp32 scale and an fp32 zero point per group of 32 (64/128 optional)
         Precision("int4", 4 + 64 / 32, Thresholds(max_abs=None, top1=0.65, mean_kl=0.10, greedy_exact=False), True,
                   "4-bit weights (HQQ), a scale and zero point per group of 32; the LM head at 8 bits",
-                  ("w4",)),
+                  ("w4",), fake_quant="int4asym-mix"),
         Precision("q8_0", 8 + 16 / 32, Thresholds(max_abs=None, top1=0.90, mean_kl=0.02, greedy_exact=False), True,
                   "llama.cpp Q8_0: 8-bit blocks of 32 with an f16 scale"),
         # K-quant mix of 5- and 6-bit super-blocks: ~5.69 bits per weight on Llama models (llama.cpp's table)

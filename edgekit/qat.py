@@ -1,7 +1,9 @@
 """Quantization-aware training (QAT) by distillation: the student trains through the exporter's own quantization grid.
 
-`edgekit distill --qat 8da4w` swaps the student's linears for torchao's FakeQuantizedLinear (torchao.quantization.qat,
-the same module torchao's QATConfig prepare step installs) for the last part of training; the forward pass then
+`edgekit distill --qat 8da4w` (ExecuTorch) or `--qat int4` (ONNX Runtime MatMulNBits) swaps the student's linears
+for torchao's FakeQuantizedLinear (torchao.quantization.qat, the same module torchao's QATConfig prepare step
+installs; int4's asymmetric grid with integer zero points uses edgekit's own weight quantizer in it) for the last
+part of training; the forward pass then
 sees the weights (and activations) exactly as the runtime will, while the gradient passes straight through the
 rounding to the float weights. After training the swap is undone (torchao's `to_linear`, the weights stay the trained
 float numbers) and the folder records the scheme in qat.json. Export reads it and quantizes those weights with the
@@ -9,8 +11,9 @@ same grid and scale rule by round-to-nearest: calibrated rounding (GPTQ, importa
 the grid QAT trained for.
 
 A recipe says what the fake quantization is; each QAT-able precision names its recipe in the precision registry
-(edgekit/precision.py `fake_quant`). Which linears a recipe covers is read through the model family (edgekit/arch),
-so no projection name appears here. Importing this module imports no torch.
+(edgekit/precision.py `fake_quant`). Which linears a recipe covers is read through the model family (edgekit/arch);
+which of them stay at 8 bits is the exporter's list (its module's name suffixes). Importing this module imports no
+torch.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edgekit.errors import EdgekitError
+from edgekit.exporters.executorch_mix import EIGHT_BIT as XNNPACK_EIGHT_BIT
+from edgekit.exporters.onnxruntime import GROUP_SIZES as ORT_GROUPS
+from edgekit.exporters.onnxruntime import QAT_EIGHT_BIT as ORT_EIGHT_BIT
 
 QAT_FILE = "qat.json"
 SCALES_FILE = "qat_scales.safetensors"  # the fixed scales a GPTQ-initialised QAT trained on (export rounds with them)
@@ -36,7 +42,12 @@ class Recipe:
     scale_dtype: str  # the dtype group scales are rounded to, as the runtime stores them
     lm_head: bool  # the output head is fake-quantized too
     description: str
-    eight_bit: bool = False  # the linears 8da4w keeps at 8 bits (exporters/executorch_mix.py) train at int8 per row
+    # the linears (last part of the module name) the exporter keeps at 8 bits, and so training quantizes at 8 bits
+    eight_bit: tuple[str, ...] = ()
+    # False: asymmetric groups with an integer zero point (`asym_grid`, edgekit's own fake quantizer: torchao's
+    # per-group asymmetric path derives float-domain zero points and then casts them to int, which is not this grid)
+    symmetric: bool = True
+    groups: tuple[int, ...] | None = None  # the group sizes the runtime's kernels take (None: any even size)
 
 
 RECIPES = {r.name: r for r in (
@@ -50,7 +61,16 @@ RECIPES = {r.name: r for r in (
     # fake-quant perplexity rose from 1.11x to 1.47x the fp32 student (bench/qat_recovery.py)
     Recipe("int8dyn-int4sym-mix", 4, True, "bfloat16", True,
            "int8 dynamic per-token activations x int4 symmetric per-group weights, the head, down, k and v "
-           "projections int8 per channel (torchao 8da4w as edgekit exports it)", eight_bit=True),
+           "projections int8 per channel (torchao 8da4w as edgekit exports it)", eight_bit=XNNPACK_EIGHT_BIT),
+    # ONNX Runtime MatMulNBits' fast path: uint4 codes, an fp32 scale and a uint8 zero point per group (float zero
+    # points run a 50x slower kernel, exporters/onnxruntime.py); down and q/k/v (fused into one MatMul in the lean
+    # graph) on the same rule at 8 bits, as 8da4w keeps down, k and v. SmolLM2 pruned 30%, round-to-nearest on the
+    # fp32 student: every linear 4-bit 1.262x its perplexity, this mix 1.073x (QAT at 16k tokens: 1.060x,
+    # bench/qat_recovery.py --scheme int4). The head keeps the exporter's 8-bit round-to-nearest, untrained
+    Recipe("int4asym-mix", 4, False, "float32", False,
+           "int4 asymmetric per-group weights with integer zero points, down and q/k/v at 8 bits on the same rule, "
+           "float activations, the LM head int8 (ONNX Runtime MatMulNBits as edgekit exports a QAT model)",
+           eight_bit=ORT_EIGHT_BIT, symmetric=False, groups=ORT_GROUPS),
 )}
 
 
@@ -101,11 +121,18 @@ def resolve(scheme: str, backend: str | None = None, group_size: int | None = No
     g = DEFAULT_GROUP if group_size is None else int(group_size)
     if g < 2 or g % 2:
         raise EdgekitError(f"QAT group size must be an even number >= 2, got {g}", f"e.g. --group-size {DEFAULT_GROUP}")
+    groups = RECIPES[p.fake_quant].groups
+    if groups and g not in groups:
+        raise EdgekitError(f"{backend} {p.name} takes group sizes {', '.join(map(str, groups))}, not {g}",
+                           f"pass --group-size {groups[0]}")
     if not 0 <= start_fraction < 1:
         raise EdgekitError(f"--qat-start must be in [0, 1), got {start_fraction}",
                            "0 = fake quantization for the whole run, 0.5 = the second half")
     if init not in INITS:
         raise EdgekitError(f"unknown QAT start {init!r}", f"pass --qat-init {' or --qat-init '.join(INITS)}")
+    if init != "max" and not RECIPES[p.fake_quant].symmetric:
+        raise EdgekitError(f"--qat-init {init} is for symmetric grids (8da4w); {p.name} QAT trains on max's rule",
+                           "drop --qat-init (or pass --qat-init max)")
     return QATPlan(p.name, backend, g, p.fake_quant, float(start_fraction), init)
 
 
@@ -137,7 +164,8 @@ def target_linears(model, rec: Recipe) -> list[tuple[str, object]]:
 def check_widths(model, plan: QATPlan) -> None:
     """Every fake-quantized linear's input width must be a multiple of the group size (one line naming them)."""
     bad = [(n, m.in_features) for n, m in target_linears(model, recipe(plan))
-           if m.in_features % plan.group_size and bits(plan, n) == 4]  # one scale per row takes any width
+           if m.in_features % plan.group_size and (bits(plan, n) == 4 or not recipe(plan).symmetric)]
+    # (a symmetric 8-bit linear has one scale per row, which takes any width)
     if bad:
         widths = sorted({w for _, w in bad})
         shown = ", ".join(f"{n} (in {w})" for n, w in bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
@@ -149,10 +177,8 @@ def check_widths(model, plan: QATPlan) -> None:
 
 def bits(plan: QATPlan, name: str) -> int:
     """The weight bits the plan's recipe trains (and the exporter lowers) this linear at."""
-    from edgekit.exporters.executorch_mix import keeps_8_bits
-
     rec = recipe(plan)
-    return 8 if rec.eight_bit and keeps_8_bits(name) else rec.weight_bits
+    return 8 if name.rpartition(".")[2] in rec.eight_bit else rec.weight_bits
 
 
 def fake_quant_configs(plan: QATPlan, name: str = "", fixed: bool = False, learned: bool = False):
@@ -163,6 +189,7 @@ def fake_quant_configs(plan: QATPlan, name: str = "", fixed: bool = False, learn
     from torchao.quantization.qat import IntxFakeQuantizeConfig
 
     rec = recipe(plan)
+    assert rec.symmetric, "asymmetric recipes use edgekit's own quantizer (weight_quantizer), not a torchao config"
     act = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False) if rec.act_int8_per_token else None
     if bits(plan, name) == 8:  # one fp32 scale per output row, as the exporter hands qc8w its scales
         return act, IntxFakeQuantizeConfig(torch.int8, "per_channel", is_symmetric=True,
@@ -171,6 +198,51 @@ def fake_quant_configs(plan: QATPlan, name: str = "", fixed: bool = False, learn
                                     is_symmetric=True, scale_precision=getattr(torch, rec.scale_dtype),
                                     is_dynamic=not (fixed or learned), range_learning=learned)
     return act, weight
+
+
+def asym_grid(weight, group: int, bits: int = 4):
+    """(codes in [0, 2^bits - 1], fp32 scales, integer-valued zero points), scales and zero points (rows, in / group),
+    of `weight` (rows, in) in groups of `group` along its input: scale = (max - min) / (2^bits - 1) over the group
+    with 0 kept inside the range (so the integer zero point round(-min / scale) always lies on the grid), code =
+    clamp(round(w / scale) + zero). Dequantized: (code - zero) * scale, as MatMulNBits computes it. One function
+    for the fake quantizer and the exporter, so what trains is what ships."""
+    import torch
+
+    top = 2**bits - 1
+    g = weight.detach().float().reshape(-1, group)
+    lo, hi = g.amin(1, keepdim=True).clamp(max=0), g.amax(1, keepdim=True).clamp(min=0)
+    scale = ((hi - lo) / top).clamp(min=torch.finfo(torch.float32).tiny)
+    zero = torch.round(-lo / scale).clamp(0, top)
+    codes = torch.clamp(torch.round(g / scale) + zero, 0, top)
+    rows = weight.shape[0]
+    return codes.reshape(weight.shape), scale.reshape(rows, -1), zero.reshape(rows, -1)
+
+
+def asym_dequant(codes, scale, zero, group: int):
+    return ((codes.reshape(-1, group) - zero.reshape(-1, 1)) * scale.reshape(-1, 1)).reshape(codes.shape)
+
+
+def weight_quantizer(group: int, bits: int = 4):
+    """A weight fake quantizer on `asym_grid`: max's rule re-derived at every step, the gradient straight through
+    the rounding (nothing is clipped: the range covers every weight). Stands in FakeQuantizedLinear's
+    weight_fake_quantizer slot."""
+    import torch
+
+    class AsymGroupFakeQuantizer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.group, self.bits, self.scale, self.zero_point = group, bits, None, None
+
+        def forward(self, w):
+            with torch.no_grad():
+                codes, self.scale, self.zero_point = asym_grid(w, self.group, self.bits)
+                dq = asym_dequant(codes, self.scale, self.zero_point, self.group).to(w.dtype)
+            return w + (dq - w).detach()
+
+        def extra_repr(self) -> str:
+            return f"uint{self.bits} asymmetric, group {self.group}, integer zero points"
+
+    return AsymGroupFakeQuantizer()
 
 
 def calibrate(model, plan: QATPlan, calibration: list) -> dict:
@@ -200,9 +272,16 @@ def prepare(model, plan: QATPlan, scales: dict | None = None) -> int:
 
     check_widths(model, plan)
     learn = plan.init == "learned"
+    rec = recipe(plan)
     n = 0
-    for name, mod in target_linears(model, recipe(plan)):
+    for name, mod in target_linears(model, rec):
         if isinstance(mod, FakeQuantizedLinear):
+            continue
+        if not rec.symmetric:  # edgekit's own quantizer in FakeQuantizedLinear's slot (no torchao config for it)
+            fq = FakeQuantizedLinear.from_linear(mod)
+            fq.weight_fake_quantizer = weight_quantizer(plan.group_size, bits(plan, name))
+            model.set_submodule(name, fq)
+            n += 1
             continue
         start = scales.get(name) if scales is not None else None
         if learn and start is None:
@@ -250,10 +329,11 @@ def round_learned_scales(model, plan: QATPlan) -> None:
 
 def fixed_scales(model) -> dict:
     """name -> the fixed weight scales of every fake-quantized linear that has them (what `prepare` was given)."""
+    from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
     from torchao.quantization.qat.linear import FakeQuantizedLinear
 
     return {n: m.weight_fake_quantizer.scale.detach().clone() for n, m in model.named_modules()
-            if isinstance(m, FakeQuantizedLinear) and m.weight_fake_quantizer is not None
+            if isinstance(m, FakeQuantizedLinear) and isinstance(m.weight_fake_quantizer, IntxFakeQuantizer)
             and not m.weight_fake_quantizer.config.is_dynamic}
 
 
@@ -301,6 +381,10 @@ def weight_grid(weight, plan: QATPlan, name: str = "", scale=None):
     import torch
     from torchao.quantization.qat.fake_quantizer import FakeQuantizerBase
 
+    rec = recipe(plan)
+    if not rec.symmetric:
+        codes, scale, zero = asym_grid(weight, plan.group_size, bits(plan, name))
+        return asym_dequant(codes, scale, zero, plan.group_size).to(weight.dtype), scale
     fq = FakeQuantizerBase.from_config(fake_quant_configs(plan, name, scale is not None)[1])
     if scale is not None:
         fq.scale, fq.zero_point = scale.to(weight.device), torch.zeros_like(scale, dtype=torch.int32)
@@ -345,10 +429,10 @@ def read(folder: Path) -> QATPlan | None:
                        d.get("init", "max"))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise EdgekitError(f"{f} is not a QAT record edgekit wrote ({e})",
-                           f"restore it from the distill output, or delete it to export as a plain model") from e
+                           "restore it from the distill output, or delete it to export as a plain model") from e
 
 
-__all__ = ["DEFAULT_GROUP", "INITS", "LEARNED_LR", "QAT_FILE", "QATPlan", "RECIPES", "Recipe", "SCALES_FILE", "bits",
-           "calibrate", "check_widths", "clamp_learned_scales", "convert", "export_settings", "fixed_scales", "learned_scales", "load_scales",
-           "prepare", "read", "resolve", "round_learned_scales", "save_scales", "target_linears", "weight_grid",
-           "write"]
+__all__ = ["DEFAULT_GROUP", "INITS", "LEARNED_LR", "QAT_FILE", "QATPlan", "RECIPES", "Recipe", "SCALES_FILE",
+           "asym_dequant", "asym_grid", "bits", "calibrate", "check_widths", "clamp_learned_scales", "convert",
+           "export_settings", "fixed_scales", "learned_scales", "load_scales", "prepare", "read", "resolve",
+           "round_learned_scales", "save_scales", "target_linears", "weight_grid", "weight_quantizer", "write"]

@@ -25,6 +25,9 @@ from pathlib import Path
 OPSET = 17
 BLOCK = 32  # int8 block size (K dimension); widths that are not multiples are padded by the quantizer
 GROUP_SIZES = (32, 64, 128)  # int4 groups along K; the first is the default
+# the linears a QAT-trained int4 model keeps at 8 bits (edgekit.qat's int4asym-mix recipe trains them so): down, and
+# q/k/v whole because the lean graph fuses them into one MatMul
+QAT_EIGHT_BIT = ("down_proj", "q_proj", "k_proj", "v_proj", "qkv_proj")
 # protobuf cannot serialize a message of 2 GiB or more, nor even size it (ModelProto.ByteSize() raises EncodeError):
 # graphs whose tensors come near that keep their weights in EXTERNAL_DATA beside model.onnx, where onnxruntime and
 # trtexec both look for it. MARGIN covers the rest of the graph (nodes, names, shapes, protobuf's framing): about
@@ -280,6 +283,44 @@ def _hqq_integer_zero():
     return IntegerZeroHQQ
 
 
+def qat_bits_by_row(model_dir: Path, plan) -> dict:
+    """{first weight row as bytes: bits} for every linear of a QAT-trained folder, read from its safetensors: how
+    the exporter finds which trained linear an ONNX MatMul's weight is (a fused qkv starts with q's first row), so
+    no graph's node names are parsed."""
+    from safetensors import safe_open
+
+    from edgekit.qat import bits
+
+    out = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                if k.endswith(".weight") and len(st.get_slice(k).get_shape()) == 2:
+                    out[st.get_slice(k)[0:1].float().numpy().tobytes()] = bits(plan, k[: -len(".weight")])
+    return out
+
+
+def _qat_grid(plan):
+    """A MatMulNBits node quantizer that writes the grid a QAT-trained folder trained through (edgekit.qat
+    asym_grid: the same function as training's fake quantizer, so the integers are the ones training saw), in
+    onnxruntime's own packing. `integer` counts the matrices."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as mq
+
+    from edgekit.qat import asym_grid
+
+    class QATGrid(mq.HQQWeightOnlyQuantizer):
+        kept_float, integer = 0, 0
+
+        def quantize_internal(self, tensor, bits=4, channel_wise=True, group_size=64, optimize=True,
+                              round_zero=True, axis=1):
+            assert axis == 1 and channel_wise and group_size == plan.group_size and tensor.shape[1] % group_size == 0
+            codes, scale, zero = asym_grid(tensor, group_size, bits)
+            self.integer += 1
+            return codes.int(), scale.to(tensor.dtype), zero.to(tensor.dtype)
+
+    return QATGrid
+
+
 SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8)  # fractions of each group's min-max range integer_zero_fit starts from
 
 
@@ -317,9 +358,34 @@ def integer_zero_fit(w, s, z, top: int, iters: int = 2):
     return codes(best_s, best_z), best_s, best_z
 
 
+def _qat_eight_bit(model, row_bits: dict) -> list[str]:
+    """Names of the MatMul nodes whose weight is a linear the QAT recipe trained at 8 bits; a constant weight that
+    is none of the trained linears is refused (its grid is unknown)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    from edgekit.errors import EdgekitError
+
+    inits = {t.name: t for t in model.graph.initializer}
+    eight = []
+    for n in model.graph.node:
+        if n.op_type != "MatMul" or n.input[1] not in inits:
+            continue
+        b = numpy_helper.to_array(inits[n.input[1]])
+        key = np.ascontiguousarray(b.reshape(b.shape[-2], b.shape[-1])[:, 0], dtype=np.float32).tobytes()
+        if key not in row_bits:
+            raise EdgekitError(f"the ONNX graph's MatMul {n.name} has a weight that is none of the QAT-trained "
+                               "linears, so its grid is unknown", "report it with the model; export with -p fp32 "
+                               "meanwhile")
+        if row_bits[key] == 8:
+            eight.append(n.name)
+    return eight
+
+
 def pack_zero_points(model) -> int:
     """Store every 4-bit MatMulNBits' integer-valued float zero points as packed uint8 (two values a byte, the first
-    in the low nibble, rows padded to whole bytes: the operator's layout); others stay. Returns how many it packed."""
+    in the low nibble, rows padded to whole bytes: the operator's layout), an 8-bit one's as one uint8 each; others
+    stay. Returns how many it packed."""
     import numpy as np
     from onnx import numpy_helper
 
@@ -333,22 +399,28 @@ def pack_zero_points(model) -> int:
             continue
         attrs = {a.name: a.i for a in node.attribute}
         bits, N, K, block = attrs["bits"], attrs["N"], attrs["K"], attrs["block_size"]
-        if bits != 4 or not np.array_equal(zp, np.round(zp)):
+        if bits not in (4, 8) or not np.array_equal(zp, np.round(zp)):
             continue  # a matrix that kept HQQ's float zero points (_hqq_integer_zero)
         blocks = -(-K // block)
         z = zp.astype(np.uint8).reshape(N, blocks)
-        if blocks % 2:
-            z = np.pad(z, ((0, 0), (0, 1)))
-        packed = (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
+        if bits == 8:
+            packed = z.reshape(-1)
+        else:
+            if blocks % 2:
+                z = np.pad(z, ((0, 0), (0, 1)))
+            packed = (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
         t = numpy_helper.from_array(packed, node.input[3])
         inits[node.input[3]].CopyFrom(t)
         n += 1
     return n
 
 
-def quantize(model, precision: str, group: int | None = None, calibrate: bool = True):
+def quantize(model, precision: str, group: int | None = None, calibrate: bool = True, qat=None,
+             row_bits: dict | None = None):
     """Weight-only MatMulNBits: int8 round-to-nearest in blocks of BLOCK; int4 in groups of `group` by HQQ (calibrate)
-    or round-to-nearest, the LM head at 8 bits. Returns the quantized ModelProto and a one-line description.
+    or round-to-nearest, or on the grid a QAT plan (edgekit.qat.QATPlan) trained through, each matrix at the bits
+    `row_bits` (qat_bits_by_row) gives it, the LM head at 8 bits. Returns the quantized ModelProto and a one-line
+    description.
 
     HQQ over GPTQ and RTN by measurement on SmolLM2-135M (bench/quantize_quality.py and the commit message)."""
     import logging
@@ -361,7 +433,7 @@ def quantize(model, precision: str, group: int | None = None, calibrate: bool = 
     def run(m, config, exclude=()):
         q = mq.MatMulNBitsQuantizer(m, algo_config=config, nodes_to_exclude=list(exclude))
         if config.algorithm == "HQQ":
-            q.node_quantizer = _hqq_integer_zero()(config)
+            q.node_quantizer = (_qat_grid(qat) if qat is not None else _hqq_integer_zero())(config)
         with contextlib.redirect_stdout(io.StringIO()):
             q.process()
         q.model.topological_sort()  # what ONNXModel.save_model_to_file does before writing
@@ -380,17 +452,27 @@ def quantize(model, precision: str, group: int | None = None, calibrate: bool = 
         return model, f"weight-only int8, MatMulNBits block {BLOCK}, int8 compute"
     head = _materialize_lm_head(model)
     if head:  # the LM head first, at 8 bits: every other MatMul is excluded from this pass
-        model = run(model, rtn(8, BLOCK), [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name != head])
+        model = run(model, rtn(8, BLOCK),
+                    [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name != head])
         int8_compute(model)
-    method = "HQQ" if calibrate else "round-to-nearest"
-    model = run(model, mq.HQQWeightOnlyQuantConfig(block_size=group, bits=4) if calibrate else rtn(4, group))
+    method = "the QAT grid" if qat is not None else "HQQ" if calibrate else "round-to-nearest"
+    eight = []
+    if qat is not None:  # the grid's 8-bit matrices first (same rule, 8 bits), then the 4-bit ones
+        eight = _qat_eight_bit(model, row_bits)
+        if eight:
+            model = run(model, mq.HQQWeightOnlyQuantConfig(block_size=group, bits=8),
+                        [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in eight])
+            int8_compute(model)
+    model = run(model, mq.HQQWeightOnlyQuantConfig(block_size=group, bits=4) if calibrate or qat is not None
+                else rtn(4, group))
     pack_zero_points(model)
     int8_compute(model, bits=4)
     kept, n = counts["float"], counts["float"] + counts["integer"]
-    zeros = ("" if not calibrate else ", uint8 zero points" if not kept else
+    zeros = ("" if not (calibrate or qat is not None) else ", uint8 zero points" if not kept else
              f", uint8 zero points; {kept} of {n} matrices kept HQQ's float ones (the checkpoint sits on a 4-bit "
              "offset grid, as a dequantized GGUF does: exact there, but a slow path)")
-    return model, (f"weight-only int4 ({method}{zeros}), MatMulNBits group {group}, int8 compute"
+    mix = f"; {len(eight)} matrices (down, q/k/v) int8 on the QAT grid" if eight else ""
+    return model, (f"weight-only int4 ({method}{zeros}), MatMulNBits group {group}, int8 compute{mix}"
                    + (f"; LM head int8 block {BLOCK}, int8 compute" if head else "") + "; embedding (Gather) fp32")
 
 
@@ -468,7 +550,8 @@ def export(model_dir: Path, out: Path, cfg) -> dict:
         if image is not None:  # a VLM's language model: image features go in beside the token ids
             splice_image_embeds(model, image)
         if cfg.precision != "fp32":  # weights in blocks with an fp32 scale each, activations stay fp32
-            model, quantization = quantize(model, cfg.precision, group, cfg.calibrate)
+            row_bits = qat_bits_by_row(model_dir, cfg.qat) if cfg.qat is not None else None
+            model, quantization = quantize(model, cfg.precision, group, cfg.calibrate, cfg.qat, row_bits)
         written = save_onnx(model, out / "model.onnx")
     return {"entry": "model.onnx", "opset": opset, "graph": graph} | ({"graph_fallback": why} if why else {}) | (
         {"external_data": EXTERNAL_DATA} if EXTERNAL_DATA in written else {}) | (

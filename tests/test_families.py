@@ -259,6 +259,69 @@ def test_distill_a_few_steps_lowers_the_loss(family_pruned, family_models, tmp_p
     assert rep["heldout_perplexity"]["after"] < rep["heldout_perplexity"]["before"]
 
 
+def _matmul_nbits_weights(path):
+    """{node name: (bits, dequantized W (N, K))} of every MatMulNBits in an ONNX file, decoded from the operator's
+    documented layout (codes in blobs per block, low nibble first; a scale and a uint8 zero point per block, the
+    middle code when there are none)."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    out = {}
+    for n in m.graph.node:
+        if n.op_type != "MatMulNBits":
+            continue
+        a = {x.name: x.i for x in n.attribute}
+        bits, N, K, block = a["bits"], a["N"], a["K"], a["block_size"]
+        blocks = K // block
+        raw = inits[n.input[1]].reshape(N, blocks, -1)
+        q = raw if bits == 8 else np.stack([raw & 15, raw >> 4], -1).reshape(N, blocks, block)
+        if len(n.input) > 3 and n.input[3]:
+            zp = inits[n.input[3]]
+            z = zp.reshape(N, blocks) if bits == 8 else np.stack([zp & 15, zp >> 4], -1).reshape(N, -1)[:, :blocks]
+        else:  # no zero points: the operator's default, the middle code
+            z = np.full((N, blocks), 2 ** (bits - 1))
+        s = inits[n.input[2]].reshape(N, blocks)
+        w = (q.astype(np.float32) - z[..., None].astype(np.float32)) * s[..., None]
+        out[n.name] = (bits, w.reshape(N, K))
+    return out
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_qat_int4_trains_and_onnxruntime_ships_its_grid_exactly(family_pruned, family_models, tmp_path, family):
+    """distill --qat int4 on the pruned student, then export: every MatMulNBits row but the head's is, bit for bit,
+    a row of the fake-quantized weights training saw (4-bit, and 8-bit for down and q/k/v), fused projections
+    included, and the artifact passes its gate against the fake-quantized model."""
+    from edgekit import qat
+    from edgekit.distill import DataConfig, DistillConfig, OptimConfig, distill
+    from edgekit.models import load_torch_model
+
+    u, _ = family_pruned[family]
+    cfg = DistillConfig(steps=2, batch_size=2, micro_batch_size=2, checkpoint_every=0, qat="int4",
+                        data=DataConfig(block_size=64, max_eval_blocks=2), optim=OptimConfig(lr=1e-3))
+    rep = distill(family_models[family], u, tmp_path / "kd", cfg, progress=False, log=quiet)
+    assert rep["qat"]["recipe"] == "int4asym-mix" and rep["qat"]["steps"] == 2
+    meta = _export(tmp_path / "kd", tmp_path / "ort", "onnxruntime", None)
+    assert meta["precision"] == "int4" and meta["gate"]["passed"], meta["gate"]
+    assert meta["gate_reference"].startswith("fake-quantized") and "the QAT grid" in meta["quantization"]
+    model, _ = load_torch_model(tmp_path / "kd")
+    plan = qat.read(tmp_path / "kd")
+    rows = {}
+    for name, mod in qat.target_linears(model, qat.recipe(plan)):
+        w, _ = qat.weight_grid(mod.weight, plan, name)
+        rows.update({r.tobytes(): qat.bits(plan, name) for r in w.detach().numpy().astype(np.float32)})
+    shipped = _matmul_nbits_weights(tmp_path / "ort" / "model.onnx")
+    kinds, n_rows = set(), 0
+    for node, (bits, w) in shipped.items():
+        if "lm_head" in node:
+            continue  # the head keeps the exporter's 8-bit round-to-nearest, untrained (the recipe says so)
+        assert all(rows.get(r.tobytes()) == bits for r in w), (node, bits)
+        kinds.add(bits)
+        n_rows += len(w)
+    assert kinds == {4, 8} and n_rows == sum(m.out_features for _, m in qat.target_linears(model, qat.recipe(plan)))
+
+
 def test_bf16_sharded_checkpoint_prunes_and_exports(tmp_path):
     """The form real checkpoints ship in: bf16 safetensors split into shards with an index, untied head, a
     generation_config. Pruned output is a plain HF folder; GGUF and ONNX Runtime read every shard."""

@@ -203,10 +203,43 @@ def test_qat_recipes_live_in_the_precision_registry():
     from edgekit import qat
     from edgekit.precision import PRECISIONS, backends_for, qat_schemes
 
-    assert qat_schemes() == ["8da4w"]
+    assert qat_schemes() == ["int4", "8da4w"]
     for name in qat_schemes():
         assert PRECISIONS[name].fake_quant in qat.RECIPES and PRECISIONS[name].quantized and backends_for(name)
     assert qat.resolve("A8W4").scheme == "8da4w"  # aliases and case work like every precision flag
+    assert qat.resolve("W4").backend == "onnxruntime" and qat.resolve("int4").recipe == "int4asym-mix"
+
+
+def test_int4_qat_refusals_are_one_line_and_write_nothing(models, tmp_path, cli):
+    """ONNX Runtime int4's QAT: its grid has no GPTQ or learned start, its kernels take groups of 32/64/128 only,
+    ExecuTorch cannot lower it, and a folder trained for it exports to nothing else."""
+    from edgekit import qat
+    from edgekit.errors import EdgekitError
+    from edgekit.export import ExportConfig, export_model
+
+    with pytest.raises(EdgekitError, match="--qat-init gptq is for symmetric grids"):
+        qat.resolve("int4", init="gptq")
+    with pytest.raises(EdgekitError, match="onnxruntime int4 takes group sizes 32, 64, 128, not 16"):
+        qat.resolve("int4", group_size=16)
+    with pytest.raises(EdgekitError, match="backend executorch cannot lower the QAT scheme 'int4'; int4 is built by "
+                                           "onnxruntime") as e:
+        qat.resolve("int4", backend="executorch")
+    assert "--qat 8da4w" in e.value.fix
+    T, S, o = models["teacher"], models["student"], tmp_path / "o"
+    p = cli("distill", "--teacher", T, "--student", S, "--steps", 2, "--qat", "int4", "--qat-init", "learned",
+            "-o", o, check=2)
+    assert p.stderr.count("edgekit: error:") == 1 and "--qat-init learned is for symmetric grids" in p.stderr
+    assert not o.exists() and not (tmp_path / "o.ckpt").exists()
+    folder = tmp_path / "int4-qat"  # what distill --qat int4 writes beside the weights
+    shutil.copytree(S, folder)
+    qat.write(folder, qat.resolve("int4"))
+    with pytest.raises(EdgekitError, match="trained for onnxruntime int4"):
+        export_model(folder, tmp_path / "a", ExportConfig(backend="executorch", precision="8da4w"),
+                     log=lambda *_: None)
+    with pytest.raises(EdgekitError, match="trained for onnxruntime int4"):
+        export_model(folder, tmp_path / "b", ExportConfig(backend="onnxruntime", precision="int8"),
+                     log=lambda *_: None)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_build_qat_dry_run_and_refusals(cli, tiny_models, tmp_path):

@@ -33,8 +33,8 @@ def register(sub) -> None:
     p.add_argument("--min-decode-tps", type=float, help="decode-speed goal the plan must meet (tokens/s)")
     p.add_argument("--batch", type=int, default=1, help="batch size to plan memory for (default 1)")
     p.add_argument("--distill-steps", type=int, default=0, help="distillation steps after pruning (default 0)")
-    p.add_argument("--qat", metavar="SCHEME", help="make distillation quantization-aware for this precision (e.g. "
-                   "8da4w); the build then exports it on the grid it trained through")
+    p.add_argument("--qat", metavar="SCHEME", help="make distillation quantization-aware for this precision (8da4w, "
+                   "int4); the build then exports it on the grid it trained through")
     p.add_argument("--kv-cache", help="KV-cache type (gguf: f32, f16, q8_0; default: the runtime's, "
                    "or q8_0 when only that fits the context)")
     p.add_argument("--accept-gate-failure", action="store_true",

@@ -15,6 +15,7 @@ examples:
   edgekit distill ... --hidden-weight 1 --hidden-layers 8:8,16:16        also match hidden states
   edgekit distill ... --qat 8da4w --qat-start 0.5                      the second half as quantization-aware
                                                                          training; export lowers 8da4w on that grid
+  edgekit distill ... --qat int4                                         QAT for ONNX Runtime's 4-bit MatMulNBits
   torchrun --nproc_per_node 2 -m edgekit distill ...                     data-parallel (gloo on CPU, NCCL on GPU)
 
 Checkpoints go to OUT.ckpt/ every --checkpoint-every steps; rerun the same command to resume exactly.
@@ -57,7 +58,8 @@ def register(sub) -> None:
     g.add_argument("--grad-clip", type=float, help="max gradient norm (default 1; 0 = off)")
     g.add_argument("--seed", type=int)
     g = p.add_argument_group("quantization-aware training (the last training step; export then lowers the scheme)")
-    g.add_argument("--qat", metavar="SCHEME", help="train through this precision's fake quantization (e.g. 8da4w); "
+    g.add_argument("--qat", metavar="SCHEME", help="train through this precision's fake quantization (8da4w for ExecuTorch, int4 for "
+                   "ONNX Runtime); "
                    "the output records it in qat.json and export quantizes on the same grid")
     g.add_argument("-b", "--backend", help="the backend that will lower the scheme (default: the first declaring it)")
     g.add_argument("--group-size", type=int, help="weights per quantization scale (default 32)")
