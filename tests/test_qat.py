@@ -256,6 +256,13 @@ def test_build_qat_dry_run_and_refusals(cli, tiny_models, tmp_path):
     p = cli("build", "--target", "x86-cpu", "-b", "onnxruntime", tiny_models["llama"], "-o", out, "--qat", "8da4w",
             "--distill-steps", 4, check=2)
     assert "backend onnxruntime cannot lower the QAT scheme '8da4w'" in p.stderr
+    # x86-cpu builds GGUF by default and runs ONNX Runtime too: --qat int4 picks the backend that lowers it
+    plan = json.loads(cli("build", "--target", "x86-cpu", tiny_models["qwen2"], "-o", out, "--qat", "int4",
+                          "--distill-steps", 4, "--dry-run", "--json", check=0).stdout)
+    assert plan["resolved"]["backend"] == "onnxruntime" and plan["resolved"]["precision"] == "int4"
+    p = cli("build", "--target", "x86-cpu", "-b", "gguf", tiny_models["qwen2"], "-o", out, "--qat", "int4",
+            "--distill-steps", 4, check=2)  # an explicit backend is kept, and refused when it cannot lower it
+    assert "backend gguf cannot lower the QAT scheme 'int4'; int4 is built by onnxruntime" in p.stderr
     p = cli("build", "--target", "x86-cpu", "-b", "gguf", tiny_models["llama"], "-o", out, "--qat", "q4_k_m",
             "--distill-steps", 4, check=2)  # gguf builds q4_k_m, but edgekit has no QAT recipe for it
     assert "q4_k_m has no quantization-aware training recipe" in p.stderr

@@ -25,8 +25,9 @@ _RANGES = {"context": (1, None), "prune_ratio": (0, 1), "min_decode_tps": (1e-6,
 def build(model: str | Path | None = None, *, target: str | Path | Target, out: str | Path | None = None,
           backend: str | None = None, precision: str | None = None, context: int | None = None,
           prune_ratio: float | None = None, min_decode_tps: float | None = None, batch: int = 1,
-          distill_steps: int = 0, qat: str | None = None, kv_cache: str | None = None, accept_gate_failure: bool = False, bench: bool = True,
-          bench_seconds: float = 2.0, threads: int | None = None, device: str | None = None,
+          distill_steps: int = 0, qat: str | None = None, kv_cache: str | None = None,
+          accept_gate_failure: bool = False, bench: bool = True, bench_seconds: float = 2.0,
+          threads: int | None = None, device: str | None = None,
           token_file: str | Path | None = None, options: BuildOptions | None = None, dry_run: bool = False,
           verbose: bool = False, progress: bool | None = None) -> BuildResult | BuildPlan:
     """Build a verified artifact of `model` (a Hugging Face folder or .gguf; None: the embedded SmolLM2-135M) for
@@ -45,9 +46,10 @@ def build(model: str | Path | None = None, *, target: str | Path | Target, out: 
     from edgekit.target import Target, get_target
 
     given = {"backend": backend, "precision": precision, "context_length": context, "prune_ratio": prune_ratio,
-             "min_decode_tps": min_decode_tps, "batch": batch, "distill_steps": distill_steps, "qat": qat, "kv_cache": kv_cache,
-             "accept_gate_failure": accept_gate_failure, "bench": bench, "bench_seconds": bench_seconds,
-             "threads": threads, "device": device, "token_file": None if token_file is None else str(token_file)}
+             "min_decode_tps": min_decode_tps, "batch": batch, "distill_steps": distill_steps, "qat": qat,
+             "kv_cache": kv_cache, "accept_gate_failure": accept_gate_failure, "bench": bench,
+             "bench_seconds": bench_seconds, "threads": threads, "device": device,
+             "token_file": None if token_file is None else str(token_file)}
     base = options or BuildOptions()
     defaults = BuildOptions()
     opts = replace(base, **{k: v for k, v in given.items() if v != getattr(defaults, k)})
@@ -145,6 +147,13 @@ def _check_options(opts, target):
     if opts.prune_ratio is not None and not 0 < opts.prune_ratio < 1:
         raise EdgekitError(f"--prune-ratio must be between 0 and 1 (exclusive), got {opts.prune_ratio}",
                            "e.g. --prune-ratio 0.3 removes 30% of parameters")
+    if opts.qat and not opts.backend:  # the target's backend that lowers the scheme (x86-cpu: --qat int4 -> ORT)
+        from edgekit.precision import get_precision
+
+        scheme = get_precision(opts.qat).name
+        able = [b for b in target.build.matrix_backends if scheme in get(b).precisions]
+        if able and able[0] != target.build.backend:
+            opts = replace(opts, backend=able[0])
     backend = get(opts.backend or target.build.backend)
     if opts.precision:  # else the planner chooses among what this backend declares
         backend.precision(opts.precision)
