@@ -93,11 +93,20 @@ def int4_rows(a, qat_dir: Path, reps, eval_blocks, rows) -> None:
     from edgekit.models import load_torch_model
 
     plan = qat.read(qat_dir)
-    model, _ = load_torch_model(a.out / "fp32")
+    model, tok = load_torch_model(a.out / "fp32")
     with torch.no_grad():  # the QAT grid without training: round-to-nearest with the fake quantizer's rule
         qat.prepare(model, plan)
         rows.append(("(b) distill, then int4 round-to-nearest on the QAT grid (eager)", ppl_of(model, eval_blocks),
                      reps["fp32"]["tokens"], ""))
+    if plan.equalize:  # the same, after the equalization QAT starts with (post-training AWQ-style scaling)
+        from edgekit.exporters.executorch import calibration_batches
+
+        model, tok = load_torch_model(a.out / "fp32")
+        with torch.no_grad():
+            qat.equalize(model, plan, calibration_batches(tok))
+            qat.prepare(model, plan)
+            rows.append((f"(b) ... equalized (alpha {plan.equalize}), then round-to-nearest (eager)",
+                         ppl_of(model, eval_blocks), reps["fp32"]["tokens"], ""))
     t1 = time.perf_counter()
     meta = export_ort(a.out / "fp32", a.out / "ort-int4-fp32")
     rows.append((f"(b) distill, then ONNX Runtime int4 (export default: HQQ), gate "
@@ -121,6 +130,8 @@ def main() -> int:
     ap.add_argument("--qat-start", type=float, default=0.0, help="fraction of B before fake quantization starts")
     ap.add_argument("--qat-init", default="max", choices=("max", "gptq", "learned"),
                     help="how fake quantization starts")
+    ap.add_argument("--qat-equalize", type=float, default=None,
+                    help="activation-aware equalization exponent before QAT (default: the recipe's)")
     ap.add_argument("--ratio", type=float, default=0.30)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -150,9 +161,11 @@ def main() -> int:
                 checkpoint_every=a.checkpoint_every,
                 data=DataConfig(block_size=a.block_size, max_eval_blocks=a.eval_blocks), optim=OptimConfig(lr=a.lr))
     runs = {"fp32": DistillConfig(**base),
-            "qat": DistillConfig(**base, qat=a.scheme, qat_start=a.qat_start, qat_init=a.qat_init)}
+            "qat": DistillConfig(**base, qat=a.scheme, qat_start=a.qat_start, qat_init=a.qat_init,
+                                 qat_equalize=a.qat_equalize)}
     reps = {}
-    dirs = {"fp32": "fp32", "qat": "qat" if a.scheme == "8da4w" else f"qat-{a.scheme}"}
+    eq = runs["qat"].qat_plan().equalize
+    dirs = {"fp32": "fp32", "qat": ("qat" if a.scheme == "8da4w" else f"qat-{a.scheme}") + (f"-eq{eq}" if eq else "")}
     for name, cfg in runs.items():
         done = a.out / dirs[name] / "distill.json"
         new = json.loads(json.dumps(cfg.to_dict()))
@@ -231,6 +244,7 @@ def finish(a, info, reps, rows, ppl_a, eval_blocks) -> None:
     print(f"(c) <= 1.05x (a): {result['acceptance_c_le_1.05x']} ({c:.3f}x)")
     print(f"reproduce: PYTHONPATH=. python bench/qat_recovery.py --scheme {a.scheme} --tokens {a.tokens} "
           f"--qat-start {a.qat_start} --qat-init {a.qat_init} "
+          f"--qat-equalize {reps['qat']['qat'].get('equalize', 0.0)} "
           f"--ratio {a.ratio} --lr {a.lr} --batch-size {a.batch_size} --block-size {a.block_size} "
           f"--eval-blocks {a.eval_blocks} --micro-batch-size {a.micro_batch_size} "
           f"--checkpoint-every {a.checkpoint_every} -o {a.out}")

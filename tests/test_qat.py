@@ -170,6 +170,37 @@ def test_bad_qat_requests_are_one_line_and_write_nothing(models, tmp_path, cli):
     assert not o.exists() and not (tmp_path / "o.ckpt").exists()
 
 
+@pytest.mark.parametrize("arch", sorted(__import__("edgekit.arch", fromlist=["FAMILIES"]).FAMILIES))
+def test_equalize_keeps_the_function_and_moves_the_scales(arch, tmp_path):
+    """int4's activation-aware equalization, through every family (Gemma's 1 + w norms, Phi-3's fused gate_up): the
+    logits stay while the gate/up columns and the MLP-input norm change."""
+    import torch
+
+    from edgekit import qat
+    from edgekit.arch import get_family
+    from edgekit.models import load_torch_model
+    from edgekit.testing import make_tiny_model
+
+    model, _ = load_torch_model(make_tiny_model(arch, tmp_path / arch, quirks=True))
+    plan = qat.resolve("int4")
+    assert plan.equalize == qat.EQUALIZE_ALPHA > 0
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 48), generator=g)
+    fam = get_family(arch)
+    layer = fam.layers(model)[0]
+    gate, norm = fam.gate_up(layer)[0].module, fam.layer_norms(layer)[fam.norm_roles.index("mlp_in")]
+    with torch.no_grad():  # some loud channels, as trained models have them, so the scales have work to do
+        model.get_input_embeddings().weight[:, :3] *= 8
+        ref = model(input_ids=ids).logits
+        w0, n0 = gate.weight.clone(), norm.weight.clone()
+    calib = [torch.randint(0, model.config.vocab_size, (2, 32), generator=g) for _ in range(2)]
+    assert qat.equalize(model, plan, calib) == len(fam.layers(model))
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max()), (out - ref).abs().max()
+    assert not torch.equal(gate.weight, w0) and not torch.equal(norm.weight, n0)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text", "phi3"])
 def test_fake_quant_covers_every_linear_the_exporter_quantizes(arch, tmp_path):
     """Insertion goes through the family's module access: every nn.Linear the 8da4w exporter quantizes (fused
@@ -229,6 +260,9 @@ def test_int4_qat_refusals_are_one_line_and_write_nothing(models, tmp_path, cli)
     p = cli("distill", "--teacher", T, "--student", S, "--steps", 2, "--qat", "int4", "--qat-init", "learned",
             "-o", o, check=2)
     assert p.stderr.count("edgekit: error:") == 1 and "--qat-init learned is for symmetric grids" in p.stderr
+    p = cli("distill", "--teacher", T, "--student", S, "--steps", 2, "--qat", "int4", "--qat-equalize", 2,
+            "-o", o, check=2)
+    assert p.stderr.count("edgekit: error:") == 1 and "--qat-equalize must be in [0, 1], got 2.0" in p.stderr
     assert not o.exists() and not (tmp_path / "o.ckpt").exists()
     folder = tmp_path / "int4-qat"  # what distill --qat int4 writes beside the weights
     shutil.copytree(S, folder)

@@ -58,9 +58,9 @@ def register(sub) -> None:
     g.add_argument("--grad-clip", type=float, help="max gradient norm (default 1; 0 = off)")
     g.add_argument("--seed", type=int)
     g = p.add_argument_group("quantization-aware training (the last training step; export then lowers the scheme)")
-    g.add_argument("--qat", metavar="SCHEME", help="train through this precision's fake quantization (8da4w for ExecuTorch, int4 for "
-                   "ONNX Runtime); "
-                   "the output records it in qat.json and export quantizes on the same grid")
+    g.add_argument("--qat", metavar="SCHEME", help="train through this precision's fake quantization (8da4w for "
+                   "ExecuTorch, int4 for ONNX Runtime); the output records it in qat.json and export quantizes on "
+                   "the same grid")
     g.add_argument("-b", "--backend", help="the backend that will lower the scheme (default: the first declaring it)")
     g.add_argument("--group-size", type=int, help="weights per quantization scale (default 32)")
     g.add_argument("--qat-start", type=float, help="fraction of the steps before fake quantization starts "
@@ -70,6 +70,10 @@ def register(sub) -> None:
                    "student onto the grid by GPTQ on the calibration text and keeps those scales (measured worse on "
                    "SmolLM2); learned starts from max's scales and trains them with the weights (LSQ). "
                    "docs/distill.md has the measurements")
+    g.add_argument("--qat-equalize", type=float, metavar="ALPHA", help="before training, fold activation-aware "
+                   "scales (mean |x|^ALPHA per input channel, AWQ's rule) into gate/up and the norm before them: the "
+                   "same function on a finer grid where activations are large (default: the recipe's, 0.25 for "
+                   "int4, 0 = off for 8da4w)")
     g = p.add_argument_group("checkpoints and cache")
     g.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 50)")
     g.add_argument("--checkpoint-dir", type=Path, help="default: OUT.ckpt next to OUT")
@@ -97,10 +101,10 @@ def config_from_args(a):
            "teacher_cache": a.teacher_cache or None}
     base.update({k: v for k, v in top.items() if v is not None})
     qat = {"qat": a.qat, "qat_backend": a.backend, "qat_group_size": a.group_size, "qat_start": a.qat_start,
-           "qat_init": a.qat_init}
+           "qat_init": a.qat_init, "qat_equalize": a.qat_equalize}
     if not a.qat and any(v is not None for v in qat.values()):
-        raise EdgekitError("--backend, --group-size, --qat-start and --qat-init only apply to quantization-aware "
-                           "training",
+        raise EdgekitError("--backend, --group-size, --qat-start, --qat-init and --qat-equalize only apply to "
+                           "quantization-aware training",
                            "add --qat SCHEME (e.g. --qat 8da4w), or drop them")
     base.update({k: v for k, v in qat.items() if v is not None})
     if a.temperature:

@@ -68,6 +68,7 @@ class DistillConfig:
     qat_group_size: int = 32
     qat_start: float = 0.0
     qat_init: str = "max"
+    qat_equalize: float | None = None  # activation-aware scales before QAT: their exponent (None: the recipe's)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -147,7 +148,8 @@ class DistillConfig:
             return None
         from edgekit.qat import resolve
 
-        return resolve(self.qat, self.qat_backend or None, self.qat_group_size, self.qat_start, self.qat_init)
+        return resolve(self.qat, self.qat_backend or None, self.qat_group_size, self.qat_start, self.qat_init,
+                       self.qat_equalize)
 
     def total_steps(self) -> int:
         if self.steps:

@@ -275,6 +275,12 @@ def distill(teacher: Path, student: Path, out: Path, cfg: DistillConfig, data: P
         st.teacher_ppl = perplexity(t_model, eval_blocks, cfg.micro_batch_size, d)
         st.ppl_before = perplexity(s_model, eval_blocks, cfg.micro_batch_size, d)
         say(f"distill: held-out perplexity: teacher {st.teacher_ppl:.3f}, student before {st.ppl_before:.3f}")
+    if qat_plan is not None and qat_plan.equalize and st.step == 0:  # a resumed run's weights hold it already
+        from edgekit.exporters.executorch import calibration_batches
+
+        n = qat.equalize(s_model, qat_plan, calibration_batches(tok))
+        say(f"distill: QAT equalization: activation-aware scales (alpha {qat_plan.equalize}) folded into gate/up "
+            f"of {n} layers (the same function, a finer grid where activations are large)")
 
     model = wrapper
     if d.world > 1:
