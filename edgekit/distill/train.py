@@ -280,7 +280,7 @@ def distill(teacher: Path, student: Path, out: Path, cfg: DistillConfig, data: P
 
         n = qat.equalize(s_model, qat_plan, calibration_batches(tok))
         say(f"distill: QAT equalization: activation-aware scales (alpha {qat_plan.equalize}) folded into gate/up "
-            f"of {n} layers (the same function, a finer grid where activations are large)")
+            f"and o of {n} layers (the same function, a finer grid where activations are large)")
 
     model = wrapper
     if d.world > 1:
