@@ -33,7 +33,8 @@ DEFAULT_GROUP = 32
 INITS = ("gptq", "learned", "max")
 LEARNED_LR = 0.01  # a learned scale tensor's peak learning rate, as a fraction of its median scale (Adam: ~1%/step)
 # AWQ's rule, one exponent for all layers (`equalize`). SmolLM2 pruned 30%, int4asym-mix round-to-nearest on the fp32
-# student: 1.073x its perplexity without; gate/up alone at alpha 0.25 1.048x (0.5: 1.051x); gate/up and o 1.045x
+# student: 1.073x its perplexity without; gate/up alone at alpha 0.25 1.048x (0.5: 1.051x); gate/up and o 1.045x.
+# Not for 8da4w: its QAT at 16k tokens went 1.064x -> 1.072x with it (symmetric groups, int8 per-token activations)
 EQUALIZE_ALPHA = 0.25
 
 

@@ -71,9 +71,10 @@ def register(sub) -> None:
                    "SmolLM2); learned starts from max's scales and trains them with the weights (LSQ). "
                    "docs/distill.md has the measurements")
     g.add_argument("--qat-equalize", type=float, metavar="ALPHA", help="before training, fold activation-aware "
-                   "scales (mean |x|^ALPHA per input channel, AWQ's rule) into gate/up and the norm before them: the "
-                   "same function on a finer grid where activations are large (default: the recipe's, 0.25 for "
-                   "int4, 0 = off for 8da4w)")
+                   "scales (mean |x|^ALPHA per input channel, AWQ's rule) into gate/up and o, dividing the norm and v "
+                   "before them: the same function on a finer grid where activations are large (default: the "
+                   "recipe's, 0.25 for "
+                   "int4; 0 = off, 8da4w's default: it measured worse there)")
     g = p.add_argument_group("checkpoints and cache")
     g.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 50)")
     g.add_argument("--checkpoint-dir", type=Path, help="default: OUT.ckpt next to OUT")
