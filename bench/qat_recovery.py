@@ -58,6 +58,7 @@ def ort_ppl(artifact: Path, blocks) -> float:
     import math
 
     import numpy as np
+    from quantize_quality import _log_softmax
 
     from edgekit.runtime import open_artifact
     from edgekit.runtime.base import sequence_logits
@@ -66,9 +67,7 @@ def ort_ppl(artifact: Path, blocks) -> float:
     nll = n = 0.0
     for b in blocks:
         ids = b.numpy()
-        x = sequence_logits(runner, ids)[:-1].astype(np.float64)
-        x -= x.max(-1, keepdims=True)
-        logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
+        logp = _log_softmax(sequence_logits(runner, ids)[:-1])
         nll -= logp[np.arange(len(ids) - 1), ids[1:]].sum()
         n += len(ids) - 1
     return math.exp(nll / n)

@@ -303,13 +303,13 @@ def qat_bits_by_row(model_dir: Path, plan) -> dict:
 def _qat_grid(plan):
     """A MatMulNBits node quantizer that writes the grid a QAT-trained folder trained through (edgekit.qat
     asym_grid: the same function as training's fake quantizer, so the integers are the ones training saw), in
-    onnxruntime's own packing. `integer` counts the matrices."""
+    onnxruntime's own packing. `integer` counts the matrices (quantize() reads it as it reads HQQ's)."""
     from onnxruntime.quantization import matmul_nbits_quantizer as mq
 
     from edgekit.qat import asym_grid
 
     class QATGrid(mq.HQQWeightOnlyQuantizer):
-        kept_float, integer = 0, 0
+        integer = 0
 
         def quantize_internal(self, tensor, bits=4, channel_wise=True, group_size=64, optimize=True,
                               round_zero=True, axis=1):
